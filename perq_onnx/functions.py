@@ -1,0 +1,146 @@
+"""The standard-op definitions of what perq-onnx inserts at run time.
+
+Two things are defined here, once, and used everywhere (graph passes, model-local functions,
+the custom-op library's tests):
+
+* ``BlockHadamard(X; block_size=b)`` in domain ``perq``: Y = X with every consecutive block of b
+  channels of the last axis multiplied by the orthonormal Sylvester Hadamard H_b (H_b[i, j] =
+  (-1)^popcount(i & j) / sqrt(b)). Body: Shape -> Reshape [-1, b] -> MatMul(H_b) -> Reshape.
+* The dynamic per-token activation quantize-dequantize (over the last axis), asymmetric or
+  symmetric, n bits, in exactly this order of float32 operations:
+
+  asymmetric (qmax = 2^n - 1):
+      lo = Min(ReduceMin(x), 0); hi = Max(ReduceMax(x), 0)
+      scale = Max((hi - lo) / qmax, EPS); zp = Round(-lo / scale)
+      q = QuantizeLinear(x / scale + zp, 1, uint_n 0)      # round half to even, clip [0, qmax]
+      y = (DequantizeLinear(q, 1, uint_n 0) - zp) * scale
+  symmetric (qmax = 2^(n-1) - 1):
+      scale = Max(ReduceMax(Abs(x)) / qmax, EPS)
+      q = QuantizeLinear(x / scale, 1, int_n 0)            # round half to even, clip [-qmax-1, qmax]
+      y = DequantizeLinear(q, 1, int_n 0) * scale
+
+* ``BlockHadamardQuantize(X; block_size, bits, symmetric)`` in domain ``perq``: the two above
+  fused, rotation first.
+
+Code emits these through an ``Emitter`` so the same builder writes graph nodes (onnx-graphsurgeon)
+and function bodies (FunctionProto).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .hadamard import hadamard
+
+DOMAIN = "perq"
+EPS = 1e-8
+BLOCK_HADAMARD = "BlockHadamard"
+BLOCK_HADAMARD_QUANTIZE = "BlockHadamardQuantize"
+QDQ_TYPES = {  # (bits, symmetric) -> onnx integer type used by QuantizeLinear
+    (4, False): TensorProto.UINT4,
+    (4, True): TensorProto.INT4,
+    (8, False): TensorProto.UINT8,
+    (8, True): TensorProto.INT8,
+}
+
+
+class FunctionEmitter:
+    """Emits NodeProtos into a function body; constants become Constant nodes."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self._n = 0
+
+    def _name(self, hint):
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def const(self, value: np.ndarray, hint: str) -> str:
+        out = self._name(hint)
+        self.nodes.append(helper.make_node("Constant", [], [out], value=numpy_helper.from_array(value, out)))
+        return out
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, output: str | None = None, **attrs) -> str:
+        out = output or self._name(hint or op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+
+def zero_point(bits: int, symmetric: bool) -> np.ndarray:
+    """The scalar zero point (value 0) of the integer type that holds n-bit codes."""
+    tensor = helper.make_tensor("zp", QDQ_TYPES[(bits, symmetric)], [], [0])
+    return numpy_helper.to_array(tensor)
+
+
+def emit_block_hadamard(e, x, block_size: int, output=None):
+    """Y = blockwise X @ H_b over the last axis (H_b cast like X)."""
+    h = e.const(hadamard(block_size, np.float32), "hadamard")
+    shape = e.op("Shape", [x], "shape")
+    flat = e.op("Reshape", [x, e.const(np.array([-1, block_size], np.int64), "blocks")], "blocks")
+    rotated = e.op("MatMul", [flat, e.op("CastLike", [h, x], "hadamard_cast")], "rotated")
+    return e.op("Reshape", [rotated, shape], "unblocked", output=output)
+
+
+def emit_activation_qdq(e, x, bits: int, symmetric: bool, output=None):
+    """Dynamic per-token (last axis) fake quantization of x, as documented in the module."""
+    one = e.const(np.array(1.0, np.float32), "one")
+    zp_int = e.const(zero_point(bits, symmetric), "zero_point")
+    eps = e.const(np.array(EPS, np.float32), "eps")
+    axes = e.const(np.array([-1], np.int64), "last_axis")
+    if symmetric:
+        qmax = e.const(np.array(2 ** (bits - 1) - 1, np.float32), "qmax")
+        amax = e.op("ReduceMax", [e.op("Abs", [x], "abs"), axes], "amax", keepdims=1)
+        scale = e.op("Max", [e.op("Div", [amax, qmax], "scale_raw"), eps], "scale")
+        q = e.op("QuantizeLinear", [e.op("Div", [x, scale], "scaled"), one, zp_int], "q")
+        return e.op("Mul", [e.op("DequantizeLinear", [q, one, zp_int], "dq"), scale], "y", output=output)
+    qmax = e.const(np.array(2**bits - 1, np.float32), "qmax")
+    zero = e.const(np.array(0.0, np.float32), "zero")
+    lo = e.op("Min", [e.op("ReduceMin", [x, axes], "xmin", keepdims=1), zero], "lo")
+    hi = e.op("Max", [e.op("ReduceMax", [x, axes], "xmax", keepdims=1), zero], "hi")
+    scale = e.op("Max", [e.op("Div", [e.op("Sub", [hi, lo], "range"), qmax], "scale_raw"), eps], "scale")
+    zp = e.op("Round", [e.op("Div", [e.op("Neg", [lo], "neg_lo"), scale], "zp_raw")], "zp")
+    shifted = e.op("Add", [e.op("Div", [x, scale], "scaled"), zp], "shifted")
+    q = e.op("QuantizeLinear", [shifted, one, zp_int], "q")
+    centered = e.op("Sub", [e.op("DequantizeLinear", [q, one, zp_int], "dq"), zp], "centered")
+    return e.op("Mul", [centered, scale], "y", output=output)
+
+
+def _function(name: str, attributes: list[str], body) -> onnx.FunctionProto:
+    e = FunctionEmitter()
+    body(e)
+    return helper.make_function(
+        DOMAIN, name, ["X"], ["Y"], e.nodes,
+        opset_imports=[helper.make_opsetid("", 21)], attributes=attributes,
+    )
+
+
+def block_hadamard_function(block_size: int) -> onnx.FunctionProto:
+    """Model-local body of BlockHadamard for this model's block size."""
+    return _function(BLOCK_HADAMARD, ["block_size"], lambda e: emit_block_hadamard(e, "X", block_size, output="Y"))
+
+
+def block_hadamard_quantize_function(block_size: int, bits: int, symmetric: bool) -> onnx.FunctionProto:
+    """Model-local body of BlockHadamardQuantize for this model's settings."""
+    def body(e):
+        rotated = emit_block_hadamard(e, "X", block_size)
+        emit_activation_qdq(e, rotated, bits, symmetric, output="Y")
+    return _function(BLOCK_HADAMARD_QUANTIZE, ["block_size", "bits", "symmetric"], body)
+
+
+def single_op_model(op_type: str, channels: int, **attrs) -> onnx.ModelProto:
+    """A one-node model Y = perq.<op_type>(X) with X of shape [batch, tokens, channels] (float32),
+    carrying the model-local function, for tests and benchmarks of the op alone."""
+    if op_type == BLOCK_HADAMARD:
+        fn = block_hadamard_function(attrs["block_size"])
+    else:
+        fn = block_hadamard_quantize_function(attrs["block_size"], attrs["bits"], bool(attrs["symmetric"]))
+    node = helper.make_node(op_type, ["X"], ["Y"], domain=DOMAIN, **attrs)
+    x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", "tokens", channels])
+    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "tokens", channels])
+    graph = helper.make_graph([node], op_type, [x], [y])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)], functions=[fn]
+    )
+    model.ir_version = 10
+    return model
