@@ -1,0 +1,78 @@
+"""INT-n dynamic per-token activation quantization at every quantized linear's input.
+
+Inserts the standard-op quantize-dequantize chain of perq_onnx.functions (per token over the
+channel axis; asymmetric with an integer zero point, or symmetric) in front of q/k/v (one chain,
+shared input), o_proj, gate/up (shared) and down_proj. With ``fused`` and an online
+BlockHadamard already at down_proj, that node becomes one ``perq.BlockHadamardQuantize`` (the
+custom op library's fused kernel; its function body is the same chain). Metadata
+``perq.activation_qdq`` lists (layer, linear, input, output) of the chains so tools can measure
+quantization error.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from perq_onnx.errors import PerqError
+from perq_onnx.functions import (BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, QDQ_TYPES,
+                                 block_hadamard_quantize_function, emit_activation_qdq)
+from perq_onnx.graph import producer
+
+from .base import Context, Pass, PassResult
+
+
+class GraphEmitter:
+    """Emits the chain into a gs.Graph (the counterpart of functions.FunctionEmitter)."""
+
+    def __init__(self, graph: gs.Graph, prefix: str):
+        self.graph, self.prefix = graph, prefix
+
+    def const(self, value: np.ndarray, hint: str) -> gs.Constant:
+        return gs.Constant(f"{self.prefix}/{hint}", value)
+
+    def op(self, op_type, inputs, hint=None, output=None, **attrs):
+        hint = hint or op_type.lower()
+        out = gs.Variable(output or f"{self.prefix}/{hint}_output")
+        self.graph.nodes.append(gs.Node(op_type, f"{self.prefix}/{hint}", attrs, list(inputs), [out]))
+        return out
+
+
+class QuantizeActivations(Pass):
+    ensures = frozenset({"activations_quantized"})
+
+    def __init__(self, bits: int, symmetric: bool = False, fused: bool = False):
+        if (bits, symmetric) not in QDQ_TYPES:
+            raise PerqError(f"--a-bits {bits}: choose 4, 8 or 16 (16 = float activations)")
+        self.bits, self.symmetric, self.fused = bits, symmetric, fused
+
+    def run(self, ctx: Context) -> PassResult:
+        records = []
+        for layer in ctx.structure.layers:
+            for kind, linears in (("qkv", [layer.q, layer.k, layer.v]), ("o_proj", [layer.o]),
+                                  ("gate_up", [layer.gate, layer.up]), ("down_proj", [layer.down])):
+                x = linears[0].input
+                prefix = f"{linears[0].name}/input_qdq"
+                rotation = producer(x)
+                if self.fused and kind == "down_proj" and rotation is not None and rotation.op == BLOCK_HADAMARD:
+                    self._fuse(ctx, rotation)
+                    records.append({"layer": layer.index, "linear": kind, "input": rotation.inputs[0].name,
+                                    "output": x.name, "fused": True})
+                    continue
+                y = emit_activation_qdq(GraphEmitter(ctx.graph, prefix), x, self.bits, self.symmetric,
+                                        output=f"{prefix}/output")
+                for lin in linears:
+                    lin.node.inputs[0] = y
+                records.append({"layer": layer.index, "linear": kind, "input": x.name, "output": y.name})
+        ctx.min_opset = max(ctx.min_opset or 0, 21)
+        ctx.metadata["perq.activation_qdq"] = json.dumps(records)
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return PassResult(True, f"INT{self.bits} {kind} per-token activation QDQ at {len(records)} inputs")
+
+    def _fuse(self, ctx: Context, node: gs.Node) -> None:
+        b = node.attrs["block_size"]
+        node.op = BLOCK_HADAMARD_QUANTIZE
+        node.attrs = {"block_size": b, "bits": self.bits, "symmetric": int(self.symmetric)}
+        node.domain = DOMAIN
+        ctx.functions[BLOCK_HADAMARD_QUANTIZE] = block_hadamard_quantize_function(b, self.bits, self.symmetric)

@@ -1,0 +1,65 @@
+"""onnxruntime sessions and input feeds for decoder LLMs exported by optimum."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import PerqError
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    # DQ(int4) + MatMul fuses to MatMulNBits; accuracy level 0 keeps float activations (exact QDQ).
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
+def session(model, threads: int | None = None, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session from a path or a ModelProto (large protos go through a file)."""
+    opts = options or session_options(threads)
+    try:
+        if isinstance(model, onnx.ModelProto):
+            if model.ByteSize() < 1_900_000_000:
+                return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+                return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types
+        raise PerqError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def make_feeds(sess: ort.InferenceSession, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for token ids [batch, seq]: attention mask of ones, positions 0..seq-1 and empty
+    past key/values when the model has them."""
+    ids = np.asarray(ids, dtype=np.int64)
+    batch, seq = ids.shape
+    feeds = {}
+    for inp in sess.get_inputs():
+        if inp.name == "input_ids":
+            feeds[inp.name] = ids
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones((batch, seq), dtype=np.int64)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        elif inp.name.startswith("past_key_values"):
+            dims = [d if isinstance(d, int) else 0 for d in inp.shape]
+            dims[0] = batch
+            dtype = np.float16 if "float16" in inp.type else np.float32
+            feeds[inp.name] = np.zeros(dims, dtype=dtype)
+        else:
+            raise PerqError(f"model input '{inp.name}' is not one perq-onnx knows how to feed "
+                            "(expected input_ids, attention_mask, position_ids, past_key_values.*)")
+    return feeds
+
+
+def logits(sess: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:
+    return sess.run(["logits"], make_feeds(sess, ids))[0]
