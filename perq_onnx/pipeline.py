@@ -73,6 +73,8 @@ def _validate(options: Options, s: DecoderStructure) -> None:
             b = int(options.block)
         except ValueError:
             raise PerqError(f"--block {options.block}: give a power of two, 'full' or 'none'") from None
+        if b < 2 or b > 1024 or b & (b - 1):
+            raise PerqError(f"--block {b}: block sizes are powers of two from 2 to 1024 (or 'full', 'none')")
         if s.intermediate_size % b:
             raise PerqError(f"--block {b} does not divide the MLP intermediate size {s.intermediate_size} "
                             f"(node '{s.layers[0].down.name}')")

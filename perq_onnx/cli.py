@@ -1,0 +1,162 @@
+"""perq-onnx command line: optimize, inspect, eval, verify, build-ops."""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+from .errors import PerqError
+
+
+def _model(arg: str) -> pathlib.Path:
+    from .models import resolve
+    return resolve(arg)
+
+
+def _add_calibration_args(p):
+    p.add_argument("--calib-data", help="text file for calibration (default: data-free, model-sampled)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's directory)")
+    p.add_argument("--calib-samples", type=int, help="calibration sequences (default 32 from text, 8 data-free)")
+    p.add_argument("--seq-len", type=int, help="calibration sequence length (default 512 from text, 128 data-free)")
+
+
+def cmd_optimize(args) -> int:
+    from .pipeline import Options, optimize
+    options = Options(
+        block=args.block, permute=args.permute, residual_rotation=args.residual_rotation,
+        residual_block=args.residual_block, head_rotation=not args.no_head_rotation,
+        quantize=not args.no_quant, w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits,
+        a_symmetric=args.a_symmetric, fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal,
+        seed=args.seed, calib_data=args.calib_data, tokenizer=args.tokenizer,
+        calib_samples=args.calib_samples, seq_len=args.seq_len, threads=args.threads)
+    report = optimize(_model(args.model), args.output, options)
+    for line in report.summaries:
+        print(f"  {line}")
+    size = pathlib.Path(args.output).stat().st_size / 2**20
+    print(f"wrote {args.output} ({size:.1f} MiB) in {report.seconds:.1f} s")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .analysis import AnalysisError, analyze
+    from .graph import import_graph, load_model
+    path = _model(args.model)
+    graph = import_graph(load_model(path))
+    try:
+        structure = analyze(graph)
+    except AnalysisError as exc:
+        print(f"{path}: refused at node '{exc.node}': {exc.reason}")
+        return 1
+    s = structure
+    layer = s.layers[0]
+    print(f"{path}: {len(s.layers)} decoder layers, hidden {s.hidden_size}, MLP {s.intermediate_size}, "
+          f"vocab {s.vocab_size}, heads {layer.num_heads} (kv {layer.num_kv_heads}) x {layer.head_dim}")
+    print("permutation-equivariant regions:")
+    for r in s.regions():
+        print(f"  {r.name:<20} {r.kind:<8} dim {r.dim:<6} statistics at {r.points[0]}"
+              + (f" (+{len(r.points) - 1} more)" if len(r.points) > 1 else ""))
+        print(f"  {'':<20} folds into: {r.folds}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .calibration import load_tokenizer, tokenize_file, windows
+    from .evaluate import perplexity
+    path = _model(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or path.parent)
+    wins = windows(tokenize_file(args.text, tokenizer), args.seq_len, args.max_windows, str(args.text))
+    result = perplexity(path, wins, args.threads)
+    print(f"perplexity {result.ppl:.4f} over {result.tokens} predicted tokens "
+          f"({result.windows} windows x {args.seq_len}) in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .evaluate import compare_logits
+    d = compare_logits(_model(args.a), _model(args.b), args.batch, args.seq_len, args.seed, args.threads)
+    ok = d.relative <= args.tolerance
+    print(f"max |logit difference| {d.max_abs:.3e}, relative {d.relative:.3e} "
+          f"({'within' if ok else 'ABOVE'} tolerance {args.tolerance:g})")
+    return 0 if ok else 1
+
+
+def cmd_build_ops(args) -> int:
+    from .ops import build_library
+    print(f"built {build_library(verbose=True)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perq-onnx", description="PeRQ low-bit quantization of ONNX decoder LLMs")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("optimize", help="rotate, permute and quantize a model")
+    o.add_argument("model", help="ONNX file, or the recipe name 'smollm2'")
+    o.add_argument("-o", "--output", required=True, help="output ONNX file (written atomically)")
+    o.add_argument("--block", default="16", help="online rotation at down_proj: block size (power of two), "
+                                                  "'full' (full-vector) or 'none' (default 16)")
+    o.add_argument("--permute", default="massdiff", choices=["massdiff", "zigzag", "random", "none"])
+    o.add_argument("--residual-rotation", default="full", choices=["full", "block", "none"])
+    o.add_argument("--residual-block", type=int, help="block size of --residual-rotation block (default --block)")
+    o.add_argument("--no-head-rotation", action="store_true", help="skip the per-head v/o rotation (R2)")
+    o.add_argument("--no-quant", action="store_true", help="emit the rotated and permuted float model")
+    o.add_argument("--w-bits", type=int, default=4, choices=[4, 8, 16])
+    o.add_argument("--w-group", type=int, help="per-group weight scales of this many input rows (default per channel)")
+    o.add_argument("--a-bits", type=int, default=4, choices=[4, 8, 16])
+    o.add_argument("--a-symmetric", action="store_true", help="symmetric activation quantization (default asymmetric)")
+    o.add_argument("--fused-ops", action="store_true", help="emit perq.BlockHadamardQuantize (rotation + activation QDQ)")
+    o.add_argument("--random-orthogonal", action="store_true",
+                   help="use a seeded random orthogonal matrix where no Hadamard construction exists")
+    o.add_argument("--seed", type=int, default=0)
+    _add_calibration_args(o)
+    o.set_defaults(func=cmd_optimize)
+
+    i = sub.add_parser("inspect", help="print the decoder structure and permutation-equivariant regions")
+    i.add_argument("model")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="perplexity on a text file (non-overlapping windows)")
+    e.add_argument("model")
+    e.add_argument("text")
+    e.add_argument("--tokenizer")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-windows", type=int)
+    e.set_defaults(func=cmd_eval)
+
+    v = sub.add_parser("verify", help="compare two models' logits on the same random tokens")
+    v.add_argument("a")
+    v.add_argument("b")
+    v.add_argument("--tolerance", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--seq-len", type=int, default=16)
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(func=cmd_verify)
+
+    b = sub.add_parser("build-ops", help="build the BlockHadamard custom-op library (CPU, CUDA if nvcc)")
+    b.set_defaults(func=cmd_build_ops)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PerqError as exc:
+        print(f"perq-onnx: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("perq-onnx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line unless asked for the traceback
+        if os.environ.get("PERQ_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"perq-onnx: internal error: {type(exc).__name__}: {first} (set PERQ_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
