@@ -125,13 +125,100 @@ void radix4_stage(float* y, int64_t n, int64_t h) {
   }
 }
 
+// The stages h = h_start .. b/2 (h_start >= 8) in place.
+void big_stages(float* y, int64_t n, int64_t h_start, int b) {
+  int64_t h = h_start;
+  for (; 4 * h <= b; h *= 4) radix4_stage(y, n, h);
+  if (2 * h <= b) radix2_stage(y, n, h);
+}
+
 // Unnormalised blockwise transform of one row: dst = blockdiag(H_b * sqrt(b)) src.
 void fwht_row(const float* src, float* dst, int64_t n, int b) {
   small_stages(src, dst, n, b);
-  int64_t h = 8;
-  for (; 4 * h <= b; h *= 4) radix4_stage(dst, n, h);
-  if (2 * h <= b) radix2_stage(dst, n, h);
+  big_stages(dst, n, 8, b);
 }
+
+#if PERQ_AVX2
+// In-register transform of NV vectors (8 * NV consecutive channels): the stages h < 8 * NV.
+inline __m256 in_lane_stages(__m256 v) {
+  __m256 p = _mm256_permute_ps(v, 0xB1);
+  v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xAA);
+  p = _mm256_permute_ps(v, 0x4E);
+  v = _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xCC);
+  p = _mm256_permute2f128_ps(v, v, 0x01);
+  return _mm256_blend_ps(_mm256_add_ps(v, p), _mm256_sub_ps(p, v), 0xF0);
+}
+
+template <int NV>
+inline void register_stages(__m256 (&v)[NV]) {
+  for (int k = 0; k < NV; ++k) v[k] = in_lane_stages(v[k]);
+  for (int h = 1; h < NV; h <<= 1) {
+    for (int k = 0; k < NV; ++k) {
+      if (k & h) continue;
+      const __m256 a = v[k], c = v[k + h];
+      v[k] = _mm256_add_ps(a, c);
+      v[k + h] = _mm256_sub_ps(a, c);
+    }
+  }
+}
+
+enum Reduce { kNoReduce = 0, kMinMax = 1, kAbsMax = 2 };
+
+// One pass over the row doing the stages h < 8 * NV in registers, src -> out. With kFinal
+// (8 * NV == b: the transform is complete) also the scaling by s and the row reduction.
+template <int NV, bool kFinal, int kReduce, bool kStream>
+void register_pass(const float* src, float* out, int64_t n, float s, float* red_lo, float* red_hi) {
+  const __m256 vs = _mm256_set1_ps(s);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 lo = _mm256_set1_ps(INFINITY);
+  __m256 hi = _mm256_set1_ps(kReduce == kAbsMax ? 0.f : -INFINITY);
+  for (int64_t i = 0; i < n; i += 8 * NV) {
+    __m256 v[NV];
+    for (int k = 0; k < NV; ++k) v[k] = _mm256_loadu_ps(src + i + 8 * k);
+    register_stages<NV>(v);
+    for (int k = 0; k < NV; ++k) {
+      if (kFinal) v[k] = _mm256_mul_ps(v[k], vs);
+      if (kReduce == kMinMax) {
+        lo = _mm256_min_ps(lo, v[k]);
+        hi = _mm256_max_ps(hi, v[k]);
+      } else if (kReduce == kAbsMax) {
+        hi = _mm256_max_ps(hi, _mm256_and_ps(v[k], absmask));
+      }
+      if (kStream)
+        _mm256_stream_ps(out + i + 8 * k, v[k]);
+      else
+        _mm256_storeu_ps(out + i + 8 * k, v[k]);
+    }
+  }
+  if (kReduce != kNoReduce) {
+    alignas(32) float a[8], c[8];
+    _mm256_store_ps(a, lo);
+    _mm256_store_ps(c, hi);
+    float l = a[0], h = c[0];
+    for (int k = 1; k < 8; ++k) {
+      l = std::min(l, a[k]);
+      h = std::max(h, c[k]);
+    }
+    *red_lo = l;
+    *red_hi = h;
+  }
+}
+
+template <int NV>
+void register_pass_dispatch(const float* src, float* out, int64_t n, bool final_pass, int reduce, bool stream,
+                            float s, float* lo, float* hi) {
+  if (!final_pass)
+    register_pass<NV, false, kNoReduce, false>(src, out, n, s, lo, hi);
+  else if (reduce == kMinMax)
+    register_pass<NV, true, kMinMax, false>(src, out, n, s, lo, hi);
+  else if (reduce == kAbsMax)
+    register_pass<NV, true, kAbsMax, false>(src, out, n, s, lo, hi);
+  else if (stream)
+    register_pass<NV, true, kNoReduce, true>(src, out, n, s, lo, hi);
+  else
+    register_pass<NV, true, kNoReduce, false>(src, out, n, s, lo, hi);
+}
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // Scaling, row reductions and quantization.
@@ -243,28 +330,61 @@ void quantize_row(const float* work, float* dst, int64_t n, float scale, float z
   }
 }
 
+// Row reduction and quantization once `work` holds the scaled rotation (lo/hi: its min and max,
+// or 0 and max |.| for the symmetric scheme).
+template <bool kStream>
+void quantize_scaled(const float* work, float* dst, int64_t n, const OpParams& p, float lo, float hi) {
+  const float qmax = p.qmax(), qmin = p.qmin();
+  if (p.symmetric) {
+    const float scale = std::max(hi / qmax, kEps);
+    quantize_row<true, kStream>(work, dst, n, scale, 0.f, qmin, qmax);
+  } else {
+    lo = std::min(lo, 0.f);
+    hi = std::max(hi, 0.f);
+    const float scale = std::max((hi - lo) / qmax, kEps);
+    const float zp = std::nearbyint(-lo / scale);
+    quantize_row<false, kStream>(work, dst, n, scale, zp, qmin, qmax);
+  }
+}
+
 // The whole op on one row: src -> dst through `work` (n floats; src, work and dst may alias,
 // except that kStream needs dst distinct from work and 32-byte aligned).
 template <bool kStream>
 void process_row(const float* src, float* work, float* dst, int64_t n, const OpParams& p) {
-  fwht_row(src, work, n, p.block_size);
+  const int b = p.block_size;
   const float s = p.inv_sqrt_block;
+  float lo = 0.f, hi = 0.f;
+#if PERQ_AVX2
+  if (b >= 8) {
+    // Stages h < min(b, 64) in registers; when b <= 64 that pass also scales (and reduces).
+    const bool final_pass = b <= 64;
+    const int reduce = !p.quantize ? kNoReduce : (p.symmetric ? kAbsMax : kMinMax);
+    float* out = (final_pass && !p.quantize) ? dst : work;
+    const bool stream = kStream && out == dst;
+    switch (b >= 64 ? 8 : b / 8) {
+      case 1: register_pass_dispatch<1>(src, out, n, final_pass, reduce, stream, s, &lo, &hi); break;
+      case 2: register_pass_dispatch<2>(src, out, n, final_pass, reduce, stream, s, &lo, &hi); break;
+      case 4: register_pass_dispatch<4>(src, out, n, final_pass, reduce, stream, s, &lo, &hi); break;
+      default: register_pass_dispatch<8>(src, out, n, final_pass, reduce, stream, s, &lo, &hi); break;
+    }
+    if (final_pass) {
+      if (p.quantize) quantize_scaled<kStream>(work, dst, n, p, lo, hi);
+      return;
+    }
+    big_stages(work, n, 64, b);
+  } else
+#endif
+  {
+    fwht_row(src, work, n, b);
+  }
   if (!p.quantize) {
     scale_row<kStream>(work, dst, n, s);
-    return;
-  }
-  const float qmax = p.qmax(), qmin = p.qmin();
-  if (p.symmetric) {
-    const float amax = scale_absmax(work, n, s);
-    const float scale = std::max(amax / qmax, kEps);
-    quantize_row<true, kStream>(work, dst, n, scale, 0.f, qmin, qmax);
+  } else if (p.symmetric) {
+    hi = scale_absmax(work, n, s);
+    quantize_scaled<kStream>(work, dst, n, p, 0.f, hi);
   } else {
-    float mn, mx;
-    scale_minmax(work, n, s, &mn, &mx);
-    const float lo = std::min(mn, 0.f), hi = std::max(mx, 0.f);
-    const float scale = std::max((hi - lo) / qmax, kEps);
-    const float zp = std::nearbyint(-lo / scale);
-    quantize_row<false, kStream>(work, dst, n, scale, zp, qmin, qmax);
+    scale_minmax(work, n, s, &lo, &hi);
+    quantize_scaled<kStream>(work, dst, n, p, lo, hi);
   }
 }
 
