@@ -231,6 +231,36 @@ def test_kernel_replaces_function_body(library):
     assert sess.get_outputs()[0].shape == ["batch", "tokens", 64]
 
 
+def test_shape_inference_with_unknown_dims(library):
+    """Shapes the op cannot pass on (unknown rank, unnamed unknown dimensions) are left unset:
+    downstream Shape / Reshape / MatMul nodes must still load and run as with the function body."""
+    from perq_onnx.functions import block_hadamard_quantize_function
+    C = 64
+    nodes = [
+        # X has no shape at all: the first perq node sees an unknown rank
+        helper.make_node(BLOCK_HADAMARD_QUANTIZE, ["X"], ["q0"], domain=DOMAIN, block_size=16, bits=8, symmetric=0),
+        helper.make_node("MatMul", ["q0", "W"], ["m0"]),
+        # Reshape to [-1, C]: an unknown dimension without a name
+        helper.make_node("Reshape", ["m0", "flat"], ["f"]),
+        helper.make_node(BLOCK_HADAMARD_QUANTIZE, ["f"], ["q1"], domain=DOMAIN, block_size=16, bits=8, symmetric=0),
+        helper.make_node("Shape", ["q1"], ["s1"]),
+        helper.make_node("Reshape", ["q1", "s1"], ["Y"]),
+    ]
+    w = np.eye(C, dtype=np.float32)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[helper.make_tensor("W", TensorProto.FLOAT, [C, C], w.ravel()),
+                     helper.make_tensor("flat", TensorProto.INT64, [2], [-1, C])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
+                              functions=[block_hadamard_quantize_function(16, 8, False)])
+    model.ir_version = 10
+    x = random_input(rng_for("unknown-dims"), (2, 5, C), 16, np.float32)
+    y, y_fn = run_both(model, x, library)
+    assert y.shape == y_fn.shape == (10, C)
+    np.testing.assert_allclose(y, y_fn, rtol=1e-5, atol=0.02 * np.abs(y_fn).max())
+
+
 # ------------------------------------------------------------------------------------------------
 # kernels against the numpy reference (models without function bodies: library only)
 

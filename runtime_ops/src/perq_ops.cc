@@ -185,19 +185,35 @@ OrtStatus* ORT_API_CALL KernelComputeV2(void* kernel, OrtKernelContext* context)
   return api->KernelContext_ParallelFor(context, cpu_task, static_cast<size_t>(n_tasks), 0, &task);
 }
 
-// Y has X's type and shape. Errors are dropped: shape inference is best effort.
-OrtStatus* ORT_API_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx);
+// Y has X's type and shape. Best effort: errors are dropped, and no shape is set when X's is
+// unknown (this API reports an unknown rank as rank 0, which the op does not accept anyway) or has
+// an unknown dimension without a name (onnxruntime would record it as a fixed dimension of -1).
 const OrtApi* g_api = nullptr;  // set by RegisterCustomOps before any op is used
 
 OrtStatus* ORT_API_CALL InferOutputShape(const OrtCustomOp*, OrtShapeInferContext* ctx) {
   const OrtApi* api = g_api;
-  OrtTensorTypeAndShapeInfo* info = nullptr;
+  OrtTensorTypeAndShapeInfo* info = nullptr;  // owned by the context
   if (OrtStatus* st = api->ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) {
     api->ReleaseStatus(st);
     return nullptr;
   }
-  // `info` belongs to the context (onnxruntime keeps it in the OrtShapeInferContext): not released.
-  if (OrtStatus* st = api->ShapeInferContext_SetOutputTypeShape(ctx, 0, info)) api->ReleaseStatus(st);
+  size_t rank = 0;
+  if (OrtStatus* st = api->GetDimensionsCount(info, &rank)) {
+    api->ReleaseStatus(st);
+    return nullptr;
+  }
+  if (rank == 0) return nullptr;
+  std::vector<int64_t> dims(rank);
+  std::vector<const char*> names(rank, nullptr);
+  OrtStatus* st = api->GetDimensions(info, dims.data(), rank);
+  if (!st) st = api->GetSymbolicDimensions(info, names.data(), rank);
+  if (st) {
+    api->ReleaseStatus(st);
+    return nullptr;
+  }
+  for (size_t i = 0; i < rank; ++i)
+    if (dims[i] < 0 && (names[i] == nullptr || names[i][0] == '\0')) return nullptr;
+  if ((st = api->ShapeInferContext_SetOutputTypeShape(ctx, 0, info))) api->ReleaseStatus(st);
   return nullptr;
 }
 
