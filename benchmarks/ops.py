@@ -1,0 +1,287 @@
+"""CPU latency of the perq custom-op library against the standard-op function bodies.
+
+    python benchmarks/ops.py                      # op table -> benchmarks/results/ops.md, ops.json
+    python benchmarks/ops.py --model A.onnx --seq-len 512    # end-to-end, with and without the library
+
+Op table: BlockHadamard alone and the fused BlockHadamardQuantize, each as the one-node model of
+perq_onnx.functions.single_op_model, run by onnxruntime's CPU execution provider (intra-op threads
+2 by default) with the library registered (the C++ kernel) and without it (onnxruntime runs the
+model-local function: Reshape, MatMul with H_b, Reshape, then the ReduceMin/Max ... Quantize/
+DequantizeLinear chain). Each timing is the median of --repeats runs after warm-up runs, the runs
+with and without the library alternating; inputs and the output buffer are bound once
+(IOBinding) so that no copy is timed.
+
+--model: the median latency of one forward pass of a PeRQ model (with BlockHadamard /
+BlockHadamardQuantize nodes) on random input_ids of --seq-len tokens (attention_mask of ones and
+position_ids 0..n-1 when the model takes them; empty past key/values when it has them).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from perq_onnx import __version__, ops  # noqa: E402
+from perq_onnx.functions import BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, single_op_model  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "numpy": np.__version__,
+        "perq_onnx": __version__,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def session_options(threads: int, with_library: bool) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # The two sessions' runs alternate: idle pool threads must not spin on the CPUs the other
+    # session is running on.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ops.session_options(so) if with_library else so
+
+
+def bind(sess: ort.InferenceSession, feeds: dict, out_buffers=None):
+    """IOBinding with inputs bound once; outputs go to out_buffers (name -> preallocated array)
+    where given, else to buffers onnxruntime allocates."""
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    out_buffers = out_buffers or {}
+    for out in sess.get_outputs():
+        y = out_buffers.get(out.name)
+        if y is not None:
+            binding.bind_output(out.name, "cpu", 0, y.dtype, list(y.shape), y.ctypes.data)
+        else:
+            binding.bind_output(out.name, "cpu")
+    return binding
+
+
+def time_interleaved(runs: dict, repeats: int, warmup: int) -> dict:
+    """runs: name -> (session, binding, ...). Times (ms) of each, the runs alternating so that a
+    change of machine load hits both alike."""
+    for sess, binding, *_ in runs.values():
+        for _ in range(warmup):
+            sess.run_with_iobinding(binding)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (sess, binding, *_) in runs.items():
+            t0 = time.perf_counter()
+            sess.run_with_iobinding(binding)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def bench_ops(args) -> dict:
+    rows = []
+    rng = np.random.default_rng(0)
+    quant_attrs = dict(bits=args.bits, symmetric=int(args.symmetric))
+    for channels in args.channels:
+        for tokens in args.tokens:
+            x = rng.standard_normal((1, tokens, channels)).astype(np.float32)
+            y = np.empty_like(x)
+            for block in args.blocks:
+                for op_type, attrs in ((BLOCK_HADAMARD, {}), (BLOCK_HADAMARD_QUANTIZE, quant_attrs)):
+                    model = single_op_model(op_type, channels, block_size=block, **attrs).SerializeToString()
+                    result = {"op": op_type, "block_size": block, "shape": [1, tokens, channels], **attrs}
+                    runs = {}
+                    for key, with_lib in (("library", True), ("function_body", False)):
+                        sess = ort.InferenceSession(model, session_options(args.threads, with_lib),
+                                                    providers=["CPUExecutionProvider"])
+                        runs[key] = (sess, bind(sess, {"X": x}, {"Y": y}))
+                    for key, times in time_interleaved(runs, args.repeats, args.warmup).items():
+                        result[f"{key}_ms"] = round(statistics.median(times), 3)
+                        result[f"{key}_min_ms"] = round(min(times), 3)
+                    del runs
+                    result["speedup"] = round(result["function_body_ms"] / result["library_ms"], 2)
+                    rows.append(result)
+                    print(f"{op_type:22s} b={block:<4d} [1, {tokens}, {channels}]  library {result['library_ms']:8.2f} ms"
+                          f"  function body {result['function_body_ms']:8.2f} ms  x{result['speedup']:.1f}", flush=True)
+    return {"machine": machine(), "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
+            "quantize": quant_attrs, "results": rows}
+
+
+def write_ops_report(report: dict, out_dir: pathlib.Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ops.json").write_text(json.dumps(report, indent=2) + "\n")
+    m = report["machine"]
+    q = report["quantize"]
+    lines = [
+        "# perq custom-op library: CPU latency",
+        "",
+        "Generated by `python benchmarks/ops.py`. onnxruntime CPU execution provider, "
+        f"intra-op threads = {report['threads']}, median of {report['repeats']} runs after {report['warmup']} "
+        "warm-up runs (library and function-body runs alternating; thread-pool spinning off), inputs and "
+        "output bound once (IOBinding). *library*: the C++ kernel "
+        "(`perq_onnx.ops`); *function body*: the same one-node model without the library, i.e. the "
+        "model-local function of standard ops that onnxruntime runs otherwise. "
+        f"BlockHadamardQuantize with bits={q['bits']}, symmetric={q['symmetric']}. float32.",
+        "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['os']}; Python {m['python']}, "
+        f"onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}, perq-onnx {m['perq_onnx']}"
+        f" ({m['commit']}); {m['date']}."
+        + (f" 1-minute load average at start: {m['load_average_1min_at_start']} (shared machine: timings are noisy)."
+           if "load_average_1min_at_start" in m else ""),
+        "",
+        "| op | b | shape [1, T, C] | library ms | function body ms | speedup |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in report["results"]:
+        shape = "[" + ", ".join(str(d) for d in r["shape"]) + "]"
+        lines.append(f"| {r['op']} | {r['block_size']} | {shape} | {r['library_ms']:.2f} | "
+                     f"{r['function_body_ms']:.2f} | {r['speedup']:.1f}x |")
+    fused = [r["speedup"] for r in report["results"] if r["op"] == BLOCK_HADAMARD_QUANTIZE]
+    alone = [r["speedup"] for r in report["results"] if r["op"] == BLOCK_HADAMARD]
+    if fused and alone:
+        lines += ["", f"Speedup, BlockHadamardQuantize: min {min(fused):.1f}x, median {statistics.median(fused):.1f}x; "
+                      f"BlockHadamard: min {min(alone):.1f}x, median {statistics.median(alone):.1f}x."]
+    (out_dir / "ops.md").write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# end-to-end model latency
+
+NP_TYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+}
+
+
+def model_feeds(sess: ort.InferenceSession, seq_len: int, vocab: int, batch: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in sess.get_inputs():
+        dtype = NP_TYPES.get(inp.type)
+        if dtype is None:
+            raise SystemExit(f"input {inp.name!r} has type {inp.type}, which this benchmark cannot feed")
+        if inp.name == "input_ids":
+            feeds[inp.name] = rng.integers(0, vocab, size=(batch, seq_len)).astype(dtype)
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones((batch, seq_len), dtype)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.broadcast_to(np.arange(seq_len, dtype=dtype), (batch, seq_len)).copy()
+        elif inp.name.startswith("past_key_values") or inp.name.startswith("past_"):
+            # empty cache: batch first, the past-sequence axis (the other symbolic one) of length 0
+            shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(inp.shape)]
+            feeds[inp.name] = np.zeros(shape, dtype)
+        else:
+            raise SystemExit(f"input {inp.name!r} is not one this benchmark knows how to feed "
+                             "(input_ids, attention_mask, position_ids, past_key_values.*)")
+    return feeds
+
+
+def count_perq_nodes(path: pathlib.Path) -> dict:
+    model = onnx.load(str(path), load_external_data=False)
+    counts = {}
+    for node in model.graph.node:
+        if node.domain == "perq":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def bench_model(args) -> dict:
+    path = pathlib.Path(args.model)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file")
+    result = {"model": str(path), "perq_nodes": count_perq_nodes(path), "seq_len": args.seq_len,
+              "batch": args.batch, "threads": args.threads, "repeats": args.repeats, "machine": machine()}
+    runs = {}
+    for key, with_lib in (("library", True), ("function_body", False)):
+        sess = ort.InferenceSession(str(path), session_options(args.threads, with_lib),
+                                    providers=["CPUExecutionProvider"])
+        feeds = model_feeds(sess, args.seq_len, args.vocab, args.batch, seed=0)
+        runs[key] = (sess, bind(sess, feeds), feeds)  # feeds kept alive while bound
+    for key, times in time_interleaved(runs, args.repeats, args.warmup).items():
+        result[f"{key}_ms"] = round(statistics.median(times), 2)
+        result[f"{key}_min_ms"] = round(min(times), 2)
+    del runs
+    result["speedup"] = round(result["function_body_ms"] / result["library_ms"], 3)
+    print(f"| model | perq nodes | seq len | library ms | function body ms | speedup |\n"
+          f"| --- | --- | ---: | ---: | ---: | ---: |\n"
+          f"| {path.name} | {result['perq_nodes']} | {args.seq_len} | {result['library_ms']:.2f} | "
+          f"{result['function_body_ms']:.2f} | {result['speedup']:.2f}x |")
+    if args.output:
+        out = pathlib.Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per case (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--blocks", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--channels", type=int, nargs="+", default=[1536, 8192])
+    p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--symmetric", action="store_true", help="symmetric quantization (default asymmetric)")
+    p.add_argument("--out-dir", default=str(RESULTS), help="where ops.md and ops.json go")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument("--model", help="end-to-end: a PeRQ ONNX model to time with and without the library")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--vocab", type=int, default=1000, help="input_ids drawn from [0, vocab)")
+    p.add_argument("--output", help="--model: also write the result as JSON here")
+    p.add_argument("--build", action="store_true", help="build the op library first")
+    args = p.parse_args(argv)
+    if args.build:
+        ops.build_library(verbose=True)
+    ops.library_path()  # fail early, with the hint to build
+    if args.model:
+        bench_model(args)
+        return
+    report = bench_ops(args)
+    if not args.no_write:
+        write_ops_report(report, pathlib.Path(args.out_dir))
+        print(f"wrote {pathlib.Path(args.out_dir) / 'ops.md'} and ops.json")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ops.PerqError as exc:
+        raise SystemExit(f"error: {exc}")
