@@ -204,6 +204,89 @@ void register_pass(const float* src, float* out, int64_t n, float s, float* red_
   }
 }
 
+// The last butterfly step of a transform with b > 64 (radix-2 or radix-4 at span h >= 64),
+// fused with the scaling by s, the row reduction and the store to `out` (which may be y).
+template <int kReduce, bool kStream>
+struct Finish {
+  __m256 vs, lo, hi, absmask;
+  explicit Finish(float s)
+      : vs(_mm256_set1_ps(s)), lo(_mm256_set1_ps(INFINITY)),
+        hi(_mm256_set1_ps(kReduce == kAbsMax ? 0.f : -INFINITY)),
+        absmask(_mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))) {}
+  inline void put(float* p, __m256 v) {
+    v = _mm256_mul_ps(v, vs);
+    if (kReduce == kMinMax) {
+      lo = _mm256_min_ps(lo, v);
+      hi = _mm256_max_ps(hi, v);
+    } else if (kReduce == kAbsMax) {
+      hi = _mm256_max_ps(hi, _mm256_and_ps(v, absmask));
+    }
+    if (kStream)
+      _mm256_stream_ps(p, v);
+    else
+      _mm256_storeu_ps(p, v);
+  }
+  void result(float* red_lo, float* red_hi) const {
+    alignas(32) float a[8], c[8];
+    _mm256_store_ps(a, lo);
+    _mm256_store_ps(c, hi);
+    float l = a[0], h = c[0];
+    for (int k = 1; k < 8; ++k) {
+      l = std::min(l, a[k]);
+      h = std::max(h, c[k]);
+    }
+    *red_lo = l;
+    *red_hi = h;
+  }
+};
+
+template <int kReduce, bool kStream>
+void final_step(const float* y, float* out, int64_t n, int64_t h, bool radix4, float s, float* lo, float* hi) {
+  Finish<kReduce, kStream> f(s);
+  if (radix4) {
+    for (int64_t i = 0; i < n; i += 4 * h) {
+      for (int64_t j = i; j < i + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(y + j), b = _mm256_loadu_ps(y + j + h);
+        const __m256 c = _mm256_loadu_ps(y + j + 2 * h), d = _mm256_loadu_ps(y + j + 3 * h);
+        const __m256 s0 = _mm256_add_ps(a, b), s1 = _mm256_sub_ps(a, b);
+        const __m256 s2 = _mm256_add_ps(c, d), s3 = _mm256_sub_ps(c, d);
+        f.put(out + j, _mm256_add_ps(s0, s2));
+        f.put(out + j + h, _mm256_add_ps(s1, s3));
+        f.put(out + j + 2 * h, _mm256_sub_ps(s0, s2));
+        f.put(out + j + 3 * h, _mm256_sub_ps(s1, s3));
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < n; i += 2 * h) {
+      for (int64_t j = i; j < i + h; j += 8) {
+        const __m256 a = _mm256_loadu_ps(y + j), c = _mm256_loadu_ps(y + j + h);
+        f.put(out + j, _mm256_add_ps(a, c));
+        f.put(out + j + h, _mm256_sub_ps(a, c));
+      }
+    }
+  }
+  if (kReduce != kNoReduce) f.result(lo, hi);
+}
+
+// Stages h = 64 .. b/2 (b > 64) of `work`: all but the last step in place, the last one fused
+// with scaling and reduction into `out`.
+void late_stages(float* work, float* out, int64_t n, int b, int reduce, bool stream, float s, float* lo, float* hi) {
+  int64_t h = 64;
+  while (b / h >= 8) {
+    radix4_stage(work, n, h);
+    h *= 4;
+  }
+  const bool radix4 = b / h == 4;
+  if (reduce == kMinMax)
+    final_step<kMinMax, false>(work, out, n, h, radix4, s, lo, hi);
+  else if (reduce == kAbsMax)
+    final_step<kAbsMax, false>(work, out, n, h, radix4, s, lo, hi);
+  else if (stream)
+    final_step<kNoReduce, true>(work, out, n, h, radix4, s, lo, hi);
+  else
+    final_step<kNoReduce, false>(work, out, n, h, radix4, s, lo, hi);
+}
+
 template <int NV>
 void register_pass_dispatch(const float* src, float* out, int64_t n, bool final_pass, int reduce, bool stream,
                             float s, float* lo, float* hi) {
@@ -356,22 +439,22 @@ void process_row(const float* src, float* work, float* dst, int64_t n, const OpP
   float lo = 0.f, hi = 0.f;
 #if PERQ_AVX2
   if (b >= 8) {
-    // Stages h < min(b, 64) in registers; when b <= 64 that pass also scales (and reduces).
-    const bool final_pass = b <= 64;
+    // Stages h < min(b, 64) in registers; when b <= 64 that pass also scales (and reduces),
+    // else the last step of the stages h >= 64 does.
+    const bool register_final = b <= 64;
     const int reduce = !p.quantize ? kNoReduce : (p.symmetric ? kAbsMax : kMinMax);
-    float* out = (final_pass && !p.quantize) ? dst : work;
-    const bool stream = kStream && out == dst;
+    float* out = p.quantize ? work : dst;
+    const bool stream = kStream && !p.quantize;
+    float* first_out = register_final ? out : work;
     switch (b >= 64 ? 8 : b / 8) {
-      case 1: register_pass_dispatch<1>(src, out, n, final_pass, reduce, stream, s, &lo, &hi); break;
-      case 2: register_pass_dispatch<2>(src, out, n, final_pass, reduce, stream, s, &lo, &hi); break;
-      case 4: register_pass_dispatch<4>(src, out, n, final_pass, reduce, stream, s, &lo, &hi); break;
-      default: register_pass_dispatch<8>(src, out, n, final_pass, reduce, stream, s, &lo, &hi); break;
+      case 1: register_pass_dispatch<1>(src, first_out, n, register_final, reduce, stream, s, &lo, &hi); break;
+      case 2: register_pass_dispatch<2>(src, first_out, n, register_final, reduce, stream, s, &lo, &hi); break;
+      case 4: register_pass_dispatch<4>(src, first_out, n, register_final, reduce, stream, s, &lo, &hi); break;
+      default: register_pass_dispatch<8>(src, first_out, n, register_final, reduce, stream, s, &lo, &hi); break;
     }
-    if (final_pass) {
-      if (p.quantize) quantize_scaled<kStream>(work, dst, n, p, lo, hi);
-      return;
-    }
-    big_stages(work, n, 64, b);
+    if (!register_final) late_stages(work, out, n, b, reduce, stream, s, &lo, &hi);
+    if (p.quantize) quantize_scaled<kStream>(work, dst, n, p, lo, hi);
+    return;
   } else
 #endif
   {
