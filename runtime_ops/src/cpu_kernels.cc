@@ -445,14 +445,28 @@ void process_row(const float* src, float* work, float* dst, int64_t n, const OpP
     const int reduce = !p.quantize ? kNoReduce : (p.symmetric ? kAbsMax : kMinMax);
     float* out = p.quantize ? work : dst;
     const bool stream = kStream && !p.quantize;
-    float* first_out = register_final ? out : work;
     switch (b >= 64 ? 8 : b / 8) {
-      case 1: register_pass_dispatch<1>(src, first_out, n, register_final, reduce, stream, s, &lo, &hi); break;
-      case 2: register_pass_dispatch<2>(src, first_out, n, register_final, reduce, stream, s, &lo, &hi); break;
-      case 4: register_pass_dispatch<4>(src, first_out, n, register_final, reduce, stream, s, &lo, &hi); break;
-      default: register_pass_dispatch<8>(src, first_out, n, register_final, reduce, stream, s, &lo, &hi); break;
+      case 1: register_pass_dispatch<1>(src, out, n, true, reduce, stream, s, &lo, &hi); break;
+      case 2: register_pass_dispatch<2>(src, out, n, true, reduce, stream, s, &lo, &hi); break;
+      case 4: register_pass_dispatch<4>(src, out, n, true, reduce, stream, s, &lo, &hi); break;
+      default:
+        if (register_final) {
+          register_pass_dispatch<8>(src, out, n, true, reduce, stream, s, &lo, &hi);
+        } else {  // block by block, so that each block stays in L1 between the passes
+          lo = INFINITY;
+          hi = reduce == kAbsMax ? 0.f : -INFINITY;
+          for (int64_t off = 0; off < n; off += b) {
+            float blo, bhi;
+            register_pass_dispatch<8>(src + off, work + off, b, false, reduce, stream, s, &blo, &bhi);
+            late_stages(work + off, out + off, b, b, reduce, stream, s, &blo, &bhi);
+            if (reduce != kNoReduce) {
+              lo = std::min(lo, blo);
+              hi = std::max(hi, bhi);
+            }
+          }
+        }
+        break;
     }
-    if (!register_final) late_stages(work, out, n, b, reduce, stream, s, &lo, &hi);
     if (p.quantize) quantize_scaled<kStream>(work, dst, n, p, lo, hi);
     return;
   } else
