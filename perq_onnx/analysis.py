@@ -401,48 +401,63 @@ def _static_last_dim(shape_tensor) -> int | None:
     return None
 
 
-def _attention(view: GraphView, layer_index: int, readers: list[Linear], writers: list[Linear]):
-    if len(readers) != 3:
-        raise AnalysisError(readers[0].node if readers else f"layers.{layer_index}",
-                            f"the attention norm of layer {layer_index} has {len(readers)} readers; expected q, k, v")
-    softmax = {n for n, node in view.by_name.items() if node.op == "Softmax"}
-    for v in readers:
-        for name in sorted(view.descendants(v.node), key=view.order.get):
-            pv = view.by_name[name]
-            if pv.op != "MatMul" or constant_value(pv.inputs[1]) is not None:
-                continue
-            probs, values = producer(pv.inputs[0]), producer(pv.inputs[1])
-            if probs is None or values is None:
-                continue
-            probs_up = view.ancestors(probs) | {probs.name}
-            values_up = view.ancestors(values) | {values.name}
-            # probabilities: a Softmax fed by this layer's other readers (q, k), not by v
-            local = {s for s in softmax & probs_up
-                     if any(s in view.descendants(r.node) for r in readers if r is not v)}
-            if v.node.name in values_up and v.node.name not in probs_up and local:
-                return _heads(view, layer_index, readers, v, pv, writers)
-    raise AnalysisError(readers[0].node, f"layer {layer_index}: no reader feeds the value side of softmax @ V")
+def _softmax_behind(tensor, depth: int = 4) -> bool:
+    """Whether tensor is a Softmax output, possibly behind a few Where/Cast/Identity/Dropout
+    nodes (optimum guards fully masked rows with IsNaN -> Where)."""
+    node = producer(tensor)
+    if node is None or depth == 0:
+        return False
+    if node.op == "Softmax":
+        return True
+    return node.op in ("Where", "Cast", "Identity", "Dropout") and any(
+        _softmax_behind(t, depth - 1) for t in node.inputs if constant_value(t) is None)
 
 
-def _heads(view, layer_index, readers, v, pv, writers):
-    o = next((w for w in writers if w.node.name in view.descendants(pv)
-              and all(n.op in ("Transpose", "Reshape", "Identity", "Cast") for n in view.between(pv, w.node))), None)
-    if o is None:
-        raise AnalysisError(pv, f"layer {layer_index}: softmax @ V does not reach o_proj through Transpose/Reshape")
-    head_dim = None
+def _value_path(v: Linear):
+    """Follow v_proj's output through head-layout ops (Reshape, Transpose, Concat with the past
+    values, Unsqueeze/Expand for grouped-query heads); return (probabilities @ V MatMul, head
+    size, None) when it reaches the value input of one, else (None, None, blocking node).
+    Shape computations are not data and are skipped."""
+    head_dim, pv = None, None
     frontier, seen = [v.output], set()
-    while frontier:  # data flow from v_proj to softmax @ V; shape computations are not data
+    while frontier:
         t = frontier.pop()
         for node in t.outputs:
-            if node.op == "Shape" or node is pv or node.name in seen:
+            if node.op == "Shape" or node.name in seen:
                 continue
-            if node.op not in HEAD_LAYOUT or (node.op != "Concat" and node.inputs[0] is not t):
-                raise AnalysisError(node, f"{node.op} between v_proj and softmax @ V in layer {layer_index} does "
-                                          "not commute with a per-head rotation")
+            if node.op == "MatMul" and node.inputs[1] is t and _softmax_behind(node.inputs[0]):
+                pv = node
+                continue
+            if node.op not in HEAD_LAYOUT or (node.op != "Concat" and node.inputs[0] is not t) \
+                    or (node.op == "Add" and node is not v.bias_node):
+                return None, None, node
             seen.add(node.name)
             if node.op == "Reshape" and head_dim is None:
                 head_dim = _static_last_dim(node.inputs[1])
             frontier.extend(node.outputs)
+    return pv, head_dim, None
+
+
+def _attention(view: GraphView, layer_index: int, readers: list[Linear], writers: list[Linear]):
+    if len(readers) != 3:
+        raise AnalysisError(readers[0].node if readers else f"layers.{layer_index}",
+                            f"the attention norm of layer {layer_index} has {len(readers)} readers; expected q, k, v")
+    found, blocked = [], []
+    for reader in readers:
+        pv, head_dim, blocking = _value_path(reader)
+        if pv is not None:
+            found.append((reader, pv, head_dim))
+        elif blocking is not None:
+            blocked.append(blocking)
+    if len(found) != 1:
+        node = blocked[0] if blocked else readers[0].node
+        raise AnalysisError(node, f"layer {layer_index}: expected exactly one of q/k/v to reach softmax @ V through "
+                                  f"layout ops only (per-head rotation needs that), found {len(found)}")
+    v, pv, head_dim = found[0]
+    o = next((w for w in writers if w.node.name in view.descendants(pv)
+              and all(n.op in ("Transpose", "Reshape", "Identity", "Cast") for n in view.between(pv, w.node))), None)
+    if o is None:
+        raise AnalysisError(pv, f"layer {layer_index}: softmax @ V does not reach o_proj through Transpose/Reshape")
     if not head_dim or v.shape[1] % head_dim or o.shape[0] % head_dim:
         raise AnalysisError(v.node, f"layer {layer_index}: cannot read a head size from the Reshape after v_proj")
     q, k = [r for r in readers if r is not v]

