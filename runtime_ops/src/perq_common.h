@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 namespace perq {
 
@@ -41,13 +42,13 @@ inline float half_to_float(uint16_t h) {
     bits = sign | ((exp + 112u) << 23) | (man << 13);
   }
   float f;
-  __builtin_memcpy(&f, &bits, 4);
+  std::memcpy(&f, &bits, 4);
   return f;
 }
 
 inline uint16_t float_to_half(float f) {
   uint32_t x;
-  __builtin_memcpy(&x, &f, 4);
+  std::memcpy(&x, &f, 4);
   const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
   const uint32_t ax = x & 0x7fffffffu;
   if (ax >= 0x7f800000u) return uint16_t(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));  // inf / nan
