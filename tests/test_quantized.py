@@ -1,0 +1,116 @@
+"""The quantized output: plain onnxruntime loads it, it holds the INT4 QDQ structure, and its
+logits track the float model (loosely for W4A4, tightly for W8A8: a broken pass fails both)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from perq_onnx.pipeline import Options, optimize
+from perq_onnx.runtime import logits, session
+
+from conftest import random_ids
+
+
+def cosine(a, b):
+    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_models, tmp_path_factory):
+    path = tiny_models("llama", past=True)
+    out = tmp_path_factory.mktemp("q") / "model.perq.onnx"
+    optimize(path, out, Options(block="16"), progress=False)
+    return path, out
+
+
+def test_loads_in_plain_onnxruntime(quantized):
+    _, out = quantized
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert {o.name for o in sess.get_outputs()} >= {"logits", "present.0.value"}
+
+
+def test_structure(quantized):
+    _, out = quantized
+    model = onnx.load(str(out))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = model.graph.node
+    weight_dq = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weight_dq) == 2 * 7
+    assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT4 for n in weight_dq)
+    assert len([n for n in nodes if n.op_type == "QuantizeLinear"]) == 2 * 4  # qkv, o, gate/up, down
+    assert len([n for n in nodes if n.op_type == "BlockHadamard" and n.domain == "perq"]) == 2
+    # lm_head and embeddings stay float
+    lm = next(n for n in nodes if n.name == "/lm_head/MatMul")
+    assert inits[lm.input[1]].data_type == onnx.TensorProto.FLOAT
+    records = json.loads({p.key: p.value for p in model.metadata_props}["perq.activation_qdq"])
+    assert [r["linear"] for r in records[:4]] == ["qkv", "o_proj", "gate_up", "down_proj"]
+
+
+@pytest.mark.parametrize("bits,min_cos", [(4, 0.9), (8, 0.999)])
+def test_logits_track_float_model(tiny_models, tmp_path, bits, min_cos):
+    path = tiny_models("llama")
+    out = tmp_path / "q.onnx"
+    optimize(path, out, Options(block="16", w_bits=bits, a_bits=bits), progress=False)
+    ids = random_ids()
+    ref, got = logits(session(path), ids), logits(session(out), ids)
+    assert cosine(ref, got) > min_cos
+    assert np.abs(ref - got).max() > 0  # it is quantized
+
+
+def test_quantization_without_rotation_is_worse_on_outliers(tiny_models, tmp_path):
+    """The tiny models have outlier channels: rotations must reduce the W4A4 logit error."""
+    path = tiny_models("llama")
+    ids = random_ids()
+    ref = logits(session(path), ids)
+    errs = {}
+    for name, opts in {"plain": Options(block="none", residual_rotation="none", head_rotation=False, permute="none"),
+                       "perq": Options(block="16")}.items():
+        optimize(path, tmp_path / f"{name}.onnx", opts, progress=False)
+        errs[name] = float(np.abs(logits(session(tmp_path / f"{name}.onnx"), ids) - ref).mean())
+    assert errs["perq"] < errs["plain"]
+
+
+def test_fused_op_model_matches_unfused(tiny_models, tmp_path):
+    path = tiny_models("llama")
+    optimize(path, tmp_path / "a.onnx", Options(block="16"), progress=False)
+    optimize(path, tmp_path / "b.onnx", Options(block="16", fused_ops=True), progress=False)
+    model = onnx.load(str(tmp_path / "b.onnx"))
+    assert len([n for n in model.graph.node if n.op_type == "BlockHadamardQuantize"]) == 2
+    assert [f.name for f in model.functions] == ["BlockHadamardQuantize"]
+    ids = random_ids()
+    a, b = logits(session(tmp_path / "a.onnx"), ids), logits(session(tmp_path / "b.onnx"), ids)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+def test_symmetric_and_grouped_options(tiny_models, tmp_path):
+    path = tiny_models("llama")
+    out = tmp_path / "s.onnx"
+    optimize(path, out, Options(block="32", a_symmetric=True, w_group=32), progress=False)
+    model = onnx.load(str(out))
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    zp = {i.name: i for i in model.graph.initializer}[qs[0].input[2]]
+    assert zp.data_type == onnx.TensorProto.INT4
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and "weight_dq" in n.name)
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 0, "block_size": 32}
+    ids = random_ids()
+    assert cosine(logits(session(path), ids), logits(session(out), ids)) > 0.9
+
+
+def test_model_with_op_library_matches_function_fallback(tiny_models, tmp_path):
+    """A PeRQ model run with the compiled BlockHadamard kernel gives the logits of the same model
+    run through its model-local function body (plain onnxruntime)."""
+    from perq_onnx import ops
+    ops.build_library(verbose=False)
+    path = tiny_models("llama", past=True)
+    out = tmp_path / "float.onnx"
+    optimize(path, out, Options(block="64", quantize=False), progress=False)
+    ids = random_ids()
+    fallback = logits(session(out), ids)
+    with_library = logits(ops.session(str(out)), ids)
+    assert np.abs(fallback - with_library).max() <= 1e-5 * np.abs(fallback).max()
