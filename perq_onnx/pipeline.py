@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -152,6 +153,20 @@ def build_passes(options: Options, structure: DecoderStructure, stats: dict | No
     return passes
 
 
+SIDECAR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+
+
+def _copy_sidecar_files(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """Copy the tokenizer and config files that sit next to the input model (when the output's
+    directory has none of its own) so that `perq-onnx eval OUT` finds the tokenizer."""
+    if src.resolve() == dst.resolve() or any((dst / name).exists() for name in SIDECAR_FILES):
+        return
+    for name in SIDECAR_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
 def optimize(model_path, output_path, options: Options, stats: dict | None = None, progress: bool = True) -> Report:
     """Run PeRQ on model_path and write output_path. `stats` (from collect_stats) skips
     calibration, e.g. when one calibration serves many configurations."""
@@ -183,5 +198,6 @@ def optimize(model_path, output_path, options: Options, stats: dict | None = Non
         entry = out.metadata_props.add()
         entry.key, entry.value = key, value
     save_model(out, output_path)
+    _copy_sidecar_files(model_path.parent, output_path.parent)
     report.seconds = time.perf_counter() - start
     return report

@@ -79,6 +79,9 @@ def test_optimize_with_text_calibration_and_verify(tiny_models, tmp_path):
     bad = perq("verify", model, q)
     assert bad.returncode == 1 and "ABOVE" in bad.stdout
     assert relative_difference(model, out, random_ids()) < 1e-4
+    # the tokenizer travels with the output, so eval needs no --tokenizer
+    r = perq("eval", q, text, "--seq-len", "32", "--max-windows", "2")
+    assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
 
 
 def test_inspect_lists_regions(tiny_models, tmp_path):
