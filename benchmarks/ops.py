@@ -233,11 +233,23 @@ def bench_model(args) -> dict:
                                     providers=["CPUExecutionProvider"])
         feeds = model_feeds(sess, args.seq_len, args.vocab, args.batch, seed=0)
         runs[key] = (sess, bind(sess, feeds), feeds)  # feeds kept alive while bound
+    if args.baseline:  # the same model without the online rotation: R3's share of the latency
+        sess = ort.InferenceSession(str(args.baseline), session_options(args.threads, False),
+                                    providers=["CPUExecutionProvider"])
+        feeds = model_feeds(sess, args.seq_len, args.vocab, args.batch, seed=0)
+        runs["baseline"] = (sess, bind(sess, feeds), feeds)
+        result["baseline"] = str(args.baseline)
     for key, times in time_interleaved(runs, args.repeats, args.warmup).items():
         result[f"{key}_ms"] = round(statistics.median(times), 2)
         result[f"{key}_min_ms"] = round(min(times), 2)
     del runs
     result["speedup"] = round(result["function_body_ms"] / result["library_ms"], 3)
+    if args.baseline:
+        for key in ("library", "function_body"):
+            result[f"r3_overhead_{key}"] = round(result[f"{key}_ms"] / result["baseline_ms"] - 1, 4)
+        print(f"baseline without R3: {result['baseline_ms']:.2f} ms; R3 overhead: "
+              f"{result['r3_overhead_library']:+.1%} with the library, "
+              f"{result['r3_overhead_function_body']:+.1%} with the function body")
     print(f"| model | perq nodes | seq len | library ms | function body ms | speedup |\n"
           f"| --- | --- | ---: | ---: | ---: | ---: |\n"
           f"| {path.name} | {result['perq_nodes']} | {args.seq_len} | {result['library_ms']:.2f} | "
@@ -262,6 +274,8 @@ def main(argv=None):
     p.add_argument("--out-dir", default=str(RESULTS), help="where ops.md and ops.json go")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--model", help="end-to-end: a PeRQ ONNX model to time with and without the library")
+    p.add_argument("--baseline", help="--model: the same model without the online rotation (--block none), "
+                                       "to measure R3's overhead")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--vocab", type=int, default=1000, help="input_ids drawn from [0, vocab)")
