@@ -125,9 +125,11 @@ def table(done, windows, seq_len) -> str:
     runs = [r for r in done["runs"] if r["windows"] == windows and r["seq_len"] == seq_len]
     ppl = {(r["setting"], r["config"]): r for r in runs}
     fp = ppl.get(("FP", "FP"), {}).get("ppl", float("nan"))
-    lines = [f"Model: {done['model']}. Eval: {done['eval']}. Calibration: {done['calibration']}.",
+    minutes = sum(r["seconds"] for r in runs) / 60
+    lines = [f"Model: {done['model']}. Eval: WikiText-2 test, {windows} x {seq_len} non-overlapping windows. "
+             f"Calibration: {done['calibration']}.",
              f"Machine: {done['machine']}; versions: {done['versions']}; "
-             f"sweep time {done.get('total_seconds', 0) / 60:.0f} min.", ""]
+             f"{len(runs)} configurations in {minutes:.0f} min (build + eval + error measurement).", ""]
     for setting in SETTINGS:
         ref = lambda c: ppl.get((setting, c), {}).get("ppl", float("nan"))  # noqa: E731
         full = ref("R1+R2+full R3")
@@ -188,6 +190,20 @@ def plot(done, stats, windows, seq_len, block_for_mass=16):
     fig.savefig(RESULTS / "block_mass.png", dpi=120)
 
 
+def load_stats() -> dict:
+    saved = np.load(RESULTS / "quality_stats.npz")
+    return {k.replace("layers_", "layers.").replace("_mlp", ".mlp"): saved[k] for k in saved.files}
+
+
+def report(done, stats, plot_windows, seq_len) -> str:
+    """quality.md (one table per evaluated window count, most windows first) and the plots."""
+    counts = sorted({r["windows"] for r in done["runs"] if r["seq_len"] == seq_len}, reverse=True)
+    md = "\n".join(f"## {n} x {seq_len} test windows\n\n" + table(done, n, seq_len) for n in counts)
+    (RESULTS / "quality.md").write_text(md + "\n")
+    plot(done, stats, plot_windows, seq_len)
+    return md
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=16, help="test windows (default 16; the reference uses 32)")
@@ -197,13 +213,14 @@ def main():
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--resume", action="store_true", help="keep finished configurations of quality.json")
+    ap.add_argument("--report-only", action="store_true", help="re-render quality.md and the plots from quality.json")
+    ap.add_argument("--plot-windows", type=int, default=16, help="window count whose results are plotted")
     args = ap.parse_args()
-    done, stats = run_sweep(args)
-    n = min(args.windows, max(r["windows"] for r in done["runs"]))
-    md = table(done, n, args.seq_len)
-    (RESULTS / "quality.md").write_text(md + "\n")
-    plot(done, stats, n, args.seq_len)
-    print(md)
+    if args.report_only:
+        done, stats = json.loads((RESULTS / "quality.json").read_text()), load_stats()
+    else:
+        done, stats = run_sweep(args)
+    print(report(done, stats, args.plot_windows, args.seq_len))
 
 
 if __name__ == "__main__":
