@@ -61,7 +61,10 @@ def save_model(model: onnx.ModelProto, path) -> None:
     ~1.8 GB get their tensors in '<name>.data' beside the file."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if _fits_protobuf(model) else True
+    try:
+        large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    except ValueError:  # over protobuf's limit
+        large = True
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         tmp_model = pathlib.Path(tmp) / path.name
         if large:
@@ -72,14 +75,6 @@ def save_model(model: onnx.ModelProto, path) -> None:
         else:
             onnx.save_model(model, str(tmp_model))
         os.replace(tmp_model, path)
-
-
-def _fits_protobuf(model) -> bool:
-    try:
-        model.ByteSize()
-        return True
-    except ValueError:
-        return False
 
 
 # ---------------------------------------------------------------------------------- graph view
@@ -119,16 +114,9 @@ class GraphView:
         names = self.descendants(start) & self.ancestors(end)
         return sorted((self.by_name[n] for n in names), key=lambda n: self.order[n.name])
 
-    def topo_key(self, node: gs.Node) -> int:
-        return self.order[node.name]
-
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
-
-
-def consumers(tensor: gs.Tensor) -> list[gs.Node]:
-    return list(tensor.outputs)
 
 
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
@@ -164,7 +152,8 @@ def set_constant_input(node: gs.Node, index: int, value: np.ndarray, name: str) 
 
 
 def bypass(node: gs.Node, keep_input: gs.Tensor) -> None:
-    """Remove a single-output node by rewiring its consumers (and graph outputs) to keep_input."""
+    """Remove a single-output node by rewiring its consumers to keep_input (its output must not be
+    a graph output; RMSNorm outputs never are)."""
     out = node.outputs[0]
     for consumer in list(out.outputs):
         for i, t in enumerate(consumer.inputs):
