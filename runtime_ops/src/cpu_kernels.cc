@@ -166,6 +166,20 @@ enum Reduce { kNoReduce = 0, kMinMax = 1, kAbsMax = 2 };
 
 // One pass over the row doing the stages h < 8 * NV in registers, src -> out. With kFinal
 // (8 * NV == b: the transform is complete) also the scaling by s and the row reduction.
+// Lane-wise min of lo and max of hi reduced to two scalars.
+static inline void horizontal_minmax(__m256 lo, __m256 hi, float* red_lo, float* red_hi) {
+    alignas(32) float a[8], c[8];
+    _mm256_store_ps(a, lo);
+    _mm256_store_ps(c, hi);
+    float l = a[0], h = c[0];
+    for (int k = 1; k < 8; ++k) {
+      l = std::min(l, a[k]);
+      h = std::max(h, c[k]);
+    }
+    *red_lo = l;
+    *red_hi = h;
+}
+
 template <int NV, bool kFinal, int kReduce, bool kStream>
 void register_pass(const float* src, float* out, int64_t n, float s, float* red_lo, float* red_hi) {
   const __m256 vs = _mm256_set1_ps(s);
@@ -190,18 +204,7 @@ void register_pass(const float* src, float* out, int64_t n, float s, float* red_
         _mm256_storeu_ps(out + i + 8 * k, v[k]);
     }
   }
-  if (kReduce != kNoReduce) {
-    alignas(32) float a[8], c[8];
-    _mm256_store_ps(a, lo);
-    _mm256_store_ps(c, hi);
-    float l = a[0], h = c[0];
-    for (int k = 1; k < 8; ++k) {
-      l = std::min(l, a[k]);
-      h = std::max(h, c[k]);
-    }
-    *red_lo = l;
-    *red_hi = h;
-  }
+  if (kReduce != kNoReduce) horizontal_minmax(lo, hi, red_lo, red_hi);
 }
 
 // The last butterfly step of a transform with b > 64 (radix-2 or radix-4 at span h >= 64),
@@ -226,18 +229,7 @@ struct Finish {
     else
       _mm256_storeu_ps(p, v);
   }
-  void result(float* red_lo, float* red_hi) const {
-    alignas(32) float a[8], c[8];
-    _mm256_store_ps(a, lo);
-    _mm256_store_ps(c, hi);
-    float l = a[0], h = c[0];
-    for (int k = 1; k < 8; ++k) {
-      l = std::min(l, a[k]);
-      h = std::max(h, c[k]);
-    }
-    *red_lo = l;
-    *red_hi = h;
-  }
+  void result(float* red_lo, float* red_hi) const { horizontal_minmax(lo, hi, red_lo, red_hi); }
 };
 
 template <int kReduce, bool kStream>
