@@ -37,6 +37,8 @@ sys.path.insert(0, str(ROOT))
 
 from perq_onnx import __version__, ops  # noqa: E402
 from perq_onnx.functions import BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, single_op_model  # noqa: E402
+from perq_onnx.errors import PerqError  # noqa: E402
+from perq_onnx.runtime import make_feeds  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -183,33 +185,13 @@ def write_ops_report(report: dict, out_dir: pathlib.Path) -> None:
 # --------------------------------------------------------------------------------------------
 # end-to-end model latency
 
-NP_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-}
-
-
 def model_feeds(sess: ort.InferenceSession, seq_len: int, vocab: int, batch: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for inp in sess.get_inputs():
-        dtype = NP_TYPES.get(inp.type)
-        if dtype is None:
-            raise SystemExit(f"input {inp.name!r} has type {inp.type}, which this benchmark cannot feed")
-        if inp.name == "input_ids":
-            feeds[inp.name] = rng.integers(0, vocab, size=(batch, seq_len)).astype(dtype)
-        elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones((batch, seq_len), dtype)
-        elif inp.name == "position_ids":
-            feeds[inp.name] = np.broadcast_to(np.arange(seq_len, dtype=dtype), (batch, seq_len)).copy()
-        elif inp.name.startswith("past_key_values") or inp.name.startswith("past_"):
-            # empty cache: batch first, the past-sequence axis (the other symbolic one) of length 0
-            shape = [batch if i == 0 else (d if isinstance(d, int) else 0) for i, d in enumerate(inp.shape)]
-            feeds[inp.name] = np.zeros(shape, dtype)
-        else:
-            raise SystemExit(f"input {inp.name!r} is not one this benchmark knows how to feed "
-                             "(input_ids, attention_mask, position_ids, past_key_values.*)")
-    return feeds
+    """Random token ids with the feeds perq-onnx itself uses (mask, positions, empty cache)."""
+    ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, seq_len))
+    try:
+        return make_feeds(sess, ids)
+    except PerqError as exc:
+        raise SystemExit(str(exc))
 
 
 def count_perq_nodes(path: pathlib.Path) -> dict:

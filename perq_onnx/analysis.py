@@ -339,34 +339,28 @@ def _follow_residual(graph: gs.Graph, embedding: gs.Node):
                 writers.append(lin)
                 push(c.outputs[0])
             elif c.op in ("Pow", "Mul", "Div"):
-                norm = norm or match_rmsnorm(t)
+                if norm is None:  # its other nodes reading t are claimed and skipped
+                    norm = match_rmsnorm(t)
+                    norms.append(norm)
+                    claimed |= norm.nodes
                 if c.name not in norm.nodes:
                     raise AnalysisError(c, "reads the residual stream but is not part of an RMSNorm")
-                claimed |= norm.nodes
-                norms.append(norm)
             else:
                 raise AnalysisError(c, f"{c.op} reads the residual stream; only residual Adds of a linear "
                                        "layer's output, RMSNorms and Casts are supported")
-    unique = list({id(n): n for n in norms}.values())
-    return unique, writers
+    return norms, writers
 
 
 def _mlp(view: GraphView, layer_index: int, readers: list[Linear], writers: list[Linear]):
     if len(readers) != 2:
         raise AnalysisError(readers[0].node if readers else f"layers.{layer_index}",
                             f"the MLP norm of layer {layer_index} has {len(readers)} readers; expected gate and up")
-    writer_nodes = {w.node.name: w for w in writers}
-    downs = set()
-    for r in readers:
-        for name in view.descendants(r.node):
-            if name in writer_nodes and view.by_name[name].op == "MatMul":
-                between = view.between(r.node, view.by_name[name])
-                if all(n.op in ELEMENTWISE for n in between):
-                    downs.add(name)
-    if len(downs) != 1:
-        raise AnalysisError(readers[0].node, f"layer {layer_index}: gate/up do not reach one down_proj through "
-                                             "element-wise ops only")
-    down = writer_nodes[downs.pop()]
+    # down_proj: the first writer (in data-flow order) that both gate and up reach
+    reach = view.descendants(readers[0].node) & view.descendants(readers[1].node)
+    downs = sorted((w for w in writers if w.node.name in reach), key=lambda w: view.order[w.node.name])
+    if not downs:
+        raise AnalysisError(readers[0].node, f"layer {layer_index}: gate and up do not reach a common down_proj")
+    down = downs[0]
     region = set()
     for r in readers:
         region |= {n.name for n in view.between(r.node, down.node)}
@@ -385,8 +379,7 @@ def _mlp(view: GraphView, layer_index: int, readers: list[Linear], writers: list
             if any(c.name not in inside and c.op != "Shape" for c in t.outputs):
                 raise AnalysisError(node, "an MLP intermediate tensor is read outside the MLP")
     gate = next((r for r in readers if any(view.by_name[n].op in NONLINEAR
-                                          for n in view.descendants(r.node) & region)
-                 and r is not None), readers[0])
+                                          for n in view.descendants(r.node) & region)), readers[0])
     up = readers[1] if gate is readers[0] else readers[0]
     return gate, up, down
 

@@ -146,6 +146,8 @@ def main(argv=None) -> int:
     except PerqError as exc:
         print(f"perq-onnx: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        return 0
     except KeyboardInterrupt:
         print("perq-onnx: interrupted", file=sys.stderr)
         return 130

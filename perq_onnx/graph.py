@@ -52,7 +52,8 @@ def export_model(graph: gs.Graph, functions=(), min_opset: int | None = None) ->
         model.functions.append(fn)
         if not any(o.domain == fn.domain for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(fn.domain, 1))
-    model.ir_version = max(model.ir_version, 10) if min_opset and min_opset >= 21 else model.ir_version
+    if min_opset and min_opset >= 21:  # int4 types need IR version 10
+        model.ir_version = max(model.ir_version, 10)
     return model
 
 

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from . import calibration, permutation
 from .analysis import DecoderStructure, analyze
@@ -184,7 +185,6 @@ def optimize(model_path, output_path, options: Options, stats: dict | None = Non
     report.stats = stats or {}
     ctx = Context(graph, structure)
     passes = build_passes(options, structure, stats, report)
-    from tqdm import tqdm
     for p in tqdm(passes, desc="passes", unit="pass", leave=False, disable=not progress):
         result = p(ctx)
         report.summaries.append(f"{p.name}: {result.summary}")
