@@ -27,11 +27,11 @@ next to the model (ids < 259, far below the vocab; ``model_max_length`` raised t
 Memory. Each step runs in its own Python child process, so nothing of the torch model outlives it:
 
 * ``hf``: build the model in torch (no_grad) and ``save_pretrained`` it (safetensors) together with
-  the tokenizer. L4: 47 s, peak RSS 3.5 GB; L8: 83 s, 4.4 GB.
+  the tokenizer. L4: 47 s, peak RSS 3.5 GB; L8: 83 s, 4.4 GB; L16: 102 s, 6.4 GB.
 * ``export``: optimum loads that directory and exports it; torch's exporter holds the model and
   its tensors, then optimum (still holding the torch model) loads the whole ONNX with its data to
-  write the single data file. L4: 172 s, peak RSS 6.7 GB; L8: 310 s, 8.6 GB (2.1-2.2x the
-  ONNX bytes, so about 13 GB for L16).
+  write the single data file. L4: 172 s, peak RSS 6.7 GB; L8: 310 s, 8.6 GB; L16: 424 s, 9.2 GB
+  (2.2x, 2.1x, 1.5x the ONNX bytes).
 
 Before each step the build waits until ``MemAvailable`` covers an estimate of the step's peak
 (``STEP_PEAK`` x the ONNX bytes; the machine is shared). The wall time and peak RSS of both steps
