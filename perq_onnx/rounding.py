@@ -1,0 +1,357 @@
+"""Weight rounding in numpy: round-to-nearest (RTN) with a choice of clipping, and GPTQ.
+
+Conventions
+-----------
+Weights are in ONNX MatMul layout: ``W`` has shape ``[in, out]`` and ``y = x @ W``. Input channels
+are rows. A quantization group is a run of ``g`` consecutive rows within one output column, so a
+per-group scale has shape ``[in / g, out]`` and a per-channel scale (``group=None``) has shape
+``[out]``. The Hessian is ``H = X^T X`` over calibration tokens, shape ``[in, in]``.
+
+Symmetric forms have zero point 0, int8 codes in ``[-2^(b-1), 2^(b-1) - 1]`` and
+``w ~ code * scale`` with ``scale = alpha * max|w| / (2^(b-1) - 1)``. Asymmetric forms have uint8
+codes in ``[0, 2^b - 1]``, an integer zero point per scale and ``w ~ (code - zero) * scale``,
+where the range ``[min(w, 0), max(w, 0)]`` is shrunk by ``alpha`` before it is split into
+``2^b - 1`` steps. Scales are float32, and codes are always rounded against the float32 scale,
+so ``Quantized.dequantize()`` is exactly what the quantizer measured.
+
+Clipping (how ``alpha`` in (0, 1] is chosen, independently for every group and column)
+-------------------------------------------------------------------------------------
+* ``absmax``: ``alpha = 1``; nothing is clipped.
+* ``mse``: grid search minimising ``sum_i (w_i - q(w_i))^2`` over the group: a coarse grid
+  0.20, 0.25, ..., 1.00, then steps of 0.005 within +-0.02 of the coarse winner. ``alpha = 1`` is
+  on the grid, so the result is never worse than ``absmax`` on that objective.
+* ``act`` (activation-aware): the same search, but each row's squared error is weighted by
+  ``H_ii``: ``sum_i H_ii (w_i - q(w_i))^2``. That is the output error ``tr(E^T H E)`` with the
+  off-diagonal correlations of ``H`` ignored, which keeps groups and columns independent. A floor
+  of ``1e-6 * mean(H_ii)`` on the weights lets plain MSE decide for groups of dead inputs.
+
+GPTQ (Frantar et al., 2022)
+---------------------------
+GPTQ quantizes the input rows one at a time and, after rounding row ``i``, moves the rows not yet
+quantized so as to cancel the output error ``tr(E^T H E)`` that row ``i``'s rounding caused. With
+``U`` the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``, restricted to the rows still to
+process), the rounding error ``e = (w_i - q_i) / U_ii`` is fed back as
+``W[j] -= U_ij * e`` for every later row ``j``. Here:
+
+* ``H`` gets ``damp * mean(diag H)`` on its diagonal. A dead input (``H_ii == 0``, never active on
+  the calibration data) gets ``H_ii = 1``; it is uncorrelated with everything, so its row is simply
+  rounded to nearest (kept, not zeroed, since the input may be live at inference) and nothing is
+  fed back from it.
+* ``U`` comes from one Cholesky factorisation and one triangular inverse: with ``J`` the order
+  reversal and ``J H J = L L^T``, ``U = J L^-1 J``.
+* Updates are lazy: the rows after a block of ``block`` rows get the block's updates at once, as
+  one matrix product at the end of the block; inside the block the same is done at a finer level
+  (row by row within 16 rows, then one product for the rest of the block).
+* ``act_order`` processes the rows in order of descending ``H_ii``. Scales always belong to
+  contiguous groups of rows in the original order (the exported layout). A group's scale is fitted
+  when the first of its rows is processed, from the group's rows as they are at that moment (all
+  updates so far applied, pending lazy ones included); without act-order that is the usual "fit
+  when the group starts". Per-channel scales are fitted once from the original weights.
+* The clip rule is the form's, except that ``act`` falls back to ``mse`` on the (updated) weights:
+  GPTQ already accounts for ``H`` through its updates.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import PerqError
+
+CLIPS = ("absmax", "mse", "act")
+_COARSE = np.round(np.arange(0.20, 1.0001, 0.05), 4)  # clipping ratios tried first
+_FINE = np.round(np.arange(-0.02, 0.0201, 0.005), 4)  # offsets around the coarse winner
+_SUB_BLOCK = 16  # GPTQ rows updated one by one before a lazy update of the rest of the block
+_TILE = 1 << 16  # weights per step of the scale search (keeps its temporaries in cache)
+
+
+class RoundingError(PerqError, ValueError):
+    """An invalid quantizer form or input; a ValueError as well as perq-onnx's own error."""
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """The quantizer's form (see the module docstring for the meaning of each field)."""
+    bits: int = 4
+    group: int | None = None
+    symmetric: bool = True
+    clip: str = "mse"
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise RoundingError(f"weight bits must be 4 or 8, got {self.bits!r}")
+        if self.group is not None and (not isinstance(self.group, (int, np.integer))
+                                       or self.group <= 0):
+            raise RoundingError(f"group must be a positive number of rows or None, "
+                                f"got {self.group!r}")
+        if self.clip not in CLIPS:
+            raise RoundingError(f"clip must be one of {', '.join(CLIPS)}; got {self.clip!r}")
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        if self.symmetric:
+            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        return 0, (1 << self.bits) - 1
+
+    def group_size(self, rows: int) -> int:
+        """Rows per scale for a weight with ``rows`` input rows; raises if the group won't fit."""
+        if self.group is None:
+            return rows
+        if rows % self.group:
+            raise RoundingError(f"group size {self.group} does not divide the {rows} input rows "
+                                "of the weight")
+        return self.group
+
+
+@dataclass
+class Quantized:
+    """Integer codes ``[in, out]`` with float32 scales per output channel ``[out]`` or per group
+    of contiguous rows ``[in / g, out]``; ``zero_point`` (shaped like ``scale``) only when
+    asymmetric. ``dequantize()`` gives ``(codes - zero_point) * scale`` as float32 ``[in, out]``."""
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None = None
+
+    def _per_row(self, a: np.ndarray) -> np.ndarray:
+        if a.ndim == 1:
+            return a[None, :]
+        return np.repeat(a, self.codes.shape[0] // a.shape[0], axis=0)
+
+    def dequantize(self) -> np.ndarray:
+        values = self.codes.astype(np.float32)
+        if self.zero_point is not None:
+            values -= self._per_row(self.zero_point).astype(np.float32)
+        return values * self._per_row(self.scale)
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+def _check_weight(w) -> np.ndarray:
+    w = np.asarray(w)
+    if w.ndim != 2 or 0 in w.shape:
+        raise RoundingError(f"weight must be a non-empty [in, out] matrix, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise RoundingError("weight has non-finite values")
+    return w
+
+
+def _check_hessian(hessian, rows: int) -> np.ndarray:
+    h = np.asarray(hessian, dtype=np.float64)
+    if h.shape != (rows, rows):
+        raise RoundingError(f"Hessian must be [{rows}, {rows}] for a weight with {rows} input "
+                            f"rows, got {h.shape}")
+    if not np.all(np.isfinite(h)):
+        raise RoundingError("Hessian has non-finite values")
+    if np.any(np.diag(h) < 0):
+        raise RoundingError("Hessian has a negative diagonal entry; expected X^T X")
+    return h
+
+
+# -- one quantizer grid --------------------------------------------------------------------------
+
+def _params(alpha, lo, hi, form: WeightQuant):
+    """Scale (float32 values, held in float64) and zero point for the clipped range
+    alpha * [lo, hi]. Symmetric forms pass lo = -hi = -max|w|."""
+    qmin, qmax = form.code_range
+    if form.symmetric:
+        scale, zero = alpha * hi / qmax, None
+    else:
+        scale = alpha * (hi - lo) / qmax
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32).astype(np.float64)
+    if not form.symmetric:
+        zero = np.clip(np.rint(-alpha * lo / scale), qmin, qmax)
+    return scale, zero
+
+
+def _round(w, scale, zero, form: WeightQuant):
+    """Codes (as float64) of w against a grid; scale/zero broadcast against w."""
+    qmin, qmax = form.code_range
+    codes = np.rint(w / scale)
+    if zero is not None:
+        codes += zero
+    return np.clip(codes, qmin, qmax, out=codes)
+
+
+def _dequant(codes, scale, zero):
+    return (codes - zero) * scale if zero is not None else codes * scale
+
+
+def _fit(wg: np.ndarray, form: WeightQuant, row_weight=None):
+    """Scale and zero point ``[G, out]`` for grouped weights ``wg [G, g, out]`` under the form's
+    clip rule; ``row_weight [G, g, 1]`` weights each row's squared error (clip="act")."""
+    if form.symmetric:
+        hi = np.abs(wg).max(axis=1)
+        lo = -hi
+    else:
+        lo, hi = np.minimum(wg.min(axis=1), 0.0), np.maximum(wg.max(axis=1), 0.0)
+    if form.clip == "absmax":
+        return _params(1.0, lo, hi, form)
+
+    best = np.ones_like(hi)
+    step = max(1, _TILE // (wg.shape[0] * wg.shape[1]))  # output columns per cache-sized tile
+    for c in range(0, hi.shape[1], step):
+        cols = slice(c, c + step)
+        w, tile_lo, tile_hi = np.ascontiguousarray(wg[:, :, cols]), lo[:, cols], hi[:, cols]
+
+        def error(alpha):
+            scale, zero = _params(alpha, tile_lo, tile_hi, form)
+            scaled = w / scale[:, None]
+            diff = np.rint(scaled)
+            if zero is not None:
+                diff += zero[:, None]
+            np.clip(diff, *form.code_range, out=diff)
+            if zero is not None:
+                diff -= zero[:, None]
+            diff -= scaled  # error in steps: (q - z) - w / s
+            diff *= diff
+            if row_weight is not None:
+                diff *= row_weight
+            return diff.sum(axis=1) * scale * scale
+
+        errs = np.stack([error(a) for a in _COARSE])
+        coarse = _COARSE[np.argmin(errs, axis=0)]
+        alphas = np.clip(coarse[None] + _FINE[:, None, None], 0.01, 1.0)
+        errs = np.stack([error(a) for a in alphas])
+        best[:, cols] = np.take_along_axis(alphas, np.argmin(errs, axis=0)[None], axis=0)[0]
+    return _params(best, lo, hi, form)
+
+
+def _package(codes, scale, zero, form: WeightQuant, per_channel: bool) -> Quantized:
+    codes = codes.astype(np.int8 if form.symmetric else np.uint8)
+    scale = scale.astype(np.float32)
+    if zero is not None:
+        zero = zero.astype(np.uint8)
+    if per_channel:
+        scale = scale[0]
+        zero = zero[0] if zero is not None else None
+    return Quantized(codes=codes, scale=scale, zero_point=zero)
+
+
+# -- public API ----------------------------------------------------------------------------------
+
+def rtn(w, form: WeightQuant, hessian=None) -> Quantized:
+    """Round to nearest, the scales chosen by the form's clip rule (``hessian`` only for "act")."""
+    w = _check_weight(w)
+    rows, cols = w.shape
+    g = form.group_size(rows)
+    row_weight = None
+    if form.clip == "act":
+        if hessian is None:
+            raise RoundingError('clip="act" needs the Hessian (X^T X) of the layer input')
+        diag = np.diag(_check_hessian(hessian, rows))
+        row_weight = (diag + 1e-6 * max(diag.mean(), 1e-30)).reshape(rows // g, g, 1)
+    wg = w.astype(np.float64).reshape(rows // g, g, cols)
+    scale, zero = _fit(wg, form, row_weight)
+    codes = _round(wg, scale[:, None], None if zero is None else zero[:, None], form)
+    return _package(codes.reshape(rows, cols), scale, zero, form, form.group is None)
+
+
+def _invert_lower_inplace(lower: np.ndarray) -> None:
+    """Overwrite a lower-triangular matrix with its inverse, recursively by 2x2 blocks:
+    [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]."""
+    n = lower.shape[0]
+    if n <= 256:
+        lower[:] = np.tril(np.linalg.inv(lower))
+        return
+    h = n // 2
+    _invert_lower_inplace(lower[:h, :h])
+    _invert_lower_inplace(lower[h:, h:])
+    lower[h:, :h] = -_triangular_product(lower[h:, h:], _triangular_product(
+        lower[:h, :h], lower[h:, :h], left=False), left=True)
+
+
+def _triangular_product(lower: np.ndarray, other: np.ndarray, left: bool) -> np.ndarray:
+    """``lower @ other`` (left) or ``other @ lower``, skipping the zero upper half of ``lower``
+    (about half the work of a dense product)."""
+    n = lower.shape[0]
+    if n <= 512:
+        return lower @ other if left else other @ lower
+    h = n // 2
+    top, corner, bottom = lower[:h, :h], lower[h:, :h], lower[h:, h:]
+    if left:  # [[T, 0], [C, B]] @ [x; y] = [T x; C x + B y]
+        x, y = other[:h], other[h:]
+        return np.vstack([_triangular_product(top, x, True),
+                          corner @ x + _triangular_product(bottom, y, True)])
+    x, y = other[:, :h], other[:, h:]  # [x, y] @ [[T, 0], [C, B]] = [x T + y C, y B]
+    return np.hstack([_triangular_product(top, x, False) + y @ corner,
+                      _triangular_product(bottom, y, False)])
+
+
+def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128) -> Quantized:
+    """GPTQ rounding of ``w [in, out]`` against the input Hessian ``hessian [in, in]``."""
+    w = _check_weight(w)
+    rows, cols = w.shape
+    g = form.group_size(rows)
+    h = _check_hessian(hessian, rows)
+    if damp < 0 or block < 1:
+        raise RoundingError(f"need damp >= 0 and block >= 1, got damp={damp}, block={block}")
+    fit_form = form if form.clip != "act" else dataclasses.replace(form, clip="mse")
+
+    diag = np.diag(h).copy()
+    order = np.argsort(-diag, kind="stable") if act_order else np.arange(rows)
+    position = np.argsort(order)  # position[row] = when that row is processed
+    h = h[np.ix_(order, order)]  # our own copy, in processing order
+    dead = np.flatnonzero(diag[order] == 0)
+    h[dead, dead] = 1.0
+    h[np.diag_indices(rows)] += damp * diag.mean()
+    # U with U^T U = H^-1: with J the order reversal and J H J = L L^T, U = J L^-1 J.
+    try:
+        lower = np.linalg.cholesky(h[::-1, ::-1])
+    except np.linalg.LinAlgError:
+        raise RoundingError("the damped Hessian is not positive definite; raise damp") from None
+    del h
+    _invert_lower_inplace(lower)
+    u = np.ascontiguousarray(lower[::-1, ::-1])
+    del lower
+
+    work = w.astype(np.float64)[order]  # rows in processing order, updated as we go
+    n_groups = rows // g
+    scale = np.empty((n_groups, cols))
+    zero = None if form.symmetric else np.empty((n_groups, cols))
+    fitted = np.zeros(n_groups, dtype=bool)
+    if form.group is None:
+        scale[0], z = _fit(w.astype(np.float64)[None], fit_form)
+        if zero is not None:
+            zero[0] = z
+        fitted[0] = True
+    codes = np.empty((rows, cols), np.int8 if form.symmetric else np.uint8)
+
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        current = work[start:stop].copy()  # this block, brought up to date as it is processed
+        errors = np.empty((stop - start, cols))  # scaled rounding errors, fed back to later rows
+        for sub in range(0, stop - start, _SUB_BLOCK):
+            sub_stop = min(sub + _SUB_BLOCK, stop - start)
+            for i in range(sub, sub_stop):
+                p = start + i
+                k = order[p] // g
+                if not fitted[k]:
+                    # the group's rows as they are now: work[] plus this block's pending updates
+                    members = position[k * g:(k + 1) * g]
+                    now = work[members] - u[start:p, members].T @ errors[:i]
+                    scale[k], z = _fit(now[None], fit_form)
+                    if zero is not None:
+                        zero[k] = z
+                    fitted[k] = True
+                z = None if zero is None else zero[k]
+                q = _round(current[i], scale[k], z, form)
+                codes[p] = q
+                errors[i] = (current[i] - _dequant(q, scale[k], z)) / u[p, p]
+                current[i + 1:sub_stop] -= np.outer(u[p, p + 1:start + sub_stop], errors[i])
+            done, rest = slice(start + sub, start + sub_stop), slice(start + sub_stop, stop)
+            current[sub_stop:] -= u[done, rest].T @ errors[sub:sub_stop]
+        work[stop:] -= u[start:stop, stop:].T @ errors
+
+    codes = codes[position]  # back to the original row order
+    return _package(codes, scale, zero, form, form.group is None)
+
+
+def relative_error(w, q: Quantized, hessian=None) -> float:
+    """``||W - Q||^2 / ||W||^2``, or with the Hessian ``tr((W-Q)^T H (W-Q)) / tr(W^T H W)``."""
+    w = _check_weight(w).astype(np.float64)
+    diff = w - q.dequantize().astype(np.float64)
+    if hessian is None:
+        return float(np.sum(diff * diff) / np.sum(w * w))
+    h = _check_hessian(hessian, w.shape[0])
+    return float(np.sum(diff * (h @ diff)) / np.sum(w * (h @ w)))
