@@ -1,37 +1,95 @@
-"""Pass infrastructure: each pass declares the facts it requires and ensures, runs on a shared
-context, and returns what it changed."""
+"""Pass infrastructure: a context over the graph being rewritten, passes with pre- and
+postconditions that are checked on the graph, and a manager that runs them in order.
+
+A ``Condition`` is a named check of the graph (``check(ctx)`` returns None when it holds, else
+the reason, naming a node). A pass lists the conditions it ``requires`` before it runs and those
+it ``ensures`` afterwards; ``PassManager`` checks both and raises ``InternalError`` naming the
+pass and the condition when one fails, so a misordered pipeline (P3 after R3, a rotation after
+weight quantization, ...) is caught instead of producing a wrong model. Analysis results are
+frozen and name nodes; passes look nodes up through the context and never change them.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from tqdm import tqdm
 
-from perq_onnx.analysis import DecoderStructure
-from perq_onnx.errors import PerqError
+from perq_onnx.analysis import DecoderStructure, Fold, Linear
+from perq_onnx.errors import InternalError, PerqError
+from perq_onnx.graph import constant_shape, constant_value, producer
+from perq_onnx.transforms import Transform, fold_consumed, fold_produced
+from perq_onnx.weights import WeightStore
 
 
 @dataclass
 class Context:
     graph: gs.Graph
     structure: DecoderStructure
+    store: WeightStore
     functions: dict[str, onnx.FunctionProto] = field(default_factory=dict)   # model-local functions
-    facts: set[str] = field(default_factory=set)
     metadata: dict[str, str] = field(default_factory=dict)                   # -> model.metadata_props
     min_opset: int | None = None
+    _nodes: dict[str, gs.Node] = field(default_factory=dict)
+
+    def node(self, name: str) -> gs.Node:
+        if name not in self._nodes:
+            self._nodes = {n.name: n for n in self.graph.nodes}
+        try:
+            return self._nodes[name]
+        except KeyError:
+            raise InternalError(f"node '{name}' is no longer in the graph") from None
+
+    def add(self, node: gs.Node) -> gs.Node:
+        self.graph.nodes.append(node)
+        self._nodes[node.name] = node
+        return node
+
+    # ---------------------------------------------------------------------------- constants
+    def constant(self, node: str, index: int) -> np.ndarray:
+        value = constant_value(self.node(node).inputs[index])
+        if value is None:
+            raise InternalError(f"input {index} of node '{node}' is not a constant")
+        return value
+
+    def set_constant(self, node: str, index: int, value: np.ndarray, name: str) -> None:
+        """Give input `index` of `node` a new constant of its own (a shared initializer is never
+        changed behind another reader's back)."""
+        self.node(node).inputs[index] = self.store.constant(name, value)
+
+    def weight(self, lin: Linear) -> np.ndarray:
+        return self.constant(lin.name, 1)
+
+    def fold(self, fold: Fold, t: Transform) -> None:
+        """Fold transform t into the weight slice `fold` (and its bias)."""
+        w = self.constant(fold.node, fold.input)
+        folder = fold_produced if fold.axis == 1 else fold_consumed
+        self.set_constant(fold.node, fold.input, folder(w, t, fold.start, fold.stop), f"{fold.node}.weight")
+        if fold.axis == 1 and fold.bias is not None:
+            b = self.constant(fold.bias, fold.bias_index)
+            self.set_constant(fold.bias, fold.bias_index, fold_produced(b[None, :], t, fold.start, fold.stop)[0],
+                              f"{fold.node}.bias")
 
 
 @dataclass
 class PassResult:
-    modified: bool
     summary: str = ""
     metrics: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    check: Callable[[Context], str | None]
+
+
 class Pass:
     """A graph pass. Subclasses set ``requires``/``ensures`` and implement ``run``."""
-    requires: frozenset[str] = frozenset()
-    ensures: frozenset[str] = frozenset()
+    requires: tuple[Condition, ...] = ()
+    ensures: tuple[Condition, ...] = ()
 
     @property
     def name(self) -> str:
@@ -40,10 +98,105 @@ class Pass:
     def run(self, ctx: Context) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def __call__(self, ctx: Context) -> PassResult:
-        missing = self.requires - ctx.facts
-        if missing:
-            raise PerqError(f"pass {self.name} needs {', '.join(sorted(missing))} first")
-        result = self.run(ctx)
-        ctx.facts |= self.ensures
-        return result
+
+class PassManager:
+    """Runs passes in order, checking each pass's conditions on the graph before and after."""
+
+    def __init__(self, passes: list[Pass], progress: bool = True):
+        self.passes = passes
+        self.progress = progress
+
+    @staticmethod
+    def _check(p: Pass, conditions, ctx: Context, when: str) -> None:
+        for condition in conditions:
+            reason = condition.check(ctx)
+            if reason is not None:
+                raise InternalError(f"pass {p.name}: {when} '{condition.name}' does not hold: {reason}")
+
+    def run(self, ctx: Context) -> list[tuple[Pass, PassResult]]:
+        results = []
+        for p in tqdm(self.passes, desc="passes", unit="pass", leave=False, disable=not self.progress):
+            self._check(p, p.requires, ctx, "precondition")
+            try:
+                result = p.run(ctx)
+            except (PerqError, InternalError):
+                raise
+            except Exception as exc:
+                raise InternalError(f"pass {p.name} failed: {type(exc).__name__}: {exc}") from exc
+            self._check(p, p.ensures, ctx, "postcondition")
+            results.append((p, result))
+        return results
+
+
+# ------------------------------------------------------------------------------ conditions
+
+def _decoder_linears(ctx: Context):
+    for layer in ctx.structure.layers:
+        yield from layer.linears().values()
+
+
+def _gammas_folded(ctx: Context) -> str | None:
+    names = {n.name for n in ctx.graph.nodes}
+    left = [norm.gamma for norm in ctx.structure.norms if norm.gamma in names]
+    return f"RMSNorm gamma Mul '{left[0]}' is still in the graph" if left else None
+
+
+def _weights_float(ctx: Context) -> str | None:
+    for lin in _decoder_linears(ctx):
+        meta = constant_shape(ctx.node(lin.name).inputs[1])
+        if meta is None or not np.issubdtype(meta[1], np.floating):
+            return f"'{lin.name}' does not read a float constant weight"
+    return None
+
+
+def _weights_quantized(ctx: Context) -> str | None:
+    for lin in _decoder_linears(ctx):
+        p = producer(ctx.node(lin.name).inputs[1])
+        if p is None or p.op != "DequantizeLinear":
+            return f"'{lin.name}' does not read a DequantizeLinear weight"
+    return None
+
+
+def _down_input_is_original(ctx: Context) -> str | None:
+    for layer in ctx.structure.layers:
+        if ctx.node(layer.down.name).inputs[0].name != layer.down.input:
+            return f"'{layer.down.name}' no longer reads its MLP intermediate directly"
+    return None
+
+
+def _online_rotation_present(ctx: Context) -> str | None:
+    for layer in ctx.structure.layers:
+        p = producer(ctx.node(layer.down.name).inputs[0])
+        if p is None or p.name != online_rotation_node(layer.down):
+            return f"'{layer.down.name}' does not read an online rotation"
+    return None
+
+
+def online_rotation_node(down: Linear) -> str:
+    """The name of the R3 node in front of down_proj."""
+    return f"{down.name}/OnlineRotation"
+
+
+def _linear_inputs_unquantized(ctx: Context) -> str | None:
+    for lin in _decoder_linears(ctx):
+        p = producer(ctx.node(lin.name).inputs[0])
+        if p is not None and p.name.endswith("/input_qdq/y"):
+            return f"'{lin.name}' already reads a quantized activation"
+    return None
+
+
+def _linear_inputs_quantized(ctx: Context) -> str | None:
+    for lin in _decoder_linears(ctx):
+        p = producer(ctx.node(lin.name).inputs[0])
+        if p is None or not (p.name.endswith("/input_qdq/y") or p.op == "BlockHadamardQuantize"):
+            return f"'{lin.name}' does not read a quantized activation"
+    return None
+
+
+GAMMAS_FOLDED = Condition("RMSNorm gammas folded", _gammas_folded)
+WEIGHTS_FLOAT = Condition("decoder weights are float constants", _weights_float)
+WEIGHTS_QUANTIZED = Condition("decoder weights are quantized", _weights_quantized)
+NO_ONLINE_ROTATION = Condition("no online rotation at down_proj yet", _down_input_is_original)
+ONLINE_ROTATION = Condition("online rotation at every down_proj", _online_rotation_present)
+ACTIVATIONS_FLOAT = Condition("decoder linear inputs not quantized yet", _linear_inputs_unquantized)
+ACTIVATIONS_QUANTIZED = Condition("every decoder linear reads a quantized activation", _linear_inputs_quantized)

@@ -7,23 +7,28 @@ gamma-free x / rms(x), which is invariant under an orthogonal change of basis of
 """
 from __future__ import annotations
 
-from perq_onnx.graph import bypass
+import numpy as np
 
-from .base import Context, Pass, PassResult
+from perq_onnx.analysis import consumed
+from perq_onnx.graph import bypass, constant_value
+from perq_onnx.transforms import Diagonal
+
+from .base import GAMMAS_FOLDED, WEIGHTS_FLOAT, Context, Pass, PassResult
 
 
 class FoldNormGammas(Pass):
-    ensures = frozenset({"gammas_folded"})
+    requires = (WEIGHTS_FLOAT,)
+    ensures = (GAMMAS_FOLDED, WEIGHTS_FLOAT)
 
     def run(self, ctx: Context) -> PassResult:
         folded = 0
         for norm in ctx.structure.norms:
-            gamma = norm.gamma()
-            if gamma is None:
+            if norm.gamma is None:
                 continue
+            mul = ctx.node(norm.gamma)
+            gamma = next(v for v in (constant_value(t) for t in mul.inputs) if v is not None)
             for reader in norm.readers:
-                reader.set_weight(gamma.astype("float64")[:, None] * reader.weight())
-            bypass(norm.gamma_node, norm.normalized)
-            norm.gamma_node = None
+                ctx.fold(consumed(reader), Diagonal(np.asarray(gamma, dtype=np.float64)))
+            bypass(ctx.graph, mul, ctx.graph.tensors()[norm.normalized])
             folded += 1
-        return PassResult(folded > 0, f"folded {folded} RMSNorm gammas into their readers")
+        return PassResult(f"folded {folded} RMSNorm gammas into their readers")

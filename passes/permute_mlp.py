@@ -3,17 +3,21 @@
 Invariant: gate/up outputs and everything element-wise after them (SiLU, the gating Mul) commute
 with a channel permutation p; so gate/up output columns (and biases) are reordered by p and
 down_proj input rows by p, and the MLP output is unchanged while the down_proj input is
-x[..., p] -- the order the online block rotation then sees.
+x[..., p] -- the order the online block rotation then sees. It must run before R3 (which
+changes what down_proj's rows mean).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .base import Context, Pass, PassResult
+from perq_onnx.transforms import Permutation
+
+from .base import NO_ONLINE_ROTATION, WEIGHTS_FLOAT, Context, Pass, PassResult
 
 
 class PermuteMLP(Pass):
-    ensures = frozenset({"mlp_permuted"})
+    requires = (WEIGHTS_FLOAT, NO_ONLINE_ROTATION)
+    ensures = (WEIGHTS_FLOAT, NO_ONLINE_ROTATION)
 
     def __init__(self, permutations: dict[int, np.ndarray], method: str):
         self.permutations = permutations
@@ -21,12 +25,9 @@ class PermuteMLP(Pass):
 
     def run(self, ctx: Context) -> PassResult:
         for layer in ctx.structure.layers:
-            p = self.permutations[layer.index]
-            for lin in (layer.gate, layer.up):
-                lin.set_weight(lin.weight()[:, p])
-                if lin.bias_node is not None:
-                    lin.set_bias(lin.bias()[p])
-            layer.down.set_weight(layer.down.weight()[p, :])
+            t = Permutation(self.permutations[layer.index])
+            for fold in ctx.structure.mlp_region(layer).folds:
+                ctx.fold(fold, t)
         moved = sum(int((p != np.arange(p.size)).sum()) for p in self.permutations.values())
-        return PassResult(moved > 0, f"{self.method} permutation of the MLP intermediate "
-                                     f"({moved} channels moved over {len(self.permutations)} layers)")
+        return PassResult(f"{self.method} permutation of the MLP intermediate "
+                          f"({moved} channels moved over {len(self.permutations)} layers)")

@@ -20,14 +20,14 @@ from perq_onnx.functions import (BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN
                                  block_hadamard_quantize_function, emit_activation_qdq)
 from perq_onnx.graph import producer
 
-from .base import Context, Pass, PassResult
+from .base import ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, ONLINE_ROTATION, Context, Pass, PassResult
 
 
 class GraphEmitter:
-    """Emits the chain into a gs.Graph (the counterpart of functions.FunctionEmitter)."""
+    """Emits the chain into the graph (the counterpart of functions.FunctionEmitter)."""
 
-    def __init__(self, graph: gs.Graph, prefix: str):
-        self.graph, self.prefix = graph, prefix
+    def __init__(self, ctx: Context, prefix: str):
+        self.ctx, self.prefix = ctx, prefix
 
     def const(self, value: np.ndarray, hint: str) -> gs.Constant:
         return gs.Constant(f"{self.prefix}/{hint}", value)
@@ -35,24 +35,25 @@ class GraphEmitter:
     def op(self, op_type, inputs, hint=None, output=None, **attrs):
         hint = hint or op_type.lower()
         out = gs.Variable(output or f"{self.prefix}/{hint}_output")
-        self.graph.nodes.append(gs.Node(op_type, f"{self.prefix}/{hint}", attrs, list(inputs), [out]))
+        self.ctx.add(gs.Node(op_type, f"{self.prefix}/{hint}", attrs, list(inputs), [out]))
         return out
 
 
 class QuantizeActivations(Pass):
-    ensures = frozenset({"activations_quantized"})
+    ensures = (ACTIVATIONS_QUANTIZED,)
 
     def __init__(self, bits: int, symmetric: bool = False, fused: bool = False):
         if (bits, symmetric) not in QDQ_TYPES:
             raise PerqError(f"--a-bits {bits}: choose 4, 8 or 16 (16 = float activations)")
         self.bits, self.symmetric, self.fused = bits, symmetric, fused
+        self.requires = (ACTIVATIONS_FLOAT, ONLINE_ROTATION) if fused else (ACTIVATIONS_FLOAT,)
 
     def run(self, ctx: Context) -> PassResult:
         records = []
         for layer in ctx.structure.layers:
             for kind, linears in (("qkv", [layer.q, layer.k, layer.v]), ("o_proj", [layer.o]),
                                   ("gate_up", [layer.gate, layer.up]), ("down_proj", [layer.down])):
-                x = linears[0].input
+                x = ctx.node(linears[0].name).inputs[0]
                 prefix = f"{linears[0].name}/input_qdq"
                 rotation = producer(x)
                 if self.fused and kind == "down_proj" and rotation is not None and rotation.op == BLOCK_HADAMARD:
@@ -60,15 +61,15 @@ class QuantizeActivations(Pass):
                     records.append({"layer": layer.index, "linear": kind, "input": rotation.inputs[0].name,
                                     "output": x.name, "fused": True})
                     continue
-                y = emit_activation_qdq(GraphEmitter(ctx.graph, prefix), x, self.bits, self.symmetric,
+                y = emit_activation_qdq(GraphEmitter(ctx, prefix), x, self.bits, self.symmetric,
                                         output=f"{prefix}/output")
                 for lin in linears:
-                    lin.node.inputs[0] = y
+                    ctx.node(lin.name).inputs[0] = y
                 records.append({"layer": layer.index, "linear": kind, "input": x.name, "output": y.name})
         ctx.min_opset = max(ctx.min_opset or 0, 21)
         ctx.metadata["perq.activation_qdq"] = json.dumps(records)
         kind = "symmetric" if self.symmetric else "asymmetric"
-        return PassResult(True, f"INT{self.bits} {kind} per-token activation QDQ at {len(records)} inputs")
+        return PassResult(f"INT{self.bits} {kind} per-token activation QDQ at {len(records)} inputs")
 
     def _fuse(self, ctx: Context, node: gs.Node) -> None:
         b = node.attrs["block_size"]

@@ -11,13 +11,11 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx_graphsurgeon.ir.tensor import LazyValues
 import torch
 
 from perq_onnx.errors import PerqError
 
-from .base import Context, Pass, PassResult
+from .base import WEIGHTS_FLOAT, WEIGHTS_QUANTIZED, Context, Pass, PassResult
 
 WEIGHT_TYPES = {4: ml_dtypes.int4, 8: np.int8}
 
@@ -56,7 +54,8 @@ def quantize_weight(w: np.ndarray, bits: int, group: int | None = None):
 
 
 class QuantizeWeights(Pass):
-    ensures = frozenset({"weights_quantized"})
+    requires = (WEIGHTS_FLOAT,)
+    ensures = (WEIGHTS_QUANTIZED,)
 
     def __init__(self, bits: int, group: int | None = None):
         if bits not in WEIGHT_TYPES:
@@ -66,20 +65,17 @@ class QuantizeWeights(Pass):
     def run(self, ctx: Context) -> PassResult:
         errors = {}
         for layer in ctx.structure.layers:
-            for kind in ("q", "k", "v", "o", "gate", "up", "down"):
-                lin = getattr(layer, kind)
-                codes, scale, err = quantize_weight(lin.weight(), self.bits, self.group)
+            for kind, lin in layer.linears().items():
+                codes, scale, err = quantize_weight(ctx.weight(lin), self.bits, self.group)
                 errors[f"layers.{layer.index}.{kind}"] = err
                 name = lin.name + ".weight"
-                # packed int4 goes in as a TensorProto (gs would write one byte per element)
-                packed = numpy_helper.from_array(codes.astype(WEIGHT_TYPES[self.bits]), name + ".quantized")
-                q = gs.Constant(packed.name, LazyValues(packed))
+                q = ctx.store.constant(name + ".quantized", codes.astype(WEIGHT_TYPES[self.bits]))
                 attrs = {"axis": 1} if self.group is None else {"axis": 0, "block_size": self.group}
-                s = gs.Constant(name + ".scale", scale[0] if self.group is None else scale)
+                s = ctx.store.constant(name + ".scale", scale[0] if self.group is None else scale)
                 deq = gs.Variable(name + ".dequantized", dtype=np.float32)
-                ctx.graph.nodes.append(gs.Node("DequantizeLinear", lin.name + "/weight_dq", attrs, [q, s], [deq]))
-                lin.node.inputs[1] = deq
+                ctx.add(gs.Node("DequantizeLinear", lin.name + "/weight_dq", attrs, [q, s], [deq]))
+                ctx.node(lin.name).inputs[1] = deq
         ctx.min_opset = max(ctx.min_opset or 0, 21)
         gran = "per output channel" if self.group is None else f"per group of {self.group}"
-        return PassResult(True, f"INT{self.bits} weights ({gran}, MSE-searched scales) on {len(errors)} linears",
+        return PassResult(f"INT{self.bits} weights ({gran}, MSE-searched scales) on {len(errors)} linears",
                           {"weight_rel_error": errors})

@@ -19,13 +19,13 @@ the node's name and the reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import PerqError
-from .graph import GraphView, constant_value, producer, set_constant_input
+from .graph import GraphView, constant_shape, constant_value, producer
 
 ELEMENTWISE = {"Sigmoid", "Tanh", "Erf", "Relu", "Softplus", "Gelu", "Neg", "Exp", "Cast", "Identity",
                "HardSigmoid", "HardSwish", "Elu", "Selu", "LeakyRelu", "Mish", "Mul", "Add", "Sub", "Div", "Pow"}
@@ -44,66 +44,39 @@ class AnalysisError(PerqError):
 
 
 # ------------------------------------------------------------------------------ building blocks
+# Analysis results are frozen and name graph nodes and tensors as they were when the graph was
+# analysed; passes look the nodes up by name and never change these records.
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class Linear:
-    """A MatMul by a constant [in, out] weight, with an optional bias Add after it."""
-    node: gs.Node
-    bias_node: gs.Node | None = None
-    bias_index: int = 1
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-    def weight(self) -> np.ndarray:
-        return constant_value(self.node.inputs[1])
-
-    def set_weight(self, value: np.ndarray) -> None:
-        set_constant_input(self.node, 1, value.astype(np.float32), self.node.name + ".weight")
-
-    def bias(self) -> np.ndarray | None:
-        return None if self.bias_node is None else constant_value(self.bias_node.inputs[self.bias_index])
-
-    def set_bias(self, value: np.ndarray) -> None:
-        set_constant_input(self.bias_node, self.bias_index, value.astype(np.float32), self.node.name + ".bias")
-
-    @property
-    def input(self) -> gs.Tensor:
-        return self.node.inputs[0]
-
-    @property
-    def output(self) -> gs.Tensor:
-        return (self.bias_node or self.node).outputs[0]
+    """A MatMul by a constant [in, out] weight (input 1), with an optional bias Add after it."""
+    name: str                 # the MatMul node
+    input: str                # the tensor it read at analysis time
+    output: str               # the bias Add's output, else the MatMul's
+    in_features: int
+    out_features: int
+    bias: str | None = None   # the bias Add node
+    bias_index: int = 1       # which input of the bias Add is the bias
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.weight().shape)
+        return self.in_features, self.out_features
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class RMSNorm:
-    input: gs.Tensor
-    normalized: gs.Tensor          # x / rms(x), before gamma
-    gamma_node: gs.Node | None     # Mul(gamma, normalized); removed by the fold pass
-    nodes: set = field(default_factory=set)  # node names
-    readers: list[Linear] = field(default_factory=list)
-
-    @property
-    def output(self) -> gs.Tensor:
-        return self.gamma_node.outputs[0] if self.gamma_node is not None else self.normalized
-
-    def gamma(self) -> np.ndarray | None:
-        if self.gamma_node is None:
-            return None
-        return next(v for v in (constant_value(t) for t in self.gamma_node.inputs) if v is not None)
+    input: str                # the residual tensor it reads
+    normalized: str           # x / rms(x), before gamma
+    gamma: str | None         # the Mul(gamma, normalized) node, if any
+    nodes: frozenset[str]     # its node names
+    readers: tuple[Linear, ...] = ()
 
     @property
     def name(self) -> str:
-        return self.gamma_node.name if self.gamma_node is not None else self.normalized.name
+        return self.gamma or self.normalized
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class DecoderLayer:
     index: int
     input_norm: RMSNorm
@@ -119,43 +92,71 @@ class DecoderLayer:
 
     @property
     def num_heads(self) -> int:
-        return self.o.shape[0] // self.head_dim
+        return self.o.in_features // self.head_dim
 
     @property
     def num_kv_heads(self) -> int:
-        return self.v.shape[1] // self.head_dim
+        return self.v.out_features // self.head_dim
+
+    def linears(self) -> dict[str, Linear]:
+        return {k: getattr(self, k) for k in ("q", "k", "v", "o", "gate", "up", "down")}
 
 
-@dataclass
+@dataclass(frozen=True)
+class Fold:
+    """Where a region's transform is folded: channels [start, stop) of axis `axis` of the
+    constant at input `input` of node `node` (axis 1: the channels are produced, as weight
+    columns (and bias entries) -> W[:, s] @ T; axis 0: they are consumed, as weight rows ->
+    T^T @ W[s, :]). A fused weight (qkv, gate_up) is several slices of one initializer."""
+    node: str
+    input: int
+    axis: int
+    start: int
+    stop: int
+    bias: str | None = None
+    bias_index: int = 1
+
+
+def produced(lin: Linear, start: int = 0, stop: int | None = None) -> Fold:
+    return Fold(lin.name, 1, 1, start, lin.out_features if stop is None else stop, lin.bias, lin.bias_index)
+
+
+def consumed(lin: Linear, start: int = 0, stop: int | None = None) -> Fold:
+    return Fold(lin.name, 1, 0, start, lin.in_features if stop is None else stop)
+
+
+@dataclass(frozen=True)
 class Region:
-    """A set of channels that may be permuted or rotated without changing the function, with the
-    tensor where its statistics are collected and the weights the transform is folded into."""
+    """A set of channels that may be permuted or rotated without changing the function: the
+    tensors where its statistics are collected and the weight slices its transform folds into."""
     name: str
-    kind: str          # residual | mlp | heads
+    kind: str                  # residual | mlp | heads
     dim: int
-    points: list[str]  # tensors whose per-channel statistics describe the region
-    folds: str         # what absorbs the transform
+    stats: tuple[str, ...]     # tensors whose per-channel statistics describe the region
+    folds: tuple[Fold, ...]
+    description: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class DecoderStructure:
-    embedding: gs.Node
-    layers: list[DecoderLayer]
+    embedding: str                 # the token-embedding Gather node
+    vocab_size: int
+    layers: tuple[DecoderLayer, ...]
     final_norm: RMSNorm
     lm_head: Linear
-    writers: list[Linear]
+    writers: tuple[Linear, ...]
 
     @property
     def hidden_size(self) -> int:
-        return self.lm_head.shape[0]
+        return self.lm_head.in_features
 
     @property
     def intermediate_size(self) -> int:
-        return self.layers[0].down.shape[0]
+        return self.layers[0].down.in_features
 
     @property
-    def vocab_size(self) -> int:
-        return constant_value(self.embedding.inputs[0]).shape[0]
+    def head_dim(self) -> int:
+        return self.layers[0].head_dim
 
     @property
     def norms(self) -> list[RMSNorm]:
@@ -164,21 +165,29 @@ class DecoderStructure:
     def readers(self) -> list[Linear]:
         return [r for norm in self.norms for r in norm.readers]
 
+    def residual_region(self) -> Region:
+        folds = (Fold(self.embedding, 0, 1, 0, self.hidden_size),) + \
+            tuple(produced(w) for w in self.writers) + tuple(consumed(r) for r in self.readers())
+        return Region("residual", "residual", self.hidden_size,
+                      tuple(n.normalized for layer in self.layers for n in (layer.input_norm, layer.post_norm)),
+                      folds, f"embedding, {len(self.writers)} writers (o_proj, down_proj), "
+                             f"{len(self.readers())} readers incl. lm_head")
+
+    def mlp_region(self, layer: DecoderLayer) -> Region:
+        return Region(f"layers.{layer.index}.mlp", "mlp", layer.down.in_features, (layer.down.input,),
+                      (produced(layer.gate), produced(layer.up), consumed(layer.down)),
+                      f"{layer.gate.name} / {layer.up.name} output columns, {layer.down.name} input rows")
+
+    def heads_region(self, layer: DecoderLayer) -> Region:
+        return Region(f"layers.{layer.index}.heads", "heads", layer.v.out_features, (layer.v.output,),
+                      (produced(layer.v), consumed(layer.o)),
+                      f"{layer.num_kv_heads} kv heads x {layer.head_dim} ({layer.num_heads} query heads): "
+                      f"{layer.v.name} output columns, {layer.o.name} input rows")
+
     def regions(self) -> list[Region]:
-        d = self.hidden_size
-        regions = [Region(
-            "residual", "residual", d,
-            [n.normalized.name for layer in self.layers for n in (layer.input_norm, layer.post_norm)],
-            f"embedding, {len(self.writers)} writers (o_proj, down_proj), {len(self.readers())} readers incl. lm_head",
-        )]
+        regions = [self.residual_region()]
         for layer in self.layers:
-            regions.append(Region(
-                f"layers.{layer.index}.mlp", "mlp", layer.down.shape[0], [layer.down.input.name],
-                f"{layer.gate.name} / {layer.up.name} output columns, {layer.down.name} input rows"))
-            regions.append(Region(
-                f"layers.{layer.index}.heads", "heads", layer.v.shape[1], [layer.v.output.name],
-                f"{layer.num_kv_heads} kv heads x {layer.head_dim} ({layer.num_heads} query heads): "
-                f"{layer.v.name} output columns, {layer.o.name} input rows"))
+            regions += [self.mlp_region(layer), self.heads_region(layer)]
         return regions
 
 
@@ -204,17 +213,18 @@ def as_linear(node: gs.Node) -> Linear | None:
     """node as a Linear when it is a MatMul by a constant 2-D weight (bias Add included)."""
     if node.op != "MatMul":
         return None
-    w = constant_value(node.inputs[1])
-    if w is None or w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
+    w = constant_shape(node.inputs[1])
+    if w is None or len(w[0]) != 2 or not np.issubdtype(w[1], np.floating):
         return None
-    lin = Linear(node)
-    outs = [c for c in node.outputs[0].outputs if c.op != "Shape"]
+    out = node.outputs[0]
+    lin = Linear(node.name, node.inputs[0].name, out.name, *w[0])
+    outs = [c for c in out.outputs if c.op != "Shape"]
     if len(outs) == 1 and outs[0].op == "Add":
         add = outs[0]
-        idx = 0 if add.inputs[1] is node.outputs[0] else 1
-        b = constant_value(add.inputs[idx])
-        if b is not None and b.shape == (w.shape[1],):
-            lin.bias_node, lin.bias_index = add, idx
+        idx = 0 if add.inputs[1] is out else 1
+        b = constant_shape(add.inputs[idx])
+        if b is not None and b[0] == (w[0][1],):
+            lin = replace(lin, output=add.outputs[0].name, bias=add.name, bias_index=idx)
     return lin
 
 
@@ -227,11 +237,25 @@ def _linear_producing(tensor) -> Linear | None:
             p = producer(t)
             if p is not None and p.op == "MatMul":
                 lin = as_linear(p)
-                if lin is not None and lin.bias_node is node:
+                if lin is not None and lin.bias == node.name:
                     return lin
         return None
     lin = as_linear(node)
-    return lin if lin is not None and lin.bias_node is None else None
+    return lin if lin is not None and lin.bias is None else None
+
+
+def _check_last_axis_mean(mean: gs.Node, x: gs.Tensor) -> None:
+    """An RMSNorm's ReduceMean must average over the last (hidden) axis only, keeping it."""
+    axes = mean.attrs.get("axes")
+    if axes is None and len(mean.inputs) > 1:
+        value = constant_value(mean.inputs[1])
+        axes = None if value is None else [int(a) for a in value.reshape(-1)]
+    rank = len(x.shape) if x.shape is not None else None
+    last = axes is not None and len(axes) == 1 and (axes[0] == -1 or (rank is not None and axes[0] == rank - 1))
+    if not last:
+        raise AnalysisError(mean, f"ReduceMean over axes {axes} in an RMSNorm; only the last (hidden) axis is supported")
+    if mean.attrs.get("keepdims", 1) != 1:
+        raise AnalysisError(mean, "ReduceMean with keepdims=0 in an RMSNorm is not supported")
 
 
 def match_rmsnorm(x: gs.Tensor) -> RMSNorm:
@@ -244,6 +268,7 @@ def match_rmsnorm(x: gs.Tensor) -> RMSNorm:
     mean = _single(sq.outputs[0].outputs, sq, "ReduceMean after the square")
     if mean.op != "ReduceMean":
         raise AnalysisError(mean, "expected ReduceMean over the hidden axis in an RMSNorm")
+    _check_last_axis_mean(mean, x)
     add = _single(mean.outputs[0].outputs, mean, "epsilon Add")
     sqrt = _single(add.outputs[0].outputs, add, "Sqrt")
     if add.op != "Add" or _scalar(_other(add, mean.outputs[0])) is None or sqrt.op != "Sqrt":
@@ -272,20 +297,23 @@ def match_rmsnorm(x: gs.Tensor) -> RMSNorm:
         if g is not None and g.ndim == 1:
             gamma = nxt[0]
             nodes.add(gamma.name)
-    return RMSNorm(x, normalized, gamma, nodes)
+    output = gamma.outputs[0] if gamma is not None else normalized
+    changed = {normalize.outputs[0].name, normalized.name, output.name}
+    return RMSNorm(x.name, normalized.name, gamma.name if gamma else None, frozenset(nodes),
+                   _readers_of(output, gamma.name if gamma else normalized.name)), changed
 
 
-def _readers_of(norm: RMSNorm) -> list[Linear]:
+def _readers_of(output: gs.Tensor, norm_name: str) -> tuple[Linear, ...]:
     readers = []
-    for c in norm.output.outputs:
+    for c in output.outputs:
         if c.op == "Shape":
             continue
         lin = as_linear(c)
-        if lin is None or c.inputs[0] is not norm.output:
-            raise AnalysisError(c, f"reads the output of RMSNorm '{norm.name}' but is not a linear layer "
+        if lin is None or c.inputs[0] is not output:
+            raise AnalysisError(c, f"reads the output of RMSNorm '{norm_name}' but is not a linear layer "
                                    "(MatMul by a constant weight)")
         readers.append(lin)
-    return readers
+    return tuple(readers)
 
 
 def _find_embedding(graph: gs.Graph) -> gs.Node:
@@ -300,8 +328,8 @@ def _find_embedding(graph: gs.Graph) -> gs.Node:
     found = []
     for node in graph.nodes:
         if node.op == "Gather" and node.attrs.get("axis", 0) == 0:
-            table = constant_value(node.inputs[0])
-            if table is not None and table.ndim == 2 and np.issubdtype(table.dtype, np.floating) \
+            table = constant_shape(node.inputs[0])
+            if table is not None and len(table[0]) == 2 and np.issubdtype(table[1], np.floating) \
                     and from_input(node.inputs[1]):
                 found.append(node)
     if len(found) != 1:
@@ -312,11 +340,12 @@ def _find_embedding(graph: gs.Graph) -> gs.Node:
 
 
 def _follow_residual(graph: gs.Graph, embedding: gs.Node):
-    """Walk the residual stream; return its norms (topological order) and writers."""
+    """Walk the residual stream; return its norms (in stream order), writers and the tensors
+    inside the norms that a rotation changes."""
     outputs = {t.name for t in graph.outputs}
     stream = [embedding.outputs[0]]
     seen = {stream[0].name}
-    norms, writers, claimed = [], [], set()
+    norms, writers, claimed, changed = [], [], set(), set()
 
     def push(t):
         if t.name in outputs:
@@ -340,48 +369,52 @@ def _follow_residual(graph: gs.Graph, embedding: gs.Node):
                 push(c.outputs[0])
             elif c.op in ("Pow", "Mul", "Div"):
                 if norm is None:  # its other nodes reading t are claimed and skipped
-                    norm = match_rmsnorm(t)
+                    norm, inside = match_rmsnorm(t)
                     norms.append(norm)
                     claimed |= norm.nodes
+                    changed |= inside
                 if c.name not in norm.nodes:
                     raise AnalysisError(c, "reads the residual stream but is not part of an RMSNorm")
             else:
                 raise AnalysisError(c, f"{c.op} reads the residual stream; only residual Adds of a linear "
                                        "layer's output, RMSNorms and Casts are supported")
-    return norms, writers
+    return norms, writers, changed
 
 
-def _mlp(view: GraphView, layer_index: int, readers: list[Linear], writers: list[Linear]):
+def _mlp(view: GraphView, layer_index: int, readers: tuple[Linear, ...], writers: list[Linear]):
+    """(gate, up, down, tensors of the MLP intermediate)."""
     if len(readers) != 2:
-        raise AnalysisError(readers[0].node if readers else f"layers.{layer_index}",
+        raise AnalysisError(readers[0].name if readers else f"layers.{layer_index}",
                             f"the MLP norm of layer {layer_index} has {len(readers)} readers; expected gate and up")
+    node = view.by_name
     # down_proj: the first writer (in data-flow order) that both gate and up reach
-    reach = view.descendants(readers[0].node) & view.descendants(readers[1].node)
-    downs = sorted((w for w in writers if w.node.name in reach), key=lambda w: view.order[w.node.name])
+    reach = view.descendants(node[readers[0].name]) & view.descendants(node[readers[1].name])
+    downs = sorted((w for w in writers if w.name in reach), key=lambda w: view.order[w.name])
     if not downs:
-        raise AnalysisError(readers[0].node, f"layer {layer_index}: gate and up do not reach a common down_proj")
+        raise AnalysisError(readers[0].name, f"layer {layer_index}: gate and up do not reach a common down_proj")
     down = downs[0]
     region = set()
     for r in readers:
-        region |= {n.name for n in view.between(r.node, down.node)}
-    inside = region | {down.node.name} | {r.node.name for r in readers} | \
-        {r.bias_node.name for r in readers if r.bias_node is not None}
+        region |= {n.name for n in view.between(node[r.name], node[down.name])}
+    inside = region | {down.name} | {r.name for r in readers} | {r.bias for r in readers if r.bias is not None}
+    changed = {t.name for r in readers for t in node[r.name].outputs} | {r.output for r in readers}
     for name in region:
-        node = view.by_name[name]
-        if node.op not in ELEMENTWISE:
-            raise AnalysisError(node, f"{node.op} inside the MLP of layer {layer_index} is not element-wise")
-        for t in node.inputs:
+        n = node[name]
+        if n.op not in ELEMENTWISE:
+            raise AnalysisError(n, f"{n.op} inside the MLP of layer {layer_index} is not element-wise")
+        for t in n.inputs:
             if producer(t) is None or producer(t).name in inside:
                 continue
-            if (v := constant_value(t)) is None or v.size != 1:
-                raise AnalysisError(node, "mixes a tensor from outside the MLP into the permuted channels")
-        for t in node.outputs:
+            if (v := constant_shape(t)) is None or int(np.prod(v[0])) != 1:
+                raise AnalysisError(n, "mixes a tensor from outside the MLP into the permuted channels")
+        for t in n.outputs:
+            changed.add(t.name)
             if any(c.name not in inside and c.op != "Shape" for c in t.outputs):
-                raise AnalysisError(node, "an MLP intermediate tensor is read outside the MLP")
-    gate = next((r for r in readers if any(view.by_name[n].op in NONLINEAR
-                                          for n in view.descendants(r.node) & region)), readers[0])
+                raise AnalysisError(n, "an MLP intermediate tensor is read outside the MLP")
+    gate = next((r for r in readers if any(node[n].op in NONLINEAR
+                                          for n in view.descendants(node[r.name]) & region)), readers[0])
     up = readers[1] if gate is readers[0] else readers[0]
-    return gate, up, down
+    return gate, up, down, changed
 
 
 def _static_last_dim(shape_tensor) -> int | None:
@@ -403,16 +436,17 @@ def _softmax_behind(tensor, depth: int = 4) -> bool:
     if node.op == "Softmax":
         return True
     return node.op in ("Where", "Cast", "Identity", "Dropout") and any(
-        _softmax_behind(t, depth - 1) for t in node.inputs if constant_value(t) is None)
+        _softmax_behind(t, depth - 1) for t in node.inputs if constant_shape(t) is None)
 
 
-def _value_path(v: Linear):
+def _value_path(view: GraphView, v: Linear):
     """Follow v_proj's output through head-layout ops (Reshape, Transpose, Concat with the past
     values, Unsqueeze/Expand for grouped-query heads); return (probabilities @ V MatMul, head
-    size, None) when it reaches the value input of one, else (None, None, blocking node).
-    Shape computations are not data and are skipped."""
+    size, tensors on the path, None) when it reaches the value input of one, else
+    (None, None, None, blocking node). Shape computations are not data and are skipped."""
     head_dim, pv = None, None
-    frontier, seen = [v.output], set()
+    frontier, seen = [view.tensor(v.output)], set()
+    path = {v.output}
     while frontier:
         t = frontier.pop()
         for node in t.outputs:
@@ -422,63 +456,80 @@ def _value_path(v: Linear):
                 pv = node
                 continue
             if node.op not in HEAD_LAYOUT or (node.op != "Concat" and node.inputs[0] is not t) \
-                    or (node.op == "Add" and node is not v.bias_node):
-                return None, None, node
+                    or (node.op == "Add" and node.name != v.bias):
+                return None, None, None, node
             seen.add(node.name)
             if node.op == "Reshape" and head_dim is None:
                 head_dim = _static_last_dim(node.inputs[1])
             frontier.extend(node.outputs)
-    return pv, head_dim, None
+            path |= {o.name for o in node.outputs}
+    return pv, head_dim, path, None
 
 
-def _attention(view: GraphView, layer_index: int, readers: list[Linear], writers: list[Linear]):
+def _attention(view: GraphView, layer_index: int, readers: tuple[Linear, ...], writers: list[Linear]):
+    """(q, k, v, o, head size, tensors between v_proj and o_proj)."""
     if len(readers) != 3:
-        raise AnalysisError(readers[0].node if readers else f"layers.{layer_index}",
+        raise AnalysisError(readers[0].name if readers else f"layers.{layer_index}",
                             f"the attention norm of layer {layer_index} has {len(readers)} readers; expected q, k, v")
     found, blocked = [], []
     for reader in readers:
-        pv, head_dim, blocking = _value_path(reader)
+        pv, head_dim, path, blocking = _value_path(view, reader)
         if pv is not None:
-            found.append((reader, pv, head_dim))
+            found.append((reader, pv, head_dim, path))
         elif blocking is not None:
             blocked.append(blocking)
     if len(found) != 1:
-        node = blocked[0] if blocked else readers[0].node
+        node = blocked[0] if blocked else readers[0].name
         raise AnalysisError(node, f"layer {layer_index}: expected exactly one of q/k/v to reach softmax @ V through "
                                   f"layout ops only (per-head rotation needs that), found {len(found)}")
-    v, pv, head_dim = found[0]
-    o = next((w for w in writers if w.node.name in view.descendants(pv)
-              and all(n.op in ("Transpose", "Reshape", "Identity", "Cast") for n in view.between(pv, w.node))), None)
+    v, pv, head_dim, path = found[0]
+    o = next((w for w in writers if w.name in view.descendants(pv)
+              and all(n.op in ("Transpose", "Reshape", "Identity", "Cast")
+                      for n in view.between(pv, view.by_name[w.name]))), None)
     if o is None:
         raise AnalysisError(pv, f"layer {layer_index}: softmax @ V does not reach o_proj through Transpose/Reshape")
-    if not head_dim or v.shape[1] % head_dim or o.shape[0] % head_dim:
-        raise AnalysisError(v.node, f"layer {layer_index}: cannot read a head size from the Reshape after v_proj")
+    if not head_dim or v.out_features % head_dim or o.in_features % head_dim:
+        raise AnalysisError(v.name, f"layer {layer_index}: cannot read a head size from the Reshape after v_proj")
+    path |= {t.name for n in view.between(pv, view.by_name[o.name]) for t in n.outputs} | {pv.outputs[0].name}
     q, k = [r for r in readers if r is not v]
-    return q, k, v, o, head_dim
+    return q, k, v, o, head_dim, path
+
+
+def _refuse_changed_outputs(graph: gs.Graph, changed: set[str], value_caches: set[str]) -> None:
+    """A tensor the rewrite changes must not be a graph output -- except the value cache
+    (present.*.value), which is stored in the R2-rotated basis and read back by the same model."""
+    for t in graph.outputs:
+        if t.name in changed and t.name not in value_caches:
+            node = producer(t)
+            raise AnalysisError(node.name if node else t.name,
+                                f"its output '{t.name}' is a graph output that the rewrite would change")
 
 
 def analyze(graph: gs.Graph) -> DecoderStructure:
     """Recognise the decoder structure of graph or raise AnalysisError / PerqError."""
     view = GraphView(graph)
     embedding = _find_embedding(graph)
-    norms, writers = _follow_residual(graph, embedding)
+    norms, writers, changed = _follow_residual(graph, embedding)
     norms.sort(key=lambda n: min(view.order[name] for name in n.nodes))
-    for norm in norms:
-        norm.readers = _readers_of(norm)
     if len(norms) < 3 or len(norms) % 2 == 0:
         raise PerqError(f"no decoder layers found: {len(norms)} RMSNorms read the residual stream; expected "
                         "two per layer plus a final one")
     final = norms[-1]
     if len(final.readers) != 1:
         raise AnalysisError(final.name, f"the final norm has {len(final.readers)} readers; expected lm_head alone")
-    layers = []
+    layers, value_caches = [], set()
     for i in range(len(norms) // 2):
         attn_norm, mlp_norm = norms[2 * i], norms[2 * i + 1]
-        q, k, v, o, head_dim = _attention(view, i, attn_norm.readers, writers)
-        gate, up, down = _mlp(view, i, mlp_norm.readers, writers)
+        q, k, v, o, head_dim, value_path = _attention(view, i, attn_norm.readers, writers)
+        gate, up, down, intermediate = _mlp(view, i, mlp_norm.readers, writers)
         layers.append(DecoderLayer(i, attn_norm, mlp_norm, q, k, v, o, gate, up, down, head_dim))
-    used = {w.node.name for layer in layers for w in (layer.o, layer.down)}
-    extra = [w for w in writers if w.node.name not in used]
+        changed |= value_path | intermediate
+        value_caches |= {t for t in value_path if view.tensor(t).inputs and view.tensor(t).inputs[0].op == "Concat"}
+    used = {w.name for layer in layers for w in (layer.o, layer.down)}
+    extra = [w for w in writers if w.name not in used]
     if extra:
-        raise AnalysisError(extra[0].node, "writes to the residual stream but is neither o_proj nor down_proj")
-    return DecoderStructure(embedding, layers, final, final.readers[0], writers)
+        raise AnalysisError(extra[0].name, "writes to the residual stream but is neither o_proj nor down_proj")
+    changed |= {t.name for w in writers for t in view.by_name[w.name].outputs} | {w.output for w in writers}
+    _refuse_changed_outputs(graph, changed, value_caches)
+    vocab = constant_shape(embedding.inputs[0])[0][0]
+    return DecoderStructure(embedding.name, vocab, tuple(layers), final, final.readers[0], tuple(writers))

@@ -50,10 +50,10 @@ def windows(tokens: np.ndarray, seq_len: int, count: int | None, what: str) -> n
     return tokens[: n * seq_len].reshape(n, seq_len)
 
 
-def generate(model: onnx.ModelProto, count: int, seq_len: int, seed: int = 0, threads=None) -> np.ndarray:
+def generate(model_path, count: int, seq_len: int, seed: int = 0, threads=None) -> np.ndarray:
     """Data-free calibration: `count` sequences sampled from the model itself, all in one batch,
     starting from random tokens of a seeded generator."""
-    sess = session(model, threads)
+    sess = session(model_path, threads)
     rng = np.random.default_rng(seed)
     vocab = logits(sess, np.zeros((1, 1), np.int64)).shape[-1]
     ids = rng.integers(0, vocab, size=(count, 1))
@@ -66,21 +66,60 @@ def generate(model: onnx.ModelProto, count: int, seq_len: int, seed: int = 0, th
     return ids
 
 
-def channel_means(model: onnx.ModelProto, tensors: list[str], batches: np.ndarray, threads=None) -> dict[str, np.ndarray]:
-    """Mean |x| per channel (last axis) of each named tensor over all tokens of `batches`."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    known = {o.name for o in probe.graph.output}
+STATISTICS = ("mean_abs", "absmax", "xtx")
+
+
+def _accumulate(kind: str, acc, x: np.ndarray):
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    if kind == "mean_abs":
+        return (0.0 if acc is None else acc) + np.abs(x).sum(axis=0)
+    if kind == "absmax":
+        m = np.abs(x).max(axis=0)
+        return m if acc is None else np.maximum(acc, m)
+    return (0.0 if acc is None else acc) + x.T @ x
+
+
+class Calibrator:
+    """Runs the model *as rewritten so far* with onnxruntime over the calibration batches and
+    collects named per-channel statistics of chosen tensors, one batch at a time:
+
+    * ``mean_abs``: mean |x| per channel (what the permutations read),
+    * ``absmax``: max |x| per channel (static activation scales),
+    * ``xtx``: X^T X over all tokens (the Hessian of a linear layer's output error; GPTQ).
+
+    Memory: onnxruntime's copy of the model plus one batch's activations and the accumulators.
+    """
+
+    def __init__(self, batches: np.ndarray, threads: int | None = None, progress: bool = True):
+        self.batches = batches
+        self.threads = threads
+        self.progress = progress
+
+    @property
+    def tokens(self) -> int:
+        return int(self.batches.size)
+
+    def collect(self, session_path, requests: dict[str, str]) -> dict[str, np.ndarray]:
+        """requests: tensor name -> statistic; returns tensor name -> value. session_path is a
+        model file in which every requested tensor is a graph output."""
+        for kind in set(requests.values()):
+            if kind not in STATISTICS:
+                raise ValueError(f"unknown statistic {kind!r}")
+        sess = session(session_path, self.threads)
+        names = list(requests)
+        acc: dict[str, np.ndarray] = {}
+        for ids in tqdm(self.batches, desc="calibration", unit="seq", leave=False, disable=not self.progress):
+            outs = sess.run(names, make_feeds(sess, ids[None, :]))
+            for name, x in zip(names, outs):
+                acc[name] = _accumulate(requests[name], acc.get(name), x)
+        del sess
+        return {name: value / self.tokens if requests[name] == "mean_abs" else value for name, value in acc.items()}
+
+
+def with_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
+    """model with the named tensors added as graph outputs (in place; returned for chaining)."""
+    known = {o.name for o in model.graph.output}
     for name in tensors:
         if name not in known:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    sess = session(probe, threads)
-    sums: dict[str, np.ndarray] = {}
-    count = 0
-    for ids in tqdm(batches, desc="calibration", unit="seq", leave=False):
-        outs = sess.run(tensors, make_feeds(sess, ids[None, :]))
-        for name, x in zip(tensors, outs):
-            x = np.abs(x.astype(np.float64)).reshape(-1, x.shape[-1])
-            sums[name] = sums.get(name, 0.0) + x.sum(axis=0)
-        count += len(ids)
-    return {name: s / count for name, s in sums.items()}
+            model.graph.output.append(onnx.ValueInfoProto(name=name))  # type left to onnxruntime
+    return model

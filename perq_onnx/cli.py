@@ -6,7 +6,7 @@ import os
 import pathlib
 import sys
 
-from .errors import PerqError
+from .errors import InternalError, PerqError
 
 
 def _model(arg: str) -> pathlib.Path:
@@ -21,28 +21,40 @@ def _add_calibration_args(p):
     p.add_argument("--seq-len", type=int, help="calibration sequence length (default 512 from text, 128 data-free)")
 
 
+def settings_from(args):
+    from .settings import OnlineRotation, Permute, ResidualRotation, Settings, TargetName
+    return Settings(
+        online=OnlineRotation.parse(args.block), permute=Permute(args.permute),
+        residual_rotation=ResidualRotation(args.residual_rotation), residual_block=args.residual_block,
+        head_rotation=not args.no_head_rotation, quantize=not args.no_quant, target=TargetName(args.target),
+        w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_symmetric=args.a_symmetric,
+        fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
+        calib_data=args.calib_data, tokenizer=args.tokenizer, calib_samples=args.calib_samples,
+        seq_len=args.seq_len, threads=args.threads).validate()
+
+
 def cmd_optimize(args) -> int:
-    from .pipeline import Options, optimize
-    options = Options(
-        block=args.block, permute=args.permute, residual_rotation=args.residual_rotation,
-        residual_block=args.residual_block, head_rotation=not args.no_head_rotation,
-        quantize=not args.no_quant, w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits,
-        a_symmetric=args.a_symmetric, fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal,
-        seed=args.seed, calib_data=args.calib_data, tokenizer=args.tokenizer,
-        calib_samples=args.calib_samples, seq_len=args.seq_len, threads=args.threads)
-    report = optimize(_model(args.model), args.output, options)
+    import json
+    from .pipeline import optimize
+    settings = settings_from(args)
+    report = optimize(_model(args.model), args.output, settings)
     for line in report.summaries:
         print(f"  {line}")
-    size = pathlib.Path(args.output).stat().st_size / 2**20
-    print(f"wrote {args.output} ({size:.1f} MiB) in {report.seconds:.1f} s")
+    for phase in report.phases:
+        print(f"  phase {phase.name:<10} {phase.seconds:7.1f} s, peak RSS {phase.peak_rss_bytes / 2**20:8.0f} MiB")
+    size = sum(p.stat().st_size for p in (pathlib.Path(args.output), pathlib.Path(args.output + ".data"))
+               if p.is_file())
+    print(f"wrote {args.output} ({size / 2**20:.1f} MiB) in {report.seconds:.1f} s")
+    if args.report:
+        pathlib.Path(args.report).write_text(json.dumps(report.to_json(), indent=1))
     return 0
 
 
 def cmd_inspect(args) -> int:
     from .analysis import AnalysisError, analyze
-    from .graph import import_graph, load_model
+    from .graph import load_graph
     path = _model(args.model)
-    graph = import_graph(load_model(path))
+    graph = load_graph(path)
     try:
         structure = analyze(graph)
     except AnalysisError as exc:
@@ -54,9 +66,9 @@ def cmd_inspect(args) -> int:
           f"vocab {s.vocab_size}, heads {layer.num_heads} (kv {layer.num_kv_heads}) x {layer.head_dim}")
     print("permutation-equivariant regions:")
     for r in s.regions():
-        print(f"  {r.name:<20} {r.kind:<8} dim {r.dim:<6} statistics at {r.points[0]}"
-              + (f" (+{len(r.points) - 1} more)" if len(r.points) > 1 else ""))
-        print(f"  {'':<20} folds into: {r.folds}")
+        print(f"  {r.name:<20} {r.kind:<8} dim {r.dim:<6} statistics at {r.stats[0]}"
+              + (f" (+{len(r.stats) - 1} more)" if len(r.stats) > 1 else ""))
+        print(f"  {'':<20} folds into: {r.description}")
     return 0
 
 
@@ -88,6 +100,7 @@ def cmd_build_ops(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .settings import Permute, ResidualRotation, TargetName
     p = argparse.ArgumentParser(prog="perq-onnx", description="PeRQ low-bit quantization of ONNX decoder LLMs")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     sub = p.add_subparsers(dest="command", required=True)
@@ -97,8 +110,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--output", required=True, help="output ONNX file (written atomically)")
     o.add_argument("--block", default="16", help="online rotation at down_proj: block size (power of two), "
                                                   "'full' (full-vector) or 'none' (default 16)")
-    o.add_argument("--permute", default="massdiff", choices=["massdiff", "zigzag", "random", "none"])
-    o.add_argument("--residual-rotation", default="full", choices=["full", "block", "none"])
+    o.add_argument("--permute", default="massdiff", choices=Permute.values())
+    o.add_argument("--residual-rotation", default="full", choices=ResidualRotation.values())
     o.add_argument("--residual-block", type=int, help="block size of --residual-rotation block (default --block)")
     o.add_argument("--no-head-rotation", action="store_true", help="skip the per-head v/o rotation (R2)")
     o.add_argument("--no-quant", action="store_true", help="emit the rotated and permuted float model")
@@ -109,7 +122,10 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--fused-ops", action="store_true", help="emit perq.BlockHadamardQuantize (rotation + activation QDQ)")
     o.add_argument("--random-orthogonal", action="store_true",
                    help="use a seeded random orthogonal matrix where no Hadamard construction exists")
+    o.add_argument("--target", default="simulate", choices=TargetName.values(),
+                   help="output form (default simulate: the research W/A fake-quantization form)")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--report", help="write a JSON report (pass summaries, phase times and peak memory) here")
     _add_calibration_args(o)
     o.set_defaults(func=cmd_optimize)
 
@@ -146,6 +162,11 @@ def main(argv=None) -> int:
     except PerqError as exc:
         print(f"perq-onnx: error: {exc}", file=sys.stderr)
         return 2
+    except InternalError as exc:
+        if os.environ.get("PERQ_DEBUG"):
+            raise
+        print(f"perq-onnx: internal error (a bug in perq-onnx): {exc}", file=sys.stderr)
+        return 3
     except BrokenPipeError:  # output piped into head & co.
         return 0
     except KeyboardInterrupt:

@@ -1,14 +1,13 @@
-"""Loading, editing helpers and atomic saving of ONNX models (onnx-graphsurgeon graphs).
+"""Loading and exporting ONNX models as onnx-graphsurgeon graphs whose weights stay on disk.
 
 Weights are read through Identity / Transpose chains (optimum shares identical initializers
 through Identity nodes); every write gives the consuming node a fresh constant of its own, so a
-shared initializer is never changed behind another reader's back.
+shared initializer is never changed behind another reader's back. Weight bytes are handled by
+``weights`` (memory-mapped reads, streamed writes); this module never loads them all.
 """
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import networkx as nx
 import numpy as np
@@ -17,31 +16,34 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from .errors import PerqError
+from .weights import map_external, read
 
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes; protobuf files cannot exceed 2 GB
 
-
-def load_model(path) -> onnx.ModelProto:
-    """Read an ONNX file (external data included) or raise a one-line PerqError."""
+def load_graph(path) -> gs.Graph:
+    """Import an ONNX file without loading its external data (mapped lazily instead), or raise
+    a one-line PerqError."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise PerqError(f"{path}: no such file")
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PerqError(f"{path}: not a readable ONNX model ({reason})") from None
     if not model.graph.node:
         raise PerqError(f"{path}: not an ONNX model (no graph nodes; truncated or another file type?)")
-    return model
+    graph = gs.import_onnx(model)
+    graph.ir_version = model.ir_version
+    graph.metadata = {p.key: p.value for p in model.metadata_props}
+    map_external(graph, path.parent)
+    return graph
 
 
-def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
-
-
-def export_model(graph: gs.Graph, functions=(), min_opset: int | None = None) -> onnx.ModelProto:
-    """Export a graph, attaching model-local functions and raising the default opset if asked."""
+def export_structure(graph: gs.Graph, functions=(), min_opset: int | None = None,
+                     metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """The graph as a ModelProto whose initializers still point where their bytes live (see
+    weights.WeightStore.write_model), with model-local functions, a raised default opset and
+    metadata."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     if min_opset is not None:
@@ -52,30 +54,13 @@ def export_model(graph: gs.Graph, functions=(), min_opset: int | None = None) ->
         model.functions.append(fn)
         if not any(o.domain == fn.domain for o in model.opset_import):
             model.opset_import.append(onnx.helper.make_opsetid(fn.domain, 1))
+    model.ir_version = getattr(graph, "ir_version", model.ir_version)
     if min_opset and min_opset >= 21:  # int4 types need IR version 10
         model.ir_version = max(model.ir_version, 10)
+    for key, value in {**getattr(graph, "metadata", {}), **(metadata or {})}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
     return model
-
-
-def save_model(model: onnx.ModelProto, path) -> None:
-    """Write atomically: into a temporary file next to the target, then rename. Models over
-    ~1.8 GB get their tensors in '<name>.data' beside the file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    except ValueError:  # over protobuf's limit
-        large = True
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
-        tmp_model = pathlib.Path(tmp) / path.name
-        if large:
-            data_name = path.name + ".data"
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            os.replace(pathlib.Path(tmp) / data_name, path.parent / data_name)
-        else:
-            onnx.save_model(model, str(tmp_model))
-        os.replace(tmp_model, path)
 
 
 # ---------------------------------------------------------------------------------- graph view
@@ -103,6 +88,10 @@ class GraphView:
                         continue
                     self.digraph.add_edge(node.name, consumer.name)
         self.order = {name: i for i, name in enumerate(nx.topological_sort(self.digraph))}
+        self.tensors = graph.tensors()
+
+    def tensor(self, name: str) -> gs.Tensor:
+        return self.tensors[name]
 
     def descendants(self, node: gs.Node) -> set[str]:
         return nx.descendants(self.digraph, node.name)
@@ -124,13 +113,13 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of a tensor that is constant: an initializer, a Constant node's output, or an
     Identity / 2-D Transpose of one. None otherwise."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values)
+        return read(tensor)
     node = producer(tensor)
     if node is None:
         return None
     if node.op == "Constant":
         value = node.attrs.get("value")
-        return np.asarray(value.values) if isinstance(value, gs.Constant) else None
+        return read(value) if isinstance(value, gs.Constant) else None
     if node.op == "Identity":
         return constant_value(node.inputs[0])
     if node.op == "Transpose":
@@ -141,23 +130,33 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
-_unique = {"n": 0}
+def constant_shape(tensor: gs.Tensor) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of a constant tensor (as constant_value sees it) without reading it."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(tensor.shape), np.dtype(tensor.dtype)
+    node = producer(tensor)
+    if node is None:
+        return None
+    if node.op == "Constant":
+        value = node.attrs.get("value")
+        return (tuple(value.shape), np.dtype(value.dtype)) if isinstance(value, gs.Constant) else None
+    if node.op == "Identity":
+        return constant_shape(node.inputs[0])
+    if node.op == "Transpose":
+        inner = constant_shape(node.inputs[0])
+        if inner is not None and len(inner[0]) == 2 and node.attrs.get("perm") in (None, [1, 0]):
+            return inner[0][::-1], inner[1]
+    return None
 
 
-def set_constant_input(node: gs.Node, index: int, value: np.ndarray, name: str) -> gs.Constant:
-    """Give node.inputs[index] a new constant of its own (un-sharing whatever was there)."""
-    _unique["n"] += 1
-    const = gs.Constant(f"{name}.perq{_unique['n']}", np.ascontiguousarray(value))
-    node.inputs[index] = const
-    return const
-
-
-def bypass(node: gs.Node, keep_input: gs.Tensor) -> None:
+def bypass(graph: gs.Graph, node: gs.Node, keep_input: gs.Tensor) -> None:
     """Remove a single-output node by rewiring its consumers to keep_input (its output must not be
-    a graph output; RMSNorm outputs never are)."""
+    a graph output: analysis refuses those)."""
     out = node.outputs[0]
     for consumer in list(out.outputs):
         for i, t in enumerate(consumer.inputs):
             if t is out:
                 consumer.inputs[i] = keep_input
     node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.remove(node)

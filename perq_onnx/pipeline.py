@@ -1,59 +1,51 @@
-"""The PeRQ pipeline: analyse, calibrate, then run the graph passes in order.
+"""The PeRQ compiler, top to bottom:
 
-    load -> analyse (regions) -> calibrate (channel |x| means, original model)
-         -> fold gammas -> R1 residual rotation -> R2 head rotation
-         -> P3 MLP permutation -> R3 online rotation -> INT weights -> INT activations -> save
+    load       the graph, weights left on disk (weights.py)
+    analyze    decoder structure and permutation-equivariant regions (analysis.py)
+    calibrate  channel statistics of the input model, when a permutation needs them (calibration.py)
+    plan       every rotation and permutation, validated against the structure (plan.py)
+    apply      the float rewrites as passes with checked contracts (passes/):
+               fold gammas -> R1 residual -> R2 heads -> P3 MLP permutation -> R3 online rotation
+    lower      the target's quantization passes and op form (targets.py)
+    save       streamed to a staging directory, checked (onnx.checker, onnxruntime), renamed
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
 import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
-from tqdm import tqdm
+import onnx
 
-from . import calibration, permutation
+from . import calibration
 from .analysis import DecoderStructure, analyze
+from .calibration import Calibrator, with_outputs
 from .errors import PerqError
-from .graph import export_model, import_graph, load_model, save_model
-from .hadamard import block_diagonal, hadamard, orthogonal
-from .passes.base import Context
+from .graph import export_structure, load_graph
+from .passes.base import Context, Pass, PassManager
 from .passes.fold_norm_gammas import FoldNormGammas
 from .passes.online_rotation import InsertOnlineRotation
 from .passes.permute_mlp import PermuteMLP
-from .passes.quantize_activations import QuantizeActivations
-from .passes.quantize_weights import QuantizeWeights
 from .passes.rotate_heads import RotateHeads
 from .passes.rotate_residual import RotateResidual
+from .plan import ModelShape, Plan, make_plan
+from .runtime import session
+from .settings import Settings
+from .targets import target
+from .weights import WeightStore, input_files
 
 
 @dataclass
-class Options:
-    block: str = "16"                 # power of two | "full" | "none"
-    permute: str = "massdiff"         # massdiff | zigzag | random | none
-    residual_rotation: str = "full"   # full | block | none
-    residual_block: int | None = None  # block size of a block residual rotation (default: --block)
-    head_rotation: bool = True
-    quantize: bool = True
-    w_bits: int = 4
-    w_group: int | None = None
-    a_bits: int = 4
-    a_symmetric: bool = False
-    fused_ops: bool = False
-    random_orthogonal: bool = False   # seeded random orthogonal where no Hadamard exists
-    seed: int = 0
-    calib_data: str | None = None
-    tokenizer: str | None = None
-    calib_samples: int | None = None  # default: 32 from text, 8 data-free
-    seq_len: int | None = None        # default: 512 from text, 128 data-free
-    threads: int | None = None
-
-    @property
-    def block_size(self) -> int | None:
-        return int(self.block) if self.block not in ("full", "none") else None
+class Phase:
+    name: str
+    seconds: float
+    peak_rss_bytes: int
 
 
 @dataclass
@@ -62,142 +54,189 @@ class Report:
     metrics: dict = field(default_factory=dict)
     permutations: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    phases: list[Phase] = field(default_factory=list)
     seconds: float = 0.0
 
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Time a phase and record its peak resident memory (the kernel's high-water mark is
+        reset at the start of each phase where Linux allows it)."""
+        _reset_peak_rss()
+        start = time.perf_counter()
+        yield
+        self.phases.append(Phase(name, time.perf_counter() - start, _peak_rss()))
 
-def _validate(options: Options, s: DecoderStructure) -> None:
-    if options.permute not in permutation.METHODS:
-        raise PerqError(f"--permute {options.permute}: choose from {', '.join(permutation.METHODS)}")
-    if options.residual_rotation not in ("full", "block", "none"):
-        raise PerqError(f"--residual-rotation {options.residual_rotation}: choose full, block or none")
-    if options.block not in ("full", "none"):
-        try:
-            b = int(options.block)
-        except ValueError:
-            raise PerqError(f"--block {options.block}: give a power of two, 'full' or 'none'") from None
-        if b < 2 or b > 1024 or b & (b - 1):
-            raise PerqError(f"--block {b}: block sizes are powers of two from 2 to 1024 (or 'full', 'none')")
-        if s.intermediate_size % b:
-            raise PerqError(f"--block {b} does not divide the MLP intermediate size {s.intermediate_size} "
-                            f"(node '{s.layers[0].down.name}')")
-    if options.residual_rotation == "block":
-        rb = residual_block(options)
-        if s.hidden_size % rb:
-            raise PerqError(f"residual block size {rb} does not divide the hidden size {s.hidden_size} "
-                            f"(node '{s.lm_head.name}')")
+    def to_json(self) -> dict:
+        return {"summaries": self.summaries, "seconds": self.seconds,
+                "phases": [vars(p) for p in self.phases],
+                "permutations": {k: v.tolist() for k, v in self.permutations.items()},
+                "metrics": self.metrics}
 
 
-def residual_block(options: Options) -> int:
-    rb = options.residual_block or options.block_size
-    if rb is None:
-        raise PerqError("--residual-rotation block needs a block size: give --block N or --residual-block N")
-    return rb
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
 
 
-def _needs_stats(options: Options) -> bool:
-    stats_methods = options.permute in ("massdiff", "zigzag")
-    return stats_methods and (options.block_size is not None or options.residual_rotation == "block")
+def _peak_rss() -> int:
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def calibration_batches(model, model_path, options: Options) -> np.ndarray:
-    """Token windows for calibration: from --calib-data, else sampled by the model itself."""
-    if options.calib_data:
-        tok_dir = options.tokenizer or pathlib.Path(model_path).parent
-        tokens = calibration.tokenize_file(options.calib_data, calibration.load_tokenizer(tok_dir))
-        return calibration.windows(tokens, options.seq_len or 512, options.calib_samples or 32, "calibration text")
-    print("perq-onnx: no --calib-data given: data-free calibration on sequences the model samples "
-          f"itself (seed {options.seed})")
-    return calibration.generate(model, options.calib_samples or 8, options.seq_len or 128, options.seed, options.threads)
+# ----------------------------------------------------------------------------------- stages
 
-
-def collect_stats(model, structure: DecoderStructure, batches: np.ndarray, threads=None) -> dict[str, np.ndarray]:
-    """Channel means at every region's rotation point: 'residual' (mean over the layers' norm
-    outputs) and 'layers.i.mlp' (down_proj input)."""
-    residual = [n.normalized.name for layer in structure.layers for n in (layer.input_norm, layer.post_norm)]
-    mlp = {f"layers.{layer.index}.mlp": layer.down.input.name for layer in structure.layers}
-    means = calibration.channel_means(model, residual + list(mlp.values()), batches, threads)
-    stats = {"residual": np.mean([means[t] for t in residual], axis=0)}
-    stats.update({region: means[t] for region, t in mlp.items()})
-    return stats
-
-
-def build_passes(options: Options, structure: DecoderStructure, stats: dict | None, report: Report):
-    seed = options.seed if options.random_orthogonal else None
-    passes = []
-    if options.residual_rotation != "none":
-        d = structure.hidden_size
-        if options.residual_rotation == "full":
-            q, what = orthogonal(d, seed), f"full {d}"
-        else:
-            rb = residual_block(options)
-            mass = stats["residual"] if stats else np.zeros(d)
-            p = permutation.permutation(options.permute, mass, rb, options.seed)
-            report.permutations["residual"] = p
-            q, what = np.eye(d)[:, p] @ block_diagonal(hadamard(rb), d), f"{options.permute} + block {rb}"
-        passes += [FoldNormGammas(), RotateResidual(q, what)]
-    if options.head_rotation:
-        passes.append(RotateHeads(seed))
-    b = options.block_size
-    if b is not None and options.permute != "none":
-        perms = {}
-        for layer in structure.layers:
-            mass = stats[f"layers.{layer.index}.mlp"] if stats else np.zeros(layer.down.shape[0])
-            perms[layer.index] = permutation.permutation(options.permute, mass, b, options.seed + layer.index)
-        report.permutations.update({f"layers.{i}.mlp": p for i, p in perms.items()})
-        passes.append(PermuteMLP(perms, options.permute))
-    if options.block != "none":
-        passes.append(InsertOnlineRotation(b, seed))
-    if options.quantize and options.w_bits < 16:
-        passes.append(QuantizeWeights(options.w_bits, options.w_group))
-    if options.quantize and options.a_bits < 16:
-        passes.append(QuantizeActivations(options.a_bits, options.a_symmetric, options.fused_ops))
+def float_passes(plan: Plan) -> list[Pass]:
+    """The function-preserving rewrites the plan asks for, in their required order."""
+    passes: list[Pass] = []
+    if plan.residual is not None:
+        passes += [FoldNormGammas(), RotateResidual(plan.residual, plan.residual_description)]
+    if plan.heads is not None:
+        passes.append(RotateHeads(plan.heads))
+    if plan.mlp_permutations:
+        passes.append(PermuteMLP(plan.mlp_permutations, str(plan.settings.permute)))
+    if plan.online is not None:
+        passes.append(InsertOnlineRotation(plan.online, plan.online_block))
     return passes
+
+
+def calibration_batches(model_path, settings: Settings) -> np.ndarray:
+    """Token windows for calibration: from --calib-data, else sampled by the model itself."""
+    if settings.calib_data:
+        tok_dir = settings.tokenizer or pathlib.Path(model_path).parent
+        tokens = calibration.tokenize_file(settings.calib_data, calibration.load_tokenizer(tok_dir))
+        return calibration.windows(tokens, settings.seq_len or 512, settings.calib_samples or 32, "calibration text")
+    print("perq-onnx: no --calib-data given: data-free calibration on sequences the model samples "
+          f"itself (seed {settings.seed})")
+    return calibration.generate(model_path, settings.calib_samples or 8, settings.seq_len or 128,
+                                settings.seed, settings.threads)
+
+
+def stat_points(structure: DecoderStructure) -> dict[str, tuple[str, ...]]:
+    """Region name -> the tensors whose mean |x| describe it (the residual averages its points)."""
+    return {r.name: r.stats for r in structure.regions() if r.kind in ("residual", "mlp")}
+
+
+def session_model(ctx: Context, outputs=()) -> pathlib.Path:
+    """The graph as rewritten so far, as a file onnxruntime can open (extra outputs exposed)."""
+    model = export_structure(ctx.graph, ctx.functions.values(), ctx.min_opset)
+    return ctx.store.session_path(with_outputs(model, outputs), ctx.graph)
+
+
+def collect_stats(ctx: Context, calibrator: Calibrator) -> dict[str, np.ndarray]:
+    """Mean |x| per channel of each region ('residual': averaged over the layers' norm outputs)."""
+    points = stat_points(ctx.structure)
+    tensors = sorted({t for ts in points.values() for t in ts})
+    means = calibrator.collect(session_model(ctx, tensors), {t: "mean_abs" for t in tensors})
+    return {region: np.mean([means[t] for t in ts], axis=0) for region, ts in points.items()}
+
+
+def calibrate(model_path, batches: np.ndarray, threads: int | None = None, progress: bool = True) -> dict:
+    """Region statistics of the unmodified model at model_path (to share one calibration
+    between several optimize() calls)."""
+    graph = load_graph(model_path)
+    with tempfile.TemporaryDirectory(prefix="perq-calibrate-") as tmp:
+        ctx = Context(graph, analyze(graph), WeightStore(pathlib.Path(tmp)))
+        return collect_stats(ctx, Calibrator(batches, threads, progress))
 
 
 SIDECAR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 
 
-def _copy_sidecar_files(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """Copy the tokenizer and config files that sit next to the input model (when the output's
-    directory has none of its own) so that `perq-onnx eval OUT` finds the tokenizer."""
+def _copy_sidecar_files(src: pathlib.Path, dst: pathlib.Path, staging: pathlib.Path) -> list[tuple]:
+    """(staged copy, destination) of the tokenizer and config files next to the input model,
+    when the output's directory has none of its own (so `perq-onnx eval OUT` finds them)."""
     if src.resolve() == dst.resolve() or any((dst / name).exists() for name in SIDECAR_FILES):
-        return
+        return []
+    moves = []
     for name in SIDECAR_FILES:
         if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+            shutil.copyfile(src / name, staging / name)
+            moves.append((staging / name, dst / name))
+    return moves
 
 
-def optimize(model_path, output_path, options: Options, stats: dict | None = None, progress: bool = True) -> Report:
-    """Run PeRQ on model_path and write output_path. `stats` (from collect_stats) skips
-    calibration, e.g. when one calibration serves many configurations."""
-    start = time.perf_counter()
-    model_path, output_path = pathlib.Path(model_path), pathlib.Path(output_path)
+def _check_paths(model_path: pathlib.Path, output_path: pathlib.Path, graph) -> None:
     if output_path.resolve() == model_path.resolve():
         raise PerqError("the output path is the input model; perq-onnx never overwrites its input")
-    model = load_model(model_path)
-    graph = import_graph(model)
-    structure = analyze(graph)
-    _validate(options, structure)
+    if output_path.is_dir():
+        raise PerqError(f"-o {output_path}: is a directory; give a file name such as {output_path / 'model.onnx'}")
+    parent = output_path.parent
+    for p in [parent, *parent.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise PerqError(f"-o {output_path}: {p} is a file, not a directory")
+            break
+    ours = {output_path.resolve(), (output_path.parent / (output_path.name + ".data")).resolve()}
+    inputs = {model_path.resolve()} | input_files(graph)
+    clash = ours & inputs
+    if clash:
+        raise PerqError(f"-o {output_path}: would overwrite {sorted(clash)[0]}, which belongs to the input model")
+
+
+def verify_written(path: pathlib.Path) -> None:
+    """The written model passes onnx.checker (full check) and loads in onnxruntime."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # checker raises several types
+        raise PerqError(f"internal check of the output failed (onnx.checker): {str(exc).splitlines()[0]}") from None
+    session(path)
+
+
+def optimize(model_path, output_path, settings: Settings, stats: dict | None = None, progress: bool = True,
+             batches: np.ndarray | None = None) -> Report:
+    """Run PeRQ on model_path and write output_path. `stats` (from collect_stats) skips
+    calibration, e.g. when one calibration serves many configurations; `batches` replaces the
+    calibration windows that settings describe."""
+    start = time.perf_counter()
+    settings = settings.validate()
+    model_path, output_path = pathlib.Path(model_path), pathlib.Path(output_path)
+    if not model_path.is_file():
+        raise PerqError(f"{model_path}: no such file")
     report = Report()
-    if stats is None and _needs_stats(options):
-        stats = collect_stats(model, structure, calibration_batches(model, model_path, options), options.threads)
-    report.stats = stats or {}
-    ctx = Context(graph, structure)
-    passes = build_passes(options, structure, stats, report)
-    for p in tqdm(passes, desc="passes", unit="pass", leave=False, disable=not progress):
-        result = p(ctx)
-        report.summaries.append(f"{p.name}: {result.summary}")
-        report.metrics.update(result.metrics)
-    ctx.metadata["perq.options"] = json.dumps({k: v for k, v in asdict(options).items()
-                                               if k not in ("threads",)})
-    used = {n.op for n in graph.nodes if n.domain == "perq"}
-    functions = [f for name, f in ctx.functions.items() if name in used]
-    out = export_model(graph, functions, ctx.min_opset)
-    for key, value in ctx.metadata.items():
-        entry = out.metadata_props.add()
-        entry.key, entry.value = key, value
-    save_model(out, output_path)
-    _copy_sidecar_files(model_path.parent, output_path.parent)
+    with report.phase("load"):
+        graph = load_graph(model_path)
+    _check_paths(model_path, output_path, graph)
+    with report.phase("analyze"):
+        structure = analyze(graph)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    tgt = target(settings)
+    with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=f".{output_path.name}.") as tmp:
+        ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))
+        if stats is None and settings.needs_statistics:
+            with report.phase("calibrate"):
+                if batches is None:
+                    batches = calibration_batches(model_path, settings)
+                stats = collect_stats(ctx, Calibrator(batches, settings.threads, progress))
+        report.stats = stats or {}
+        with report.phase("plan"):
+            plan = make_plan(settings, ModelShape.of(structure), stats)
+            report.permutations = plan.permutations
+        with report.phase("apply"):
+            results = PassManager(float_passes(plan) + tgt.passes(settings), progress).run(ctx)
+        for p, result in results:
+            report.summaries.append(f"{p.name}: {result.summary}")
+            report.metrics.update(result.metrics)
+        with report.phase("lower"):
+            tgt.lower(ctx)
+        with report.phase("save"):
+            ctx.metadata["perq.options"] = json.dumps(settings.to_json())
+            ctx.metadata["perq.target"] = tgt.name
+            model = export_structure(ctx.graph, ctx.functions.values(), ctx.min_opset, ctx.metadata)
+            staged = pathlib.Path(tmp) / "out" / output_path.name
+            staged.parent.mkdir()
+            files = ctx.store.write_model(model, ctx.graph, staged)
+            del model
+            verify_written(staged)
+            moves = _copy_sidecar_files(model_path.parent, output_path.parent, pathlib.Path(tmp) / "out")
+            for f in files[1:]:  # external data first, the model file last
+                os.replace(f, output_path.parent / f.name)
+            os.replace(files[0], output_path)
+            for src, dst in moves:
+                os.replace(src, dst)
     report.seconds = time.perf_counter() - start
     return report

@@ -9,7 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from perq_onnx.pipeline import Options, optimize
+from perq_onnx.pipeline import optimize
+from perq_onnx.settings import Settings
 from perq_onnx.runtime import logits, session
 
 from conftest import random_ids
@@ -24,7 +25,7 @@ def cosine(a, b):
 def quantized(tiny_models, tmp_path_factory):
     path = tiny_models("llama", past=True)
     out = tmp_path_factory.mktemp("q") / "model.perq.onnx"
-    optimize(path, out, Options(block="16"), progress=False)
+    optimize(path, out, Settings.parse(block="16"), progress=False)
     return path, out
 
 
@@ -56,7 +57,7 @@ def test_structure(quantized):
 def test_logits_track_float_model(tiny_models, tmp_path, bits, min_cos):
     path = tiny_models("llama")
     out = tmp_path / "q.onnx"
-    optimize(path, out, Options(block="16", w_bits=bits, a_bits=bits), progress=False)
+    optimize(path, out, Settings.parse(block="16", w_bits=bits, a_bits=bits), progress=False)
     ids = random_ids()
     ref, got = logits(session(path), ids), logits(session(out), ids)
     assert cosine(ref, got) > min_cos
@@ -69,8 +70,8 @@ def test_quantization_without_rotation_is_worse_on_outliers(tiny_models, tmp_pat
     ids = random_ids()
     ref = logits(session(path), ids)
     errs = {}
-    for name, opts in {"plain": Options(block="none", residual_rotation="none", head_rotation=False, permute="none"),
-                       "perq": Options(block="16")}.items():
+    for name, opts in {"plain": Settings.parse(block="none", residual_rotation="none", head_rotation=False, permute="none"),
+                       "perq": Settings.parse(block="16")}.items():
         optimize(path, tmp_path / f"{name}.onnx", opts, progress=False)
         errs[name] = float(np.abs(logits(session(tmp_path / f"{name}.onnx"), ids) - ref).mean())
     assert errs["perq"] < errs["plain"]
@@ -78,8 +79,8 @@ def test_quantization_without_rotation_is_worse_on_outliers(tiny_models, tmp_pat
 
 def test_fused_op_model_matches_unfused(tiny_models, tmp_path):
     path = tiny_models("llama")
-    optimize(path, tmp_path / "a.onnx", Options(block="16"), progress=False)
-    optimize(path, tmp_path / "b.onnx", Options(block="16", fused_ops=True), progress=False)
+    optimize(path, tmp_path / "a.onnx", Settings.parse(block="16"), progress=False)
+    optimize(path, tmp_path / "b.onnx", Settings.parse(block="16", fused_ops=True), progress=False)
     model = onnx.load(str(tmp_path / "b.onnx"))
     assert len([n for n in model.graph.node if n.op_type == "BlockHadamardQuantize"]) == 2
     assert [f.name for f in model.functions] == ["BlockHadamardQuantize"]
@@ -91,7 +92,7 @@ def test_fused_op_model_matches_unfused(tiny_models, tmp_path):
 def test_symmetric_and_grouped_options(tiny_models, tmp_path):
     path = tiny_models("llama")
     out = tmp_path / "s.onnx"
-    optimize(path, out, Options(block="32", a_symmetric=True, w_group=32), progress=False)
+    optimize(path, out, Settings.parse(block="32", a_symmetric=True, w_group=32), progress=False)
     model = onnx.load(str(out))
     qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     zp = {i.name: i for i in model.graph.initializer}[qs[0].input[2]]
@@ -109,7 +110,7 @@ def test_model_with_op_library_matches_function_fallback(tiny_models, tmp_path):
     ops.build_library(verbose=False)
     path = tiny_models("llama", past=True)
     out = tmp_path / "float.onnx"
-    optimize(path, out, Options(block="64", quantize=False), progress=False)
+    optimize(path, out, Settings.parse(block="64", quantize=False), progress=False)
     ids = random_ids()
     fallback = logits(session(out), ids)
     with_library = logits(ops.session(str(out)), ids)

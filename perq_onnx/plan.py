@@ -1,0 +1,113 @@
+"""Plan: every matrix and permutation of a PeRQ rewrite, decided before any pass runs.
+
+``make_plan(settings, shape, stats)`` validates the settings against the model's sizes once and
+builds the transforms:
+
+* R1 (residual): a full Hadamard of the hidden size, or P * blockdiag(H_rb) with a calibrated
+  permutation P of the residual channels;
+* R2 (heads): blockdiag(H_head_dim) on the value heads;
+* P3 (per layer): a permutation of the MLP intermediate from its calibrated channel mass;
+* R3 (online, at down_proj): blockdiag(H_b), or the full Hadamard of the intermediate size.
+
+It needs no ONNX: a ``ModelShape`` and the statistics (mean |x| per channel, keyed by region
+name) are all it reads, so it is tested on its own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import permutation
+from .analysis import DecoderStructure
+from .errors import PerqError
+from .hadamard import hadamard, orthogonal
+from .settings import Permute, ResidualRotation, Settings
+from .transforms import BlockDiagonal, Chain, Dense, Permutation, Transform
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    head_dim: int
+    layers: int
+    names: dict = field(default_factory=dict)  # size -> a node to name in errors
+
+    @classmethod
+    def of(cls, s: DecoderStructure) -> "ModelShape":
+        names = {"hidden": s.lm_head.name, "intermediate": s.layers[0].down.name, "head_dim": s.layers[0].v.name}
+        return cls(s.hidden_size, s.intermediate_size, s.head_dim, len(s.layers), names)
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    residual: Transform | None
+    residual_description: str
+    heads: Transform | None
+    mlp_permutations: dict[int, np.ndarray]     # layer -> permutation (absent: none)
+    online: Transform | None                    # what R3 applies online (None: no R3)
+    online_block: int | None                    # b of a block R3 (None: full-vector or none)
+
+    @property
+    def permutations(self) -> dict[str, np.ndarray]:
+        out = {f"layers.{i}.mlp": p for i, p in self.mlp_permutations.items()}
+        if isinstance(self.residual, Chain) and isinstance(self.residual.first, Permutation):
+            out["residual"] = self.residual.first.perm
+        return out
+
+
+def _orthogonal(n: int, settings: Settings, what: str, node: str) -> np.ndarray:
+    seed = settings.seed if settings.random_orthogonal else None
+    try:
+        return orthogonal(n, seed)
+    except PerqError as exc:
+        raise PerqError(f"{what} of size {n} (node '{node}'): {exc}") from None
+
+
+def _mass(stats: dict | None, key: str, n: int) -> np.ndarray:
+    if stats is None or key not in stats:
+        return np.zeros(n)
+    return np.asarray(stats[key], dtype=np.float64)
+
+
+def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) -> Plan:
+    s = settings.validate()
+    b = s.online.block
+    if b is not None and shape.intermediate % b:
+        raise PerqError(f"--block {b} does not divide the MLP intermediate size {shape.intermediate} "
+                        f"(node '{shape.names.get('intermediate', 'down_proj')}')")
+    if s.needs_statistics and stats is None:
+        raise PerqError(f"--permute {s.permute} needs calibration statistics")
+
+    residual, described = None, "none"
+    if s.residual_rotation is ResidualRotation.FULL:
+        residual = Dense(_orthogonal(shape.hidden, s, "the residual rotation", shape.names.get("hidden", "")))
+        described = f"full {shape.hidden}"
+    elif s.residual_rotation is ResidualRotation.BLOCK:
+        rb = s.residual_block_size
+        if shape.hidden % rb:
+            raise PerqError(f"residual block size {rb} does not divide the hidden size {shape.hidden} "
+                            f"(node '{shape.names.get('hidden', 'lm_head')}')")
+        p = permutation.permutation(str(s.permute), _mass(stats, "residual", shape.hidden), rb, s.seed)
+        residual = Chain(Permutation(p), BlockDiagonal(hadamard(rb)))
+        described = f"{s.permute} + block {rb}"
+
+    heads = None
+    if s.head_rotation:
+        heads = BlockDiagonal(_orthogonal(shape.head_dim, s, "the per-head rotation", shape.names.get("head_dim", "")))
+
+    perms = {}
+    if b is not None and s.permute is not Permute.NONE:
+        for i in range(shape.layers):
+            mass = _mass(stats, f"layers.{i}.mlp", shape.intermediate)
+            perms[i] = permutation.permutation(str(s.permute), mass, b, s.seed + i)
+
+    online = None
+    if b is not None:
+        online = BlockDiagonal(hadamard(b))
+    elif s.online.full:
+        online = Dense(_orthogonal(shape.intermediate, s, "the full online rotation",
+                                   shape.names.get("intermediate", "")))
+    return Plan(s, residual, described, heads, perms, online, b)
