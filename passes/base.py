@@ -19,8 +19,10 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from perq_onnx.analysis import DecoderStructure, Fold, Linear
+from perq_onnx.calibration import Calibrator, with_outputs
 from perq_onnx.errors import InternalError, PerqError
-from perq_onnx.graph import constant_shape, constant_value, producer
+from perq_onnx.functions import DOMAIN, function_for
+from perq_onnx.graph import constant_shape, constant_value, export_structure, producer
 from perq_onnx.transforms import Transform, fold_consumed, fold_produced
 from perq_onnx.weights import WeightStore
 
@@ -33,7 +35,22 @@ class Context:
     functions: dict[str, onnx.FunctionProto] = field(default_factory=dict)   # model-local functions
     metadata: dict[str, str] = field(default_factory=dict)                   # -> model.metadata_props
     min_opset: int | None = None
+    calibrator: Calibrator | None = None      # runs the graph as rewritten so far
     _nodes: dict[str, gs.Node] = field(default_factory=dict)
+
+    def session(self, outputs=()):
+        """The graph as rewritten so far, as a file onnxruntime can open, with the named tensors
+        exposed as extra outputs (perq ops get their function bodies)."""
+        register_functions(self)
+        model = export_structure(self.graph, self.functions.values(), max(self.min_opset or 0, 21)
+                                 if self.functions else self.min_opset)
+        return self.store.session_path(with_outputs(model, outputs), self.graph)
+
+    def collect(self, requests: dict[str, str]) -> dict[str, np.ndarray]:
+        """Statistics (see Calibrator) of tensors of the graph as rewritten so far."""
+        if self.calibrator is None:
+            raise InternalError("a pass asked for calibration statistics but no calibrator was set up")
+        return self.calibrator.collect(self.session(list(requests)), requests)
 
     def node(self, name: str) -> gs.Node:
         if name not in self._nodes:
@@ -58,7 +75,8 @@ class Context:
     def set_constant(self, node: str, index: int, value: np.ndarray, name: str) -> None:
         """Give input `index` of `node` a new constant of its own (a shared initializer is never
         changed behind another reader's back)."""
-        self.node(node).inputs[index] = self.store.constant(name, value)
+        n = self.node(node)
+        n.inputs[index] = self.store.replace(n.inputs[index], name, value)
 
     def weight(self, lin: Linear) -> np.ndarray:
         return self.constant(lin.name, 1)
@@ -72,6 +90,17 @@ class Context:
             b = self.constant(fold.bias, fold.bias_index)
             self.set_constant(fold.bias, fold.bias_index, fold_produced(b[None, :], t, fold.start, fold.stop)[0],
                               f"{fold.node}.bias")
+
+
+def register_functions(ctx: Context) -> bool:
+    """Give every perq node its model-local function body; whether the graph has any."""
+    found = False
+    for node in ctx.graph.nodes:
+        if node.domain == DOMAIN:
+            found = True
+            if node.op not in ctx.functions:
+                ctx.functions[node.op] = function_for(node.op, node.attrs)
+    return found
 
 
 @dataclass

@@ -244,6 +244,20 @@ def _linear_producing(tensor) -> Linear | None:
     return lin if lin is not None and lin.bias is None else None
 
 
+def _only_reader(tensor: gs.Tensor, reader: gs.Node, what: str) -> None:
+    """Refuse a tensor the rewrite changes when anything but `reader` reads it."""
+    others = [c for c in tensor.outputs if c is not reader and c.op != "Shape"]
+    if others:
+        raise AnalysisError(others[0], f"reads {what} ('{tensor.name}'), which the rewrite changes")
+
+
+LOSSLESS_CASTS = {1, 11}  # float32, float64: a Cast the rotated values pass through unchanged
+
+
+def _lossless_cast(node: gs.Node) -> bool:
+    return node.op == "Cast" and node.attrs.get("to") in LOSSLESS_CASTS
+
+
 def _check_last_axis_mean(mean: gs.Node, x: gs.Tensor) -> None:
     """An RMSNorm's ReduceMean must average over the last (hidden) axis only, keeping it."""
     axes = mean.attrs.get("axes")
@@ -287,7 +301,7 @@ def match_rmsnorm(x: gs.Tensor) -> RMSNorm:
     nodes.add(normalize.name)
     normalized = normalize.outputs[0]
     nxt = [c for c in normalized.outputs if c.op != "Shape"]
-    if len(nxt) == 1 and nxt[0].op == "Cast":
+    if len(nxt) == 1 and _lossless_cast(nxt[0]):
         nodes.add(nxt[0].name)
         normalized = nxt[0].outputs[0]
         nxt = [c for c in normalized.outputs if c.op != "Shape"]
@@ -362,9 +376,10 @@ def _follow_residual(graph: gs.Graph, embedding: gs.Node):
         for c in list(t.outputs):
             if c.name in claimed or c.op == "Shape":
                 continue
-            if c.op in ("Cast", "Identity"):
+            if c.op == "Identity" or _lossless_cast(c):
                 push(c.outputs[0])
             elif c.op == "Add" and (lin := _linear_producing(_other(c, t))) is not None:
+                _only_reader(_other(c, t), c, "the output of a linear layer writing to the residual stream")
                 writers.append(lin)
                 push(c.outputs[0])
             elif c.op in ("Pow", "Mul", "Div"):
@@ -398,14 +413,18 @@ def _mlp(view: GraphView, layer_index: int, readers: tuple[Linear, ...], writers
         region |= {n.name for n in view.between(node[r.name], node[down.name])}
     inside = region | {down.name} | {r.name for r in readers} | {r.bias for r in readers if r.bias is not None}
     changed = {t.name for r in readers for t in node[r.name].outputs} | {r.output for r in readers}
+    for r in readers:
+        for t in [view.tensor(r.output), *node[r.name].outputs]:
+            if any(c.name not in inside and c.op != "Shape" for c in t.outputs) or t.name in view.graph_outputs:
+                raise AnalysisError(r.name, f"the output of '{r.name}' is read outside the MLP")
     for name in region:
         n = node[name]
-        if n.op not in ELEMENTWISE:
-            raise AnalysisError(n, f"{n.op} inside the MLP of layer {layer_index} is not element-wise")
+        if n.op not in ELEMENTWISE or (n.op == "Cast" and not _lossless_cast(n)):
+            raise AnalysisError(n, f"{n.op} inside the MLP of layer {layer_index} is not element-wise and exact")
         for t in n.inputs:
-            if producer(t) is None or producer(t).name in inside:
+            if producer(t) is not None and producer(t).name in inside:
                 continue
-            if (v := constant_shape(t)) is None or int(np.prod(v[0])) != 1:
+            if (v := constant_shape(t)) is None or int(np.prod(v[0])) != 1 or t.name in view.graph_inputs:
                 raise AnalysisError(n, "mixes a tensor from outside the MLP into the permuted channels")
         for t in n.outputs:
             changed.add(t.name)
@@ -427,6 +446,11 @@ def _static_last_dim(shape_tensor) -> int | None:
     return None
 
 
+def _inferred_last_dim(tensor: gs.Tensor) -> int | None:
+    shape = tensor.shape
+    return shape[-1] if shape and isinstance(shape[-1], int) and shape[-1] > 0 else None
+
+
 def _softmax_behind(tensor, depth: int = 4) -> bool:
     """Whether tensor is a Softmax output, possibly behind a few Where/Cast/Identity/Dropout
     nodes (optimum guards fully masked rows with IsNaN -> Where)."""
@@ -437,6 +461,26 @@ def _softmax_behind(tensor, depth: int = 4) -> bool:
         return True
     return node.op in ("Where", "Cast", "Identity", "Dropout") and any(
         _softmax_behind(t, depth - 1) for t in node.inputs if constant_shape(t) is None)
+
+
+def _keeps_last_axis(node: gs.Node) -> bool:
+    """Whether a layout op leaves the channel (last) axis where it is, whole and unchanged."""
+    rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+    last = {-1} | ({rank - 1} if rank else set())
+    if node.op == "Transpose":
+        perm = node.attrs.get("perm")
+        return perm is not None and perm[-1] == len(perm) - 1
+    if node.op == "Concat":
+        return node.attrs.get("axis") not in last
+    if node.op in ("Unsqueeze", "Squeeze"):
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1:
+            value = constant_value(node.inputs[1])
+            axes = None if value is None else value.reshape(-1).tolist()
+        return axes is not None and not (set(axes) & last) and (rank is not None or all(a >= 0 for a in axes))
+    if node.op == "Cast":
+        return _lossless_cast(node)
+    return True
 
 
 def _value_path(view: GraphView, v: Linear):
@@ -459,8 +503,14 @@ def _value_path(view: GraphView, v: Linear):
                     or (node.op == "Add" and node.name != v.bias):
                 return None, None, None, node
             seen.add(node.name)
-            if node.op == "Reshape" and head_dim is None:
-                head_dim = _static_last_dim(node.inputs[1])
+            if node.op == "Reshape":
+                last = _static_last_dim(node.inputs[1]) or _inferred_last_dim(node.outputs[0])
+                if head_dim is None:
+                    head_dim = last
+                elif last != head_dim:
+                    return None, None, None, node  # a reshape that splits or merges the head channels
+            if not _keeps_last_axis(node):
+                return None, None, None, node
             frontier.extend(node.outputs)
             path |= {o.name for o in node.outputs}
     return pv, head_dim, path, None
@@ -484,10 +534,11 @@ def _attention(view: GraphView, layer_index: int, readers: tuple[Linear, ...], w
                                   f"layout ops only (per-head rotation needs that), found {len(found)}")
     v, pv, head_dim, path = found[0]
     o = next((w for w in writers if w.name in view.descendants(pv)
-              and all(n.op in ("Transpose", "Reshape", "Identity", "Cast")
+              and all(n.op in ("Transpose", "Reshape", "Identity", "Cast") and _keeps_last_axis(n)
                       for n in view.between(pv, view.by_name[w.name]))), None)
     if o is None:
-        raise AnalysisError(pv, f"layer {layer_index}: softmax @ V does not reach o_proj through Transpose/Reshape")
+        raise AnalysisError(pv, f"layer {layer_index}: softmax @ V does not reach o_proj through Transpose/Reshape "
+                                "that keep the head channels innermost")
     if not head_dim or v.out_features % head_dim or o.in_features % head_dim:
         raise AnalysisError(v.name, f"layer {layer_index}: cannot read a head size from the Reshape after v_proj")
     path |= {t.name for n in view.between(pv, view.by_name[o.name]) for t in n.outputs} | {pv.outputs[0].name}
@@ -503,6 +554,28 @@ def _refuse_changed_outputs(graph: gs.Graph, changed: set[str], value_caches: se
             node = producer(t)
             raise AnalysisError(node.name if node else t.name,
                                 f"its output '{t.name}' is a graph output that the rewrite would change")
+
+
+def _source_constant(tensor: gs.Tensor) -> gs.Tensor:
+    """The initializer behind a weight read through Identity / Transpose."""
+    node = producer(tensor)
+    while node is not None and node.op in ("Identity", "Transpose"):
+        tensor = node.inputs[0]
+        node = producer(tensor)
+    return tensor
+
+
+def _refuse_overridable(view: GraphView, structure: DecoderStructure) -> None:
+    """A weight the rewrite changes must not be a graph input as well (an initializer that
+    callers may override at run time)."""
+    folds = [f for r in structure.regions() for f in r.folds]
+    inputs = [(f.node, f.input) for f in folds] + [(f.bias, f.bias_index) for f in folds if f.bias]
+    inputs += [(n.gamma, i) for n in structure.norms if n.gamma for i in (0, 1)]
+    for node, index in inputs:
+        source = _source_constant(view.by_name[node].inputs[index])
+        if source.name in view.graph_inputs:
+            raise AnalysisError(node, f"its constant '{source.name}' is also a graph input (overridable at "
+                                      "run time), so it cannot be rewritten")
 
 
 def analyze(graph: gs.Graph) -> DecoderStructure:
@@ -532,4 +605,6 @@ def analyze(graph: gs.Graph) -> DecoderStructure:
     changed |= {t.name for w in writers for t in view.by_name[w.name].outputs} | {w.output for w in writers}
     _refuse_changed_outputs(graph, changed, value_caches)
     vocab = constant_shape(embedding.inputs[0])[0][0]
-    return DecoderStructure(embedding.name, vocab, tuple(layers), final, final.readers[0], tuple(writers))
+    structure = DecoderStructure(embedding.name, vocab, tuple(layers), final, final.readers[0], tuple(writers))
+    _refuse_overridable(view, structure)
+    return structure

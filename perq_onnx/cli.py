@@ -22,13 +22,13 @@ def _add_calibration_args(p):
 
 
 def settings_from(args):
-    from .settings import OnlineRotation, Permute, ResidualRotation, Settings, TargetName
+    from .settings import Clip, OnlineRotation, Permute, ResidualRotation, Rounding, Settings, TargetName
     return Settings(
         online=OnlineRotation.parse(args.block), permute=Permute(args.permute),
         residual_rotation=ResidualRotation(args.residual_rotation), residual_block=args.residual_block,
         head_rotation=not args.no_head_rotation, quantize=not args.no_quant, target=TargetName(args.target),
         w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_symmetric=args.a_symmetric,
-        fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
+        rounding=Rounding(args.rounding), w_clip=Clip(args.w_clip), fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
         calib_data=args.calib_data, tokenizer=args.tokenizer, calib_samples=args.calib_samples,
         seq_len=args.seq_len, threads=args.threads).validate()
 
@@ -100,7 +100,7 @@ def cmd_build_ops(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .settings import Permute, ResidualRotation, TargetName
+    from .settings import Clip, Permute, ResidualRotation, Rounding, TargetName
     p = argparse.ArgumentParser(prog="perq-onnx", description="PeRQ low-bit quantization of ONNX decoder LLMs")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +117,10 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--no-quant", action="store_true", help="emit the rotated and permuted float model")
     o.add_argument("--w-bits", type=int, default=4, choices=[4, 8, 16])
     o.add_argument("--w-group", type=int, help="per-group weight scales of this many input rows (default per channel)")
+    o.add_argument("--rounding", default="rtn", choices=Rounding.values(),
+                   help="weight rounding: round-to-nearest or GPTQ (Hessians from calibration data)")
+    o.add_argument("--w-clip", default="mse", choices=Clip.values(),
+                   help="weight scale rule: mse (weight error), absmax, act (output error, calibration data)")
     o.add_argument("--a-bits", type=int, default=4, choices=[4, 8, 16])
     o.add_argument("--a-symmetric", action="store_true", help="symmetric activation quantization (default asymmetric)")
     o.add_argument("--fused-ops", action="store_true", help="emit perq.BlockHadamardQuantize (rotation + activation QDQ)")

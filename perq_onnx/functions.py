@@ -128,13 +128,19 @@ def block_hadamard_quantize_function(block_size: int, bits: int, symmetric: bool
     return _function(BLOCK_HADAMARD_QUANTIZE, ["block_size", "bits", "symmetric"], body)
 
 
+def function_for(op_type: str, attrs: dict) -> onnx.FunctionProto:
+    """The model-local function body of a perq node with these attributes."""
+    if op_type == BLOCK_HADAMARD:
+        return block_hadamard_function(attrs["block_size"])
+    if op_type == BLOCK_HADAMARD_QUANTIZE:
+        return block_hadamard_quantize_function(attrs["block_size"], attrs["bits"], bool(attrs["symmetric"]))
+    raise KeyError(f"no function body for perq.{op_type}")
+
+
 def single_op_model(op_type: str, channels: int, **attrs) -> onnx.ModelProto:
     """A one-node model Y = perq.<op_type>(X) with X of shape [batch, tokens, channels] (float32),
     carrying the model-local function, for tests and benchmarks of the op alone."""
-    if op_type == BLOCK_HADAMARD:
-        fn = block_hadamard_function(attrs["block_size"])
-    else:
-        fn = block_hadamard_quantize_function(attrs["block_size"], attrs["bits"], bool(attrs["symmetric"]))
+    fn = function_for(op_type, attrs)
     node = helper.make_node(op_type, ["X"], ["Y"], domain=DOMAIN, **attrs)
     x = helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", "tokens", channels])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", "tokens", channels])

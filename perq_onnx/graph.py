@@ -32,7 +32,14 @@ def load_graph(path) -> gs.Graph:
         raise PerqError(f"{path}: not a readable ONNX model ({reason})") from None
     if not model.graph.node:
         raise PerqError(f"{path}: not an ONNX model (no graph nodes; truncated or another file type?)")
+    try:  # shapes (with constant propagation) let the analysis check head layouts
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is a help, not a requirement
+        pass
+    initializers = {i.name for i in model.graph.initializer}
     graph = gs.import_onnx(model)
+    # initializers also listed as graph inputs (IR < 4 style, or overridable at run time)
+    graph.overridable = {i.name for i in model.graph.input if i.name in initializers}
     graph.ir_version = model.ir_version
     graph.metadata = {p.key: p.value for p in model.metadata_props}
     map_external(graph, path.parent)
@@ -89,6 +96,8 @@ class GraphView:
                     self.digraph.add_edge(node.name, consumer.name)
         self.order = {name: i for i, name in enumerate(nx.topological_sort(self.digraph))}
         self.tensors = graph.tensors()
+        self.graph_inputs = {t.name for t in graph.inputs} | getattr(graph, "overridable", set())
+        self.graph_outputs = {t.name for t in graph.outputs}
 
     def tensor(self, name: str) -> gs.Tensor:
         return self.tensors[name]

@@ -25,7 +25,7 @@ import onnx
 
 from . import calibration
 from .analysis import DecoderStructure, analyze
-from .calibration import Calibrator, with_outputs
+from .calibration import Calibrator
 from .errors import PerqError
 from .graph import export_structure, load_graph
 from .passes.base import Context, Pass, PassManager
@@ -120,17 +120,10 @@ def stat_points(structure: DecoderStructure) -> dict[str, tuple[str, ...]]:
     return {r.name: r.stats for r in structure.regions() if r.kind in ("residual", "mlp")}
 
 
-def session_model(ctx: Context, outputs=()) -> pathlib.Path:
-    """The graph as rewritten so far, as a file onnxruntime can open (extra outputs exposed)."""
-    model = export_structure(ctx.graph, ctx.functions.values(), ctx.min_opset)
-    return ctx.store.session_path(with_outputs(model, outputs), ctx.graph)
-
-
-def collect_stats(ctx: Context, calibrator: Calibrator) -> dict[str, np.ndarray]:
+def collect_stats(ctx: Context) -> dict[str, np.ndarray]:
     """Mean |x| per channel of each region ('residual': averaged over the layers' norm outputs)."""
     points = stat_points(ctx.structure)
-    tensors = sorted({t for ts in points.values() for t in ts})
-    means = calibrator.collect(session_model(ctx, tensors), {t: "mean_abs" for t in tensors})
+    means = ctx.collect({t: "mean_abs" for ts in points.values() for t in ts})
     return {region: np.mean([means[t] for t in ts], axis=0) for region, ts in points.items()}
 
 
@@ -139,8 +132,9 @@ def calibrate(model_path, batches: np.ndarray, threads: int | None = None, progr
     between several optimize() calls)."""
     graph = load_graph(model_path)
     with tempfile.TemporaryDirectory(prefix="perq-calibrate-") as tmp:
-        ctx = Context(graph, analyze(graph), WeightStore(pathlib.Path(tmp)))
-        return collect_stats(ctx, Calibrator(batches, threads, progress))
+        ctx = Context(graph, analyze(graph), WeightStore(pathlib.Path(tmp)),
+                      calibrator=Calibrator(batches, threads, progress))
+        return collect_stats(ctx)
 
 
 SIDECAR_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -207,11 +201,13 @@ def optimize(model_path, output_path, settings: Settings, stats: dict | None = N
     tgt = target(settings)
     with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=f".{output_path.name}.") as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))
-        if stats is None and settings.needs_statistics:
+        if settings.needs_calibration(stats is not None):
             with report.phase("calibrate"):
                 if batches is None:
                     batches = calibration_batches(model_path, settings)
-                stats = collect_stats(ctx, Calibrator(batches, settings.threads, progress))
+                ctx.calibrator = Calibrator(batches, settings.threads, progress)
+                if stats is None and settings.needs_statistics:
+                    stats = collect_stats(ctx)
         report.stats = stats or {}
         with report.phase("plan"):
             plan = make_plan(settings, ModelShape.of(structure), stats)

@@ -48,6 +48,13 @@ class Rounding(Choice):
     GPTQ = "gptq"
 
 
+class Clip(Choice):
+    """How weight scales are chosen (see rounding.py)."""
+    MSE = "mse"
+    ABSMAX = "absmax"
+    ACT = "act"
+
+
 class TargetName(Choice):
     SIMULATE = "simulate"
 
@@ -97,6 +104,7 @@ class Settings:
     a_bits: int = 4
     a_symmetric: bool = False
     rounding: Rounding = Rounding.RTN
+    w_clip: Clip = Clip.MSE
     fused_ops: bool = False
     random_orthogonal: bool = False       # seeded random orthogonal where no Hadamard exists
     seed: int = 0
@@ -110,7 +118,7 @@ class Settings:
     def parse(cls, block: str | None = None, **values) -> "Settings":
         """Settings from command-line style values (strings for the choices, block as text)."""
         kinds = {"permute": Permute, "residual_rotation": ResidualRotation, "rounding": Rounding,
-                 "target": TargetName}
+                 "target": TargetName, "w_clip": Clip}
         for key, kind in kinds.items():
             if key in values:
                 values[key] = kind.parse(values[key], "--" + key.replace("_", "-"))
@@ -153,6 +161,17 @@ class Settings:
         """Whether a permutation depends on calibrated channel statistics."""
         by_stats = self.permute in (Permute.MASSDIFF, Permute.ZIGZAG)
         return by_stats and (self.online.block is not None or self.residual_rotation is ResidualRotation.BLOCK)
+
+    @property
+    def weight_form(self):
+        from .rounding import WeightQuant
+        return WeightQuant(self.w_bits, self.w_group, True, str(self.w_clip))
+
+    def needs_calibration(self, have_statistics: bool) -> bool:
+        """Whether calibration data must be run: for permutation statistics (unless given) or
+        for Hessians (GPTQ, activation-aware clipping)."""
+        hessians = self.weights_quantized and (self.rounding is Rounding.GPTQ or self.w_clip is Clip.ACT)
+        return hessians or (self.needs_statistics and not have_statistics)
 
     @property
     def weights_quantized(self) -> bool:

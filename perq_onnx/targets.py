@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .functions import (BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, block_hadamard_function,
-                        block_hadamard_quantize_function)
-from .passes.base import Context, Pass
+from .passes.base import Context, Pass, register_functions
 from .passes.quantize_activations import QuantizeActivations
 from .passes.quantize_weights import QuantizeWeights
 from .settings import Settings, TargetName
@@ -32,16 +30,7 @@ class Target:
 
     def lower(self, ctx: Context) -> None:
         """Give every perq op in the graph its model-local function body and set the opset."""
-        for node in ctx.graph.nodes:
-            if node.domain != DOMAIN or node.op in ctx.functions:
-                continue
-            a = node.attrs
-            if node.op == BLOCK_HADAMARD:
-                ctx.functions[node.op] = block_hadamard_function(a["block_size"])
-            elif node.op == BLOCK_HADAMARD_QUANTIZE:
-                ctx.functions[node.op] = block_hadamard_quantize_function(a["block_size"], a["bits"],
-                                                                          bool(a["symmetric"]))
-        if any(n.domain == DOMAIN for n in ctx.graph.nodes) or ctx.min_opset:
+        if register_functions(ctx) or ctx.min_opset:
             ctx.min_opset = max(ctx.min_opset or 0, self.opset)
 
 
@@ -52,7 +41,7 @@ class Simulate(Target):
     def passes(self, settings: Settings) -> list[Pass]:
         passes: list[Pass] = []
         if settings.weights_quantized:
-            passes.append(QuantizeWeights(settings.w_bits, settings.w_group))
+            passes.append(QuantizeWeights(settings.weight_form, settings.rounding))
         if settings.activations_quantized:
             passes.append(QuantizeActivations(settings.a_bits, settings.a_symmetric, settings.fused_ops))
         return passes

@@ -153,6 +153,22 @@ class WeightStore:
             entry.key, entry.value = key, value
         return gs.Constant(name, FileValues(proto, self.scratch, offset, len(data)))
 
+    def replace(self, old: gs.Constant, name: str, array: np.ndarray) -> gs.Constant:
+        """A constant holding array that takes old's place: old's bytes in the scratch file are
+        overwritten when only one node reads old and the sizes match (a chain of passes then
+        rewrites a weight in place instead of appending a copy per pass)."""
+        values = old._values if isinstance(old, gs.Constant) else None
+        array = np.ascontiguousarray(array)
+        if isinstance(values, FileValues) and values.path == self.scratch and len(old.outputs) <= 1 \
+                and array.dtype == values.load().dtype and array.nbytes == values.length:
+            with open(self.scratch, "r+b") as f:
+                f.seek(values.offset)
+                f.write(array.tobytes())
+            values.tensor.dims[:] = array.shape
+            values.shape = tuple(array.shape)
+            return old
+        return self.constant(name, array)
+
     # ----------------------------------------------------------------------------- writing out
 
     def write_model(self, model: onnx.ModelProto, graph: gs.Graph, path: pathlib.Path,
