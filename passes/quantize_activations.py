@@ -34,7 +34,7 @@ class GraphEmitter:
 
     def op(self, op_type, inputs, hint=None, output=None, **attrs):
         hint = hint or op_type.lower()
-        out = gs.Variable(output or f"{self.prefix}/{hint}_output")
+        out = output if isinstance(output, gs.Tensor) else gs.Variable(output or f"{self.prefix}/{hint}_output")
         self.ctx.add(gs.Node(op_type, f"{self.prefix}/{hint}", attrs, list(inputs), [out]))
         return out
 

@@ -44,8 +44,8 @@ class QuantizeWeights(Pass):
     requires = (WEIGHTS_FLOAT,)
     ensures = (WEIGHTS_QUANTIZED,)
 
-    def __init__(self, form: WeightQuant, rounding: Rounding = Rounding.RTN):
-        self.form, self.rounding = form, rounding
+    def __init__(self, form: WeightQuant, rounding: Rounding = Rounding.RTN, lm_head: WeightQuant | None = None):
+        self.form, self.rounding, self.lm_head = form, rounding, lm_head
 
     @property
     def needs_hessians(self) -> bool:
@@ -62,21 +62,24 @@ class QuantizeWeights(Pass):
             for layer, kind, lin in tqdm(linears, desc="weights", unit="linear", leave=False,
                                          disable=len(linears) < 50):
                 errors[f"layers.{layer.index}.{kind}"] = self._quantize(ctx, lin, hessians.get(inputs[lin.name]))
+        if self.lm_head is not None:  # round to nearest: its input statistics are not collected
+            errors["lm_head"] = self._quantize(ctx, ctx.structure.lm_head, None, self.lm_head, Rounding.RTN)
         ctx.min_opset = max(ctx.min_opset or 0, 21)
         gran = "per output channel" if self.form.group is None else f"per group of {self.form.group}"
         return PassResult(f"INT{self.form.bits} weights ({gran}, {self.rounding}, {self.form.clip} scales) "
                           f"on {len(errors)} linears", {"weight_rel_error": errors})
 
-    def _quantize(self, ctx: Context, lin, hessian) -> float:
+    def _quantize(self, ctx: Context, lin, hessian, form: WeightQuant | None = None, rounding=None) -> float:
+        form, rounding = form or self.form, rounding or self.rounding
         w = np.asarray(ctx.weight(lin), dtype=np.float32)
-        if self.rounding is Rounding.GPTQ:
-            q = gptq(w, hessian, self.form)
+        if rounding is Rounding.GPTQ:
+            q = gptq(w, hessian, form)
         else:
-            q = rtn(w, self.form, hessian)
+            q = rtn(w, form, hessian)
         name = lin.name + ".weight"
-        codes = ctx.store.constant(name + ".quantized", q.codes.astype(WEIGHT_TYPES[self.form.bits]))
+        codes = ctx.store.constant(name + ".quantized", q.codes.astype(WEIGHT_TYPES[form.bits]))
         scale = ctx.store.constant(name + ".scale", q.scale.astype(w.dtype))
-        attrs = {"axis": 1} if self.form.group is None else {"axis": 0, "block_size": self.form.group}
+        attrs = {"axis": 1} if form.group is None else {"axis": 0, "block_size": form.group}
         deq = gs.Variable(name + ".dequantized", dtype=w.dtype)
         ctx.add(gs.Node("DequantizeLinear", lin.name + "/weight_dq", attrs, [codes, scale], [deq]))
         ctx.node(lin.name).inputs[1] = deq

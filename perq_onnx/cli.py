@@ -28,7 +28,7 @@ def settings_from(args):
         residual_rotation=ResidualRotation(args.residual_rotation), residual_block=args.residual_block,
         head_rotation=not args.no_head_rotation, quantize=not args.no_quant, target=TargetName(args.target),
         w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_symmetric=args.a_symmetric,
-        rounding=Rounding(args.rounding), w_clip=Clip(args.w_clip), fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
+        float_embeddings=args.float_embeddings, rounding=Rounding(args.rounding), w_clip=Clip(args.w_clip), fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
         calib_data=args.calib_data, tokenizer=args.tokenizer, calib_samples=args.calib_samples,
         seq_len=args.seq_len, threads=args.threads).validate()
 
@@ -86,11 +86,26 @@ def cmd_eval(args) -> int:
 
 def cmd_verify(args) -> int:
     from .evaluate import compare_logits
-    d = compare_logits(_model(args.a), _model(args.b), args.batch, args.seq_len, args.seed, args.threads)
+    ids = None
+    if args.text:
+        from .calibration import load_tokenizer, tokenize_file, windows
+        tokenizer = load_tokenizer(args.tokenizer or _model(args.a).parent)
+        ids = windows(tokenize_file(args.text, tokenizer), args.seq_len, args.batch, str(args.text))
+    d = compare_logits(_model(args.a), _model(args.b), args.batch, args.seq_len, args.seed, args.threads, ids)
+    print(f"top-1 agreement {d.top1:.2%}, KL(a||b) {d.kl:.4f} nats/token, logit cosine {d.cosine:.5f}")
+    if args.tolerance is None:
+        return 0
     ok = d.relative <= args.tolerance
     print(f"max |logit difference| {d.max_abs:.3e}, relative {d.relative:.3e} "
           f"({'within' if ok else 'ABOVE'} tolerance {args.tolerance:g})")
     return 0 if ok else 1
+
+
+def cmd_check(args) -> int:
+    from .check import check_tensorrt, summary
+    violations = check_tensorrt(_model(args.model))
+    print(summary(violations))
+    return 1 if violations else 0
 
 
 def cmd_build_ops(args) -> int:
@@ -116,12 +131,16 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--no-head-rotation", action="store_true", help="skip the per-head v/o rotation (R2)")
     o.add_argument("--no-quant", action="store_true", help="emit the rotated and permuted float model")
     o.add_argument("--w-bits", type=int, default=4, choices=[4, 8, 16])
-    o.add_argument("--w-group", type=int, help="per-group weight scales of this many input rows (default per channel)")
+    o.add_argument("--w-group", type=int, help="weight scales per group of this many input rows (default: per "
+                                                "output channel for simulate, 32 for ort, 128 for tensorrt)")
+    o.add_argument("--float-embeddings", action="store_true",
+                   help="keep the embedding and lm_head float (ort and tensorrt quantize them by default)")
     o.add_argument("--rounding", default="rtn", choices=Rounding.values(),
                    help="weight rounding: round-to-nearest or GPTQ (Hessians from calibration data)")
     o.add_argument("--w-clip", default="mse", choices=Clip.values(),
                    help="weight scale rule: mse (weight error), absmax, act (output error, calibration data)")
-    o.add_argument("--a-bits", type=int, default=4, choices=[4, 8, 16])
+    o.add_argument("--a-bits", type=int, choices=[4, 8, 16],
+                   help="activation bits (default: 4 for simulate; ort leaves activations to onnxruntime)")
     o.add_argument("--a-symmetric", action="store_true", help="symmetric activation quantization (default asymmetric)")
     o.add_argument("--fused-ops", action="store_true", help="emit perq.BlockHadamardQuantize (rotation + activation QDQ)")
     o.add_argument("--random-orthogonal", action="store_true",
@@ -148,11 +167,19 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="compare two models' logits on the same random tokens")
     v.add_argument("a")
     v.add_argument("b")
-    v.add_argument("--tolerance", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    v.add_argument("--tolerance", type=float,
+                   help="fail (exit 1) when max |logit difference| / max |logit| exceeds this (exact rewrites: 1e-4)")
+    v.add_argument("--text", help="compare on windows of this text file (default: random tokens)")
+    v.add_argument("--tokenizer")
     v.add_argument("--batch", type=int, default=2)
     v.add_argument("--seq-len", type=int, default=16)
     v.add_argument("--seed", type=int, default=0)
     v.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("check", help="check a model against a deployment target's documented constraints")
+    c.add_argument("model")
+    c.add_argument("--target", default="tensorrt", choices=["tensorrt"])
+    c.set_defaults(func=cmd_check)
 
     b = sub.add_parser("build-ops", help="build the BlockHadamard custom-op library (CPU, CUDA if nvcc)")
     b.set_defaults(func=cmd_build_ops)

@@ -26,7 +26,7 @@ import onnx
 from . import calibration
 from .analysis import DecoderStructure, analyze
 from .calibration import Calibrator
-from .errors import PerqError
+from .errors import InternalError, PerqError
 from .graph import export_structure, load_graph
 from .passes.base import Context, Pass, PassManager
 from .passes.fold_norm_gammas import FoldNormGammas
@@ -172,13 +172,14 @@ def _check_paths(model_path: pathlib.Path, output_path: pathlib.Path, graph) -> 
         raise PerqError(f"-o {output_path}: would overwrite {sorted(clash)[0]}, which belongs to the input model")
 
 
-def verify_written(path: pathlib.Path) -> None:
-    """The written model passes onnx.checker (full check) and loads in onnxruntime."""
+def verify_written(path: pathlib.Path, session_config: dict | None = None) -> None:
+    """The written model passes onnx.checker (full check) and loads in onnxruntime (with the
+    session settings its target deploys it with)."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # checker raises several types
-        raise PerqError(f"internal check of the output failed (onnx.checker): {str(exc).splitlines()[0]}") from None
-    session(path)
+        raise InternalError(f"the output fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    session(path, config=session_config)
 
 
 def optimize(model_path, output_path, settings: Settings, stats: dict | None = None, progress: bool = True,
@@ -187,7 +188,8 @@ def optimize(model_path, output_path, settings: Settings, stats: dict | None = N
     calibration, e.g. when one calibration serves many configurations; `batches` replaces the
     calibration windows that settings describe."""
     start = time.perf_counter()
-    settings = settings.validate()
+    tgt = target(settings)
+    settings = tgt.resolve(settings.validate())
     model_path, output_path = pathlib.Path(model_path), pathlib.Path(output_path)
     if not model_path.is_file():
         raise PerqError(f"{model_path}: no such file")
@@ -198,7 +200,6 @@ def optimize(model_path, output_path, settings: Settings, stats: dict | None = N
     with report.phase("analyze"):
         structure = analyze(graph)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    tgt = target(settings)
     with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=f".{output_path.name}.") as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))
         if settings.needs_calibration(stats is not None):
@@ -227,7 +228,7 @@ def optimize(model_path, output_path, settings: Settings, stats: dict | None = N
             staged.parent.mkdir()
             files = ctx.store.write_model(model, ctx.graph, staged)
             del model
-            verify_written(staged)
+            verify_written(staged, tgt.session_config())
             moves = _copy_sidecar_files(model_path.parent, output_path.parent, pathlib.Path(tmp) / "out")
             for f in files[1:]:  # external data first, the model file last
                 os.replace(f, output_path.parent / f.name)

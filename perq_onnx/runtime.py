@@ -1,6 +1,7 @@
 """onnxruntime sessions and input feeds for decoder LLMs exported by optimum."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -11,19 +12,34 @@ import onnxruntime as ort
 from .errors import PerqError
 
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
+def deploy_config(model) -> dict[str, str]:
+    """The session settings a perq-onnx output asks for (metadata ``perq.ort.session_config``,
+    written by the ort target), read without loading weights."""
+    if isinstance(model, onnx.ModelProto):
+        props = model.metadata_props
+    else:
+        props = onnx.load(str(model), load_external_data=False).metadata_props
+    value = next((p.value for p in props if p.key == "perq.ort.session_config"), None)
+    return json.loads(value) if value else {}
+
+
+def session_options(threads: int | None = None, config: dict | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
-    # DQ(int4) + MatMul fuses to MatMulNBits; accuracy level 0 keeps float activations (exact QDQ).
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    # DQ(int4) + MatMul fuses to MatMulNBits; accuracy level 0 keeps float activations (exact QDQ)
+    # unless the model's target asks for another level.
+    for key, value in {"session.qdq_matmulnbits_accuracy_level": "0", **(config or {})}.items():
+        opts.add_session_config_entry(key, value)
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
     return opts
 
 
-def session(model, threads: int | None = None, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session from a path or a ModelProto (large protos go through a file)."""
-    opts = options or session_options(threads)
+def session(model, threads: int | None = None, options: ort.SessionOptions | None = None,
+            config: dict | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session from a path or a ModelProto (large protos go through a file),
+    with the session settings the model's target recorded (or `config`)."""
+    opts = options or session_options(threads, deploy_config(model) if config is None else config)
     try:
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() < 1_900_000_000:

@@ -57,6 +57,8 @@ class Clip(Choice):
 
 class TargetName(Choice):
     SIMULATE = "simulate"
+    ORT = "ort"
+    TENSORRT = "tensorrt"
 
 
 @dataclass(frozen=True)
@@ -100,12 +102,13 @@ class Settings:
     quantize: bool = True
     target: TargetName = TargetName.SIMULATE
     w_bits: int = 4
-    w_group: int | None = None
-    a_bits: int = 4
+    w_group: int | None = None            # None: the target's default
+    a_bits: int | None = None             # None: the target's default
     a_symmetric: bool = False
     rounding: Rounding = Rounding.RTN
     w_clip: Clip = Clip.MSE
     fused_ops: bool = False
+    float_embeddings: bool = False        # keep embedding and lm_head float (ort/tensorrt quantize them)
     random_orthogonal: bool = False       # seeded random orthogonal where no Hadamard exists
     seed: int = 0
     calib_data: str | None = None
@@ -129,7 +132,7 @@ class Settings:
     def validate(self) -> "Settings":
         if self.w_bits not in (4, 8, 16):
             raise PerqError(f"--w-bits {self.w_bits}: choose 4, 8 or 16 (16 = float weights)")
-        if self.a_bits not in (4, 8, 16):
+        if self.a_bits not in (None, 4, 8, 16):
             raise PerqError(f"--a-bits {self.a_bits}: choose 4, 8 or 16 (16 = float activations)")
         for option, value in (("--w-group", self.w_group), ("--calib-samples", self.calib_samples),
                               ("--seq-len", self.seq_len), ("--threads", self.threads),
@@ -147,7 +150,7 @@ class Settings:
             raise PerqError(f"--residual-block {rb}: block sizes are powers of two")
         if self.residual_rotation is ResidualRotation.BLOCK and self.residual_block_size is None:
             raise PerqError("--residual-rotation block needs a block size: give --block N or --residual-block N")
-        if self.fused_ops and not (self.online.block and self.quantize and self.a_bits < 16):
+        if self.fused_ops and not (self.online.block and self.activations_quantized):
             raise PerqError("--fused-ops fuses the online block rotation with activation quantization: "
                             "it needs --block N and quantized activations (--a-bits 4 or 8)")
         return self
@@ -179,7 +182,7 @@ class Settings:
 
     @property
     def activations_quantized(self) -> bool:
-        return self.quantize and self.a_bits < 16
+        return self.quantize and (self.a_bits or 16) < 16
 
     def to_json(self) -> dict:
         """What goes into the output's metadata (no machine-specific settings)."""

@@ -4,26 +4,59 @@ A Target owns the quantizer form (weights: bits, granularity and layout; activat
 whether they are quantized in the graph), how the ``perq`` run-time ops appear in the output,
 and the opset / IR version. The float rewrites (R1, R2, P3, R3) are the same for every target.
 
-* ``simulate``: the research form of the paper's tables. INT-n weights as int4/int8 initializer
-  -> DequantizeLinear (per output channel or per group), INT-n activations as the dynamic
-  per-token standard-op QDQ chain in front of every decoder linear, the ``perq`` ops as
-  model-local functions (so a plain onnxruntime runs the file; the op library replaces them with
-  native kernels). Opset >= 21 (int4).
+* ``simulate``: the research form of the paper's tables. INT-n weights per output channel (or
+  per group) and INT-n activations as the dynamic per-token standard-op QDQ chain in front of
+  every decoder linear; embedding and lm_head float.
+* ``ort``: what onnxruntime runs fast. INT4 symmetric weights in blocks of 32 input rows
+  (int4 initializer -> DequantizeLinear(axis 0, block_size) -> MatMul, which onnxruntime fuses
+  into MatMulNBits), lm_head likewise, the embedding INT8 in gather-then-dequantize form;
+  activations float in the graph: MatMulNBits with accuracy_level 4 quantizes them to int8 per
+  block inside the kernel. The level is a session setting; the model records it in its metadata
+  (``perq.ort.session_config``) and ``perq_onnx.runtime.session`` applies it.
+* ``tensorrt``: TensorRT's documented form. INT4 weight-only, symmetric, no zero point, blocks of
+  128 (or 64) input rows, DequantizeLinear feeding the MatMul; optional INT8 activations as static
+  per-tensor Q/DQ (``--a-bits 8``); the online rotation inlined as standard ops (TensorRT cannot
+  load the perq op library); embedding float. ``perq-onnx check --target tensorrt`` verifies it.
+
+The perq ops of simulate and ort are model-local functions (a plain onnxruntime runs them; the
+op library replaces them with native kernels). Every target emits opset >= 21 (int4).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
+from .errors import PerqError
 from .passes.base import Context, Pass, register_functions
+from .passes.inline_ops import InlineBlockHadamard
 from .passes.quantize_activations import QuantizeActivations
+from .passes.quantize_embedding import QuantizeEmbedding
 from .passes.quantize_weights import QuantizeWeights
+from .passes.static_activation_qdq import StaticActivationQDQ
+from .rounding import WeightQuant
 from .settings import Settings, TargetName
+
+ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
     opset: int = 21
+    default_w_group: int | None = None
+    default_a_bits: int = 16
+
+    def resolve(self, settings: Settings) -> Settings:
+        """Settings with the target's defaults filled in, checked against what it supports."""
+        settings = dataclasses.replace(
+            settings, w_group=settings.w_group if settings.w_group is not None else self.default_w_group,
+            a_bits=settings.a_bits if settings.a_bits is not None else self.default_a_bits)
+        self.check(settings)
+        return settings.validate()
+
+    def check(self, settings: Settings) -> None:
+        pass
 
     def passes(self, settings: Settings) -> list[Pass]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -33,10 +66,14 @@ class Target:
         if register_functions(ctx) or ctx.min_opset:
             ctx.min_opset = max(ctx.min_opset or 0, self.opset)
 
+    def session_config(self) -> dict[str, str]:
+        return {}
+
 
 @dataclass(frozen=True)
 class Simulate(Target):
     name: str = "simulate"
+    default_a_bits: int = 4
 
     def passes(self, settings: Settings) -> list[Pass]:
         passes: list[Pass] = []
@@ -47,7 +84,68 @@ class Simulate(Target):
         return passes
 
 
-TARGETS = {TargetName.SIMULATE: Simulate()}
+@dataclass(frozen=True)
+class Ort(Target):
+    name: str = "ort"
+    default_w_group: int = 32
+
+    def check(self, settings: Settings) -> None:
+        if settings.quantize and settings.a_bits != 16:
+            raise PerqError(f"--a-bits {settings.a_bits}: the ort target leaves activations float in the graph "
+                            "(onnxruntime's MatMulNBits quantizes them to int8 inside the kernel); "
+                            "use --target simulate for quantized activations in the graph")
+        if settings.quantize and settings.w_bits != 4:
+            raise PerqError(f"--w-bits {settings.w_bits}: the ort target emits INT4 weights (MatMulNBits)")
+
+    def passes(self, settings: Settings) -> list[Pass]:
+        if not settings.quantize:
+            return []
+        head = None if settings.float_embeddings else settings.weight_form
+        passes: list[Pass] = [QuantizeWeights(settings.weight_form, settings.rounding, lm_head=head)]
+        if not settings.float_embeddings:
+            passes.append(QuantizeEmbedding())
+        return passes
+
+    def lower(self, ctx: Context) -> None:
+        super().lower(ctx)
+        ctx.metadata["perq.ort.session_config"] = json.dumps(ORT_SESSION_CONFIG)
+
+    def session_config(self) -> dict[str, str]:
+        return dict(ORT_SESSION_CONFIG)
+
+
+@dataclass(frozen=True)
+class TensorRT(Target):
+    name: str = "tensorrt"
+    default_w_group: int = 128
+
+    def check(self, settings: Settings) -> None:
+        if settings.quantize and settings.w_bits != 4:
+            raise PerqError(f"--w-bits {settings.w_bits}: the tensorrt target emits INT4 weight-only blocks")
+        if settings.quantize and settings.w_group not in (64, 128):
+            raise PerqError(f"--w-group {settings.w_group}: TensorRT's INT4 blocks are 64 or 128 input rows")
+        if settings.quantize and settings.a_bits not in (8, 16):
+            raise PerqError(f"--a-bits {settings.a_bits}: TensorRT's INT4 is weight-only; activations are "
+                            "float (16) or INT8 static Q/DQ (8)")
+        if settings.fused_ops:
+            raise PerqError("--fused-ops emits a perq op that TensorRT cannot load; drop it for --target tensorrt")
+        if settings.online.full:
+            pass  # a plain MatMul: fine
+
+    def passes(self, settings: Settings) -> list[Pass]:
+        passes: list[Pass] = []
+        if settings.online.block is not None:
+            passes.append(InlineBlockHadamard())
+        if not settings.quantize:
+            return passes
+        head = None if settings.float_embeddings else settings.weight_form
+        passes.append(QuantizeWeights(settings.weight_form, settings.rounding, lm_head=head))
+        if settings.a_bits == 8:
+            passes.append(StaticActivationQDQ())
+        return passes
+
+
+TARGETS = {TargetName.SIMULATE: Simulate(), TargetName.ORT: Ort(), TargetName.TENSORRT: TensorRT()}
 
 
 def target(settings: Settings) -> Target:

@@ -72,12 +72,14 @@ def test_optimize_with_text_calibration_and_verify(tiny_models, tmp_path):
              "--seq-len", "64", "--block", "32", "--residual-rotation", "block")
     assert r.returncode == 0, r.stderr
     assert "RotateResidual" in r.stdout and "PermuteMLP" in r.stdout
-    ok = perq("verify", model, out)
-    assert ok.returncode == 0 and "within tolerance" in ok.stdout
+    ok = perq("verify", model, out, "--tolerance", "1e-4")
+    assert ok.returncode == 0 and "within tolerance" in ok.stdout and "top-1 agreement 100.00%" in ok.stdout
     q = tmp_path / "q.onnx"
     assert perq("optimize", model, "-o", q, "--block", "16").returncode == 0
-    bad = perq("verify", model, q)
+    bad = perq("verify", model, q, "--tolerance", "1e-4")
     assert bad.returncode == 1 and "ABOVE" in bad.stdout
+    report = perq("verify", model, q, "--text", text, "--seq-len", "64")  # agreement only: exit 0
+    assert report.returncode == 0 and "top-1 agreement" in report.stdout and "KL" in report.stdout
     assert relative_difference(model, out, random_ids()) < 1e-4
     # the tokenizer travels with the output, so eval needs no --tokenizer
     r = perq("eval", q, text, "--seq-len", "32", "--max-windows", "2")

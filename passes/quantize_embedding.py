@@ -1,0 +1,39 @@
+"""INT8 token embedding in gather-then-dequantize form (standard ops).
+
+The [vocab, hidden] table becomes int8 codes with one symmetric scale per row (per token):
+``E[t] ~ codes[t] * scale[t]``. The graph gathers first and dequantizes only the gathered rows:
+Gather(codes, ids) -> Cast(float) -> Mul(Unsqueeze(Gather(scale, ids), -1)), so no run pays for
+dequantizing the whole table. The embedding's consumers read the Mul's output instead.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import Context, Pass, PassResult
+
+
+class QuantizeEmbedding(Pass):
+    def run(self, ctx: Context) -> PassResult:
+        gather = ctx.node(ctx.structure.embedding)
+        table = np.asarray(ctx.constant(gather.name, 0), dtype=np.float32)
+        amax = np.abs(table).max(axis=1)
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        codes = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+        err = float(((codes * scale[:, None] - table) ** 2).sum() / max((table ** 2).sum(), 1e-30))
+        ids, out = gather.inputs[1], gather.outputs[0]
+        name = gather.name
+        q_rows = gs.Variable(f"{name}/rows_int8", dtype=np.int8)
+        rows = gs.Variable(f"{name}/rows", dtype=table.dtype)
+        s_rows = gs.Variable(f"{name}/row_scales", dtype=np.float32)
+        s_cols = gs.Variable(f"{name}/row_scales_unsqueezed", dtype=np.float32)
+        gather.inputs[0] = ctx.store.constant("embed_tokens.int8", codes)
+        gather.outputs[0] = q_rows
+        ctx.add(gs.Node("Cast", f"{name}/to_float", {"to": 1}, [q_rows], [rows]))
+        ctx.add(gs.Node("Gather", f"{name}/scales", {"axis": 0}, [ctx.store.constant("embed_tokens.scale", scale), ids],
+                        [s_rows]))
+        ctx.add(gs.Node("Unsqueeze", f"{name}/scales_unsqueeze", {},
+                        [s_rows, gs.Constant(f"{name}/last_axis", np.array([-1], np.int64))], [s_cols]))
+        ctx.add(gs.Node("Mul", f"{name}/dequantize", {}, [rows, s_cols], [out]))
+        return PassResult(f"INT8 embedding (per-token scales, gathered before dequantization), "
+                          f"relative error {err:.2e}", {"embedding_rel_error": err})

@@ -1,0 +1,102 @@
+"""Each deployment target's output: its structure in the file, what onnxruntime makes of it, and
+(for tensorrt) the documented-constraints checker."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from perq_onnx.check import check_tensorrt
+from perq_onnx.errors import PerqError
+from perq_onnx.evaluate import compare_logits
+from perq_onnx.pipeline import optimize
+from perq_onnx.runtime import deploy_config, session_options
+from perq_onnx.settings import Settings
+
+from conftest import random_ids
+
+CALIB = dict(calib_samples=2, seq_len=32)
+
+
+def optimized_graph(path, tmp_path, config) -> onnx.ModelProto:
+    """The graph onnxruntime runs after its EXTENDED optimizations, with the model's session settings."""
+    opts = session_options(config=config)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "ort_optimized.onnx"))
+
+
+@pytest.fixture(scope="module")
+def ort_output(tiny_models, tmp_path_factory):
+    path = tiny_models("llama", past=True)
+    out = tmp_path_factory.mktemp("ort") / "model.onnx"
+    optimize(path, out, Settings.parse(block="16", target="ort", **CALIB), progress=False)
+    return path, out
+
+
+def test_ort_target_fuses_every_weight_into_matmulnbits(ort_output, tmp_path):
+    _, out = ort_output
+    config = deploy_config(out)
+    assert config == {"session.qdq_matmulnbits_accuracy_level": "4"}
+    model = onnx.load(str(out))
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 2 * 7 + 1  # every decoder linear and lm_head
+    assert all(dict((a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute).get("block_size") == 32
+               for n in dq)
+    assert not [n for n in model.graph.node if n.op_type == "QuantizeLinear"]  # activations float in the graph
+    fused = optimized_graph(out, tmp_path, config)
+    nbits = [n for n in fused.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 15
+    levels = {onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert not [n for n in fused.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("quantized")]
+
+
+def test_ort_target_embedding_is_int8_gathered_first(ort_output):
+    path, out = ort_output
+    model = onnx.load(str(out))
+    inits = {i.name: i for i in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
+    assert len(gathers) == 1 and len(inits[gathers[0].input[0]].dims) == 2
+    d = compare_logits(path, out, ids=random_ids())
+    assert d.top1 > 0.5 and d.cosine > 0.9  # a 4-bit model of a random tiny net: loose, but not broken
+
+
+def test_ort_target_refuses_activation_bits(tiny_models, tmp_path):
+    with pytest.raises(PerqError, match="ort target leaves activations"):
+        optimize(tiny_models("llama"), tmp_path / "x.onnx", Settings.parse(target="ort", a_bits=4), progress=False)
+
+
+@pytest.mark.parametrize("a_bits", [16, 8])
+def test_tensorrt_target_passes_the_checker_and_runs(tiny_models, tmp_path, a_bits):
+    path = tiny_models("llama", past=True)
+    out = tmp_path / "trt.onnx"
+    optimize(path, out, Settings.parse(block="16", target="tensorrt", a_bits=a_bits, **CALIB), progress=False)
+    assert check_tensorrt(out) == []
+    model = onnx.load(str(out))
+    assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")] and not model.functions
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(q) == (2 * 4 if a_bits == 8 else 0)
+    d = compare_logits(path, out, ids=random_ids())
+    assert d.top1 > 0.5 and d.cosine > 0.9
+
+
+def test_tensorrt_target_float_rewrite_is_exact(tiny_models, tmp_path):
+    """Inlining the online rotation as standard ops changes nothing."""
+    path = tiny_models("llama")
+    out = tmp_path / "trt-float.onnx"
+    optimize(path, out, Settings.parse(block="16", target="tensorrt", quantize=False, **CALIB), progress=False)
+    assert compare_logits(path, out, ids=random_ids()).relative < 1e-4
+    assert not onnx.load(str(out)).functions
+
+
+def test_tensorrt_target_refuses_what_tensorrt_cannot_run(tiny_models, tmp_path):
+    for kwargs, match in ((dict(w_group=32), "64 or 128"), (dict(a_bits=4), "weight-only")):
+        with pytest.raises(PerqError, match=match):
+            optimize(tiny_models("llama"), tmp_path / "x.onnx", Settings.parse(target="tensorrt", **kwargs),
+                     progress=False)
