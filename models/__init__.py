@@ -1,6 +1,7 @@
 """Model recipes: a name the CLI accepts in place of an .onnx path, built and cached on first use.
 
-``resolve("smollm2")`` builds (once) and returns the fp32 ONNX export of SmolLM2-135M-Instruct;
+``resolve("smollm2")`` builds (once) and returns the fp32 ONNX export of SmolLM2-135M-Instruct
+(``"smollm2-with-past"``: the export with KV-cache inputs and outputs, for generation);
 ``resolve("path/to/model.onnx")`` returns that path unchanged. ``tiny`` holds the random-weight
 test models (not a recipe: they are exported into a directory the caller chooses).
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from perq_onnx.errors import PerqError
 
-RECIPES = ("smollm2",)
+RECIPES = ("smollm2", "smollm2-with-past")
 
 
 def resolve(name_or_path: str) -> Path:
@@ -24,10 +25,10 @@ def resolve(name_or_path: str) -> Path:
         if path.is_file():
             return path
         raise PerqError(f"model {arg!r}: no such ONNX file")
-    if arg == "smollm2":
+    if arg in RECIPES:
         from perq_onnx.models import smollm2
 
-        return smollm2.onnx_path()
+        return smollm2.onnx_path(with_past=arg.endswith("-with-past"))
     if path.is_dir() and (path / "model.onnx").is_file():
         hint = f" (did you mean {path / 'model.onnx'}?)"
     elif path.exists():
