@@ -150,7 +150,7 @@ class Settings:
             raise PerqError(f"--residual-block {rb}: block sizes are powers of two")
         if self.residual_rotation is ResidualRotation.BLOCK and self.residual_block_size is None:
             raise PerqError("--residual-rotation block needs a block size: give --block N or --residual-block N")
-        if self.fused_ops and not (self.online.block and self.activations_quantized):
+        if self.fused_ops and not (self.online.block and self.quantize and (self.a_bits or 4) < 16):
             raise PerqError("--fused-ops fuses the online block rotation with activation quantization: "
                             "it needs --block N and quantized activations (--a-bits 4 or 8)")
         return self

@@ -33,6 +33,7 @@ from .errors import PerqError
 EMBED_LIMIT = 1_800_000_000   # bytes of initializers above which outputs use external data
 ALIGN = 4096
 SCRATCH = "perq-scratch.bin"
+SUB_BYTE = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 
 
 class FileValues(LazyValues):
@@ -108,8 +109,16 @@ def map_external(graph: gs.Graph, base: pathlib.Path) -> None:
                 value.data_location = None  # else gs would export it as external data
 
 
-def _raw_proto(name: str, array: np.ndarray) -> onnx.TensorProto:
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+def _raw(array: np.ndarray) -> tuple[onnx.TensorProto, memoryview | bytes]:
+    """A data-less TensorProto (name, type, dims) for array and the bytes to store: the array's
+    own buffer (no copy) for byte-sized types, packed bytes for sub-byte ones (int4)."""
+    array = np.ascontiguousarray(array)
+    proto = onnx.TensorProto()
+    proto.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    proto.dims.extend(array.shape)
+    if proto.data_type in SUB_BYTE:
+        return proto, numpy_helper.from_array(array).raw_data
+    return proto, memoryview(array).cast("B")
 
 
 class WeightStore:
@@ -121,7 +130,7 @@ class WeightStore:
         self.scratch.touch()
         self._names: set[str] = set()
 
-    def _append(self, data: bytes) -> int:
+    def _append(self, data) -> int:
         with open(self.scratch, "ab") as f:
             offset = f.seek(0, os.SEEK_END)
             pad = -offset % ALIGN
@@ -142,11 +151,12 @@ class WeightStore:
         name = self.unique(name)
         array = np.asarray(array)
         if array.nbytes < 1024:
+            if onnx.helper.np_dtype_to_tensor_dtype(array.dtype) in SUB_BYTE:  # gs would not pack it
+                return gs.Constant(name, LazyValues(numpy_helper.from_array(np.ascontiguousarray(array), name)))
             return gs.Constant(name, np.ascontiguousarray(array))
-        proto = _raw_proto(name, array)
-        data = proto.raw_data
+        proto, data = _raw(array)
+        proto.name = name
         offset = self._append(data)
-        proto.ClearField("raw_data")
         proto.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", SCRATCH), ("offset", str(offset)), ("length", str(len(data)))):
             entry = proto.external_data.add()
@@ -160,10 +170,11 @@ class WeightStore:
         values = old._values if isinstance(old, gs.Constant) else None
         array = np.ascontiguousarray(array)
         if isinstance(values, FileValues) and values.path == self.scratch and len(old.outputs) <= 1 \
-                and array.dtype == values.load().dtype and array.nbytes == values.length:
+                and onnx.helper.np_dtype_to_tensor_dtype(array.dtype) == values.tensor.data_type \
+                and array.nbytes == values.length:
             with open(self.scratch, "r+b") as f:
                 f.seek(values.offset)
-                f.write(array.tobytes())
+                f.write(memoryview(array).cast("B"))
             values.tensor.dims[:] = array.shape
             values.shape = tuple(array.shape)
             return old

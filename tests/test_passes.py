@@ -236,13 +236,8 @@ def test_quantize_weights_rtn(mha, tmp_path, group):
     assert 1e-4 < diff < 0.5
 
 
-INT4_BELOW_1024 = ("core bug: WeightStore.constant keeps arrays under 1024 bytes in memory as a numpy "
-                   "ml_dtypes.int4 gs.Constant, which onnx-graphsurgeon exports unpacked (1 byte per code), "
-                   "so export fails for any int4 weight with < 1024 codes (here GQA k/v_proj, 32 x 16)")
 
-
-@pytest.mark.parametrize("kv_heads", [2, pytest.param(1, marks=pytest.mark.xfail(
-    strict=True, raises=ValueError, reason=INT4_BELOW_1024))], ids=["mha", "gqa"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])
 def test_quantized_pipeline_through_optimize(tmp_path, kv_heads):
     """The whole pipeline with fused activation quantization writes a model that runs."""
     path = build_decoder(tmp_path / "model.onnx", kv_heads=kv_heads)
