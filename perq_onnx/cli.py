@@ -186,8 +186,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary files are removed on the way out
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    import signal
+    try:
+        signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread (embedded use)
+        pass
     try:
         return args.func(args)
     except PerqError as exc:

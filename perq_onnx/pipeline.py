@@ -172,6 +172,27 @@ def _check_paths(model_path: pathlib.Path, output_path: pathlib.Path, graph) -> 
         raise PerqError(f"-o {output_path}: would overwrite {sorted(clash)[0]}, which belongs to the input model")
 
 
+@contextlib.contextmanager
+def _no_interruptions():
+    """Hold SIGINT/SIGTERM for the few renames that publish an output, so that an interrupt
+    never leaves a model without its data or sidecar files (delivered right after)."""
+    import signal
+    held = {}
+    received = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            held[sig] = signal.signal(sig, lambda number, frame: received.append(number))
+        except ValueError:  # not the main thread: nothing to hold
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+        for number in received:
+            signal.raise_signal(number)
+
+
 def verify_written(path: pathlib.Path, session_config: dict | None = None) -> None:
     """The written model passes onnx.checker (full check) and loads in onnxruntime (with the
     session settings its target deploys it with)."""
@@ -184,9 +205,18 @@ def verify_written(path: pathlib.Path, session_config: dict | None = None) -> No
 
 def optimize(model_path, output_path, settings: Settings, stats: dict | None = None, progress: bool = True,
              batches: np.ndarray | None = None) -> Report:
-    """Run PeRQ on model_path and write output_path. `stats` (from collect_stats) skips
-    calibration, e.g. when one calibration serves many configurations; `batches` replaces the
-    calibration windows that settings describe."""
+    """Run PeRQ on model_path and write output_path. `stats` (from calibrate) skips calibration,
+    e.g. when one calibration serves many configurations; `batches` replaces the calibration
+    windows that settings describe. File system failures (read-only, full, size limits) are user
+    errors naming the output; nothing is left behind."""
+    try:
+        return _optimize(model_path, output_path, settings, stats, progress, batches)
+    except OSError as exc:
+        where = exc.filename or output_path
+        raise PerqError(f"{where}: {exc.strerror or exc}") from None
+
+
+def _optimize(model_path, output_path, settings, stats, progress, batches) -> Report:
     start = time.perf_counter()
     tgt = target(settings)
     settings = tgt.resolve(settings.validate())
@@ -230,10 +260,9 @@ def optimize(model_path, output_path, settings: Settings, stats: dict | None = N
             del model
             verify_written(staged, tgt.session_config())
             moves = _copy_sidecar_files(model_path.parent, output_path.parent, pathlib.Path(tmp) / "out")
-            for f in files[1:]:  # external data first, the model file last
-                os.replace(f, output_path.parent / f.name)
-            os.replace(files[0], output_path)
-            for src, dst in moves:
-                os.replace(src, dst)
+            moves += [(f, output_path.parent / f.name) for f in files[1:]] + [(files[0], output_path)]
+            with _no_interruptions():  # sidecars and external data first, the model file last
+                for src, dst in moves:
+                    os.replace(src, dst)
     report.seconds = time.perf_counter() - start
     return report

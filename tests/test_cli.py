@@ -104,3 +104,19 @@ def test_eval_perplexity(tiny_models, tmp_path):
     assert r.returncode == 0, r.stderr
     ppl = float(r.stdout.split()[1])
     assert 1.0 < ppl < 2000 and "3 windows x 32" in r.stdout
+
+
+def test_file_size_limit_is_a_clean_error(tiny_models, tmp_path):
+    """A file system that refuses the output (here a file-size limit) is a one-line user error
+    and leaves nothing behind."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    out = tmp_path / "out.onnx"
+    r = subprocess.run([sys.executable, "-m", "perq_onnx.cli", "optimize", str(tiny_models("llama")), "-o", str(out),
+                        "--no-quant", "--calib-samples", "1", "--seq-len", "8"],
+                       capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    assert_clean_failure(r, out, "File too large")
+    assert list(tmp_path.iterdir()) == []
