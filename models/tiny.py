@@ -127,8 +127,14 @@ def build_tokenizer():
     )
 
 
-def export_tiny(arch: str, out_dir: Path, with_past: bool, tied: bool, seed: int = 0) -> Path:
-    """Export the tiny ``arch`` model to ``out_dir/model.onnx`` (tokenizer beside it); return that path."""
+def export_tiny(arch: str, out_dir: Path, with_past: bool, tied: bool, seed: int = 0,
+                opset: int | None = None, dtype: str | None = None) -> Path:
+    """Export the tiny ``arch`` model to ``out_dir/model.onnx`` (tokenizer beside it); return that path.
+
+    ``opset`` is passed to optimum (default: optimum's choice, 14 for these architectures in
+    optimum 2.x unless it raises it); ``dtype`` ("fp16", "bf16") to optimum's ``--dtype`` (optimum
+    refuses fp16 on CPU, so it is only useful on a GPU machine; the tests convert fp32 exports
+    with onnxruntime's float16 converter instead)."""
     if arch not in ARCHS:
         raise PerqError(f"export_tiny: arch {arch!r} is not one of {', '.join(ARCHS)}")
     out_dir = Path(out_dir)
@@ -154,6 +160,8 @@ def export_tiny(arch: str, out_dir: Path, with_past: bool, tied: bool, seed: int
                 no_post_process=True,
                 do_validation=False,
                 local_files_only=True,
+                **({"opset": opset} if opset is not None else {}),
+                **({"dtype": dtype} if dtype is not None else {}),
             )
         if not (staging / "model.onnx").exists():
             raise PerqError(f"export_tiny: optimum wrote no model.onnx for {arch} in {staging}")

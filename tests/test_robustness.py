@@ -1,0 +1,113 @@
+"""Inputs that used to produce invalid models or run slowly: old opsets (optimum --opset 14 / 17),
+data-free calibration with a KV cache, tokenizers whose ids exceed the model's vocabulary."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+import pytest
+
+from perq_onnx import calibration
+from perq_onnx.errors import PerqError
+from perq_onnx.graph import load_graph
+from perq_onnx.models.tiny import export_tiny
+from perq_onnx.pipeline import optimize
+from perq_onnx.runtime import session
+from perq_onnx.settings import Settings
+from perq_onnx.weights import read
+
+from conftest import random_ids, relative_difference
+
+TOL = 1e-4
+QUICK = dict(calib_samples=1, seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def old_opset_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("opsets")
+    return {v: export_tiny("llama", root / f"llama-opset{v}", with_past=False, tied=False, opset=v) for v in (14, 17)}
+
+
+def _default_opset(path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+# ------------------------------------------------------------------------------ old opsets
+
+@pytest.mark.parametrize("opset", [14, 17])
+def test_old_opset_no_quant_exact(old_opset_models, tmp_path, opset):
+    path = old_opset_models[opset]
+    assert _default_opset(path) == opset
+    out = tmp_path / "out.onnx"
+    optimize(path, out, Settings.parse(block="32", quantize=False, **QUICK), progress=False)
+    onnx.checker.check_model(str(out), full_check=True)
+    model = onnx.load(str(out))
+    assert _default_opset(out) == 21
+    assert all(o.version == 21 for f in model.functions for o in f.opset_import if o.domain in ("", "ai.onnx"))
+    assert not [n for n in model.graph.node if n.op_type == "ReduceMean" and any(a.name == "axes" for a in n.attribute)]
+    assert relative_difference(path, out, random_ids()) < TOL
+
+
+@pytest.mark.parametrize("opset", [14, 17])
+def test_old_opset_quantized_valid(old_opset_models, tmp_path, opset):
+    path = old_opset_models[opset]
+    out = tmp_path / "out.onnx"
+    optimize(path, out, Settings.parse(block="32", **QUICK), progress=False)
+    onnx.checker.check_model(str(out), full_check=True)
+    assert _default_opset(out) == 21
+    la = session(out).run(["logits"], {"input_ids": random_ids(), "attention_mask": np.ones((2, 24), np.int64),
+                                       "position_ids": np.tile(np.arange(24), (2, 1))})[0]
+    assert np.isfinite(la).all()
+
+
+def test_conversion_never_sees_weights(old_opset_models, monkeypatch):
+    """The version converter gets a weightless skeleton (embedded weights are not copied)."""
+    seen = {}
+    real = onnx.version_converter.convert_version
+
+    def spy(model, version):
+        seen["bytes"] = sum(len(t.raw_data) + len(t.float_data) for t in model.graph.initializer)
+        seen["count"] = len(model.graph.initializer)
+        return real(model, version)
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", spy)
+    graph = load_graph(old_opset_models[14])
+    assert seen["count"] > 0 and seen["bytes"] == 0
+    assert graph.opset == 21
+    embed = graph.tensors()["model.embed_tokens.weight"]
+    assert tuple(embed.shape) == (512, 128) and np.abs(np.asarray(read(embed))).sum() > 0
+
+
+def test_conversion_failure_refused(old_opset_models, monkeypatch):
+    def broken(model, version):
+        raise RuntimeError("No Adapter For Frobnicate")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", broken)
+    with pytest.raises(PerqError, match=r"from opset 14 to opset 21 .*: No Adapter For Frobnicate; re-export it with --opset 21"):
+        load_graph(old_opset_models[14])
+
+
+def test_conversion_touching_a_weight_refused(old_opset_models, monkeypatch):
+    real = onnx.version_converter.convert_version
+
+    def rewrites(model, version):
+        out = real(model, version)
+        t = out.graph.initializer[0]
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        return out
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", rewrites)
+    with pytest.raises(PerqError, match="rewrote weight"):
+        load_graph(old_opset_models[17])
+
+
+def test_old_opset_cli_does_not_touch_input(old_opset_models, tmp_path):
+    from perq_onnx.cli import main
+    path = old_opset_models[14]
+    before = path.read_bytes()
+    assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--no-quant", "--calib-samples", "1",
+                 "--seq-len", "16"]) in (0, None)
+    assert path.read_bytes() == before
