@@ -18,7 +18,7 @@ import onnx_graphsurgeon as gs
 from perq_onnx.errors import PerqError
 from perq_onnx.functions import (BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, QDQ_TYPES,
                                  block_hadamard_quantize_function, emit_activation_qdq)
-from perq_onnx.graph import producer
+from perq_onnx.graph import constant_shape, producer
 
 from .base import ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, ONLINE_ROTATION, Context, Pass, PassResult
 
@@ -37,6 +37,21 @@ class GraphEmitter:
         out = output if isinstance(output, gs.Tensor) else gs.Variable(output or f"{self.prefix}/{hint}_output")
         self.ctx.add(gs.Node(op_type, f"{self.prefix}/{hint}", attrs, list(inputs), [out]))
         return out
+
+
+def input_dtype(ctx: Context, lin, x: gs.Tensor) -> np.dtype:
+    """The float type of a linear's input: its weight's (MatMul needs both the same; a float16
+    export may run attention, and so o_proj, in float32), through a weight DequantizeLinear's
+    scale, else x's inferred type, else the graph's."""
+    w = ctx.node(lin.name).inputs[1]
+    meta = constant_shape(w)
+    if meta is None and (dq := producer(w)) is not None and dq.op == "DequantizeLinear":
+        meta = constant_shape(dq.inputs[1])
+    if meta is not None and np.issubdtype(meta[1], np.floating):
+        return np.dtype(meta[1])
+    if x.dtype is not None and np.issubdtype(np.dtype(x.dtype), np.floating):
+        return np.dtype(x.dtype)
+    return ctx.structure.dtype
 
 
 class QuantizeActivations(Pass):
@@ -62,7 +77,7 @@ class QuantizeActivations(Pass):
                                     "output": x.name, "fused": True})
                     continue
                 y = emit_activation_qdq(GraphEmitter(ctx, prefix), x, self.bits, self.symmetric,
-                                        output=f"{prefix}/output")
+                                        output=f"{prefix}/output", dtype=input_dtype(ctx, linears[0], x))
                 for lin in linears:
                     ctx.node(lin.name).inputs[0] = y
                 records.append({"layer": layer.index, "linear": kind, "input": x.name, "output": y.name})

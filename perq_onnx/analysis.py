@@ -19,6 +19,7 @@ the node's name and the reason.
 """
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -145,6 +146,11 @@ class DecoderStructure:
     final_norm: RMSNorm
     lm_head: Linear
     writers: tuple[Linear, ...]
+    float_type: int = 1            # ONNX type of the residual stream (1 float32, 10 float16, 11 float64)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype({1: np.float32, 10: np.float16, 11: np.float64}[self.float_type])
 
     @property
     def hidden_size(self) -> int:
@@ -251,11 +257,32 @@ def _only_reader(tensor: gs.Tensor, reader: gs.Node, what: str) -> None:
         raise AnalysisError(others[0], f"reads {what} ('{tensor.name}'), which the rewrite changes")
 
 
-LOSSLESS_CASTS = {1, 11}  # float32, float64: a Cast the rotated values pass through unchanged
+# Casts the rewritten values may pass through, by the graph's float type (the token-embedding
+# table's, i.e. the residual stream's): a Cast to a type at least as precise as the graph's own.
+# In a float32 graph that is float32/float64 -- exact, so the rewrite is exact to float32 rounding.
+# In a float16 graph (optimum --dtype fp16 computes RMSNorm in float32: Cast up, normalize, Cast
+# back to float16; onnxruntime's float16 converter keeps everything in float16) a Cast back to
+# float16 rounds exactly as every float16 op of the graph does: a rotation changes *which* values
+# are rounded, so the rewritten float16 model equals its input to float16 rounding noise (of the
+# order of the input's own deviation from its float32 original), not bit for bit. Narrower
+# Casts (float32 -> float16/bfloat16 in a float32 graph, float16 -> bfloat16) round in the
+# original channel basis at a precision below the graph's and are refused.
+FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
+LOSSLESS_CASTS = {1: {1, 11}, 10: {10, 1, 11}, 11: {11}}  # graph float type -> allowed Cast targets
+_NP_TO_ONNX = {np.dtype(np.float32): 1, np.dtype(np.float16): 10, np.dtype(np.float64): 11}
+_graph_float: ContextVar[int] = ContextVar("graph_float", default=1)
+
+
+def float_type(dtype) -> int | None:
+    """The ONNX type number of a numpy float dtype (bfloat16 from ml_dtypes included), else None."""
+    dtype = np.dtype(dtype)
+    if dtype in _NP_TO_ONNX:
+        return _NP_TO_ONNX[dtype]
+    return 16 if dtype.name == "bfloat16" else None
 
 
 def _lossless_cast(node: gs.Node) -> bool:
-    return node.op == "Cast" and node.attrs.get("to") in LOSSLESS_CASTS
+    return node.op == "Cast" and node.attrs.get("to") in LOSSLESS_CASTS[_graph_float.get()]
 
 
 def _check_last_axis_mean(mean: gs.Node, x: gs.Tensor) -> None:
@@ -343,7 +370,7 @@ def _find_embedding(graph: gs.Graph) -> gs.Node:
     for node in graph.nodes:
         if node.op == "Gather" and node.attrs.get("axis", 0) == 0:
             table = constant_shape(node.inputs[0])
-            if table is not None and len(table[0]) == 2 and np.issubdtype(table[1], np.floating) \
+            if table is not None and len(table[0]) == 2 and float_type(table[1]) is not None \
                     and from_input(node.inputs[1]):
                 found.append(node)
     if len(found) != 1:
@@ -351,6 +378,24 @@ def _find_embedding(graph: gs.Graph) -> gs.Node:
             "no decoder layers found: expected exactly one token-embedding Gather (a float "
             f"[vocab, hidden] table indexed by a graph input), found {len(found)}")
     return found[0]
+
+
+def _writer(tensor: gs.Tensor, add: gs.Node):
+    """(linear, the Cast outputs in between) when tensor, added to the residual stream by `add`, is
+    a linear layer's output, possibly through lossless Casts (optimum's float16 exports cast
+    down_proj's float16 output up to a float32 residual stream); None otherwise. Each tensor on
+    the way must have no other reader."""
+    chain, node = [tensor], producer(tensor)
+    while node is not None and _lossless_cast(node):
+        chain.append(node.inputs[0])
+        node = producer(node.inputs[0])
+    lin = _linear_producing(chain[-1])
+    if lin is None:
+        return None
+    readers = [add] + [producer(t) for t in chain[:-1]]
+    for t, reader in zip(chain, readers):
+        _only_reader(t, reader, "the output of a linear layer writing to the residual stream")
+    return lin, {t.name for t in chain[:-1]}
 
 
 def _follow_residual(graph: gs.Graph, embedding: gs.Node):
@@ -378,9 +423,10 @@ def _follow_residual(graph: gs.Graph, embedding: gs.Node):
                 continue
             if c.op == "Identity" or _lossless_cast(c):
                 push(c.outputs[0])
-            elif c.op == "Add" and (lin := _linear_producing(_other(c, t))) is not None:
-                _only_reader(_other(c, t), c, "the output of a linear layer writing to the residual stream")
+            elif c.op == "Add" and (found := _writer(_other(c, t), c)) is not None:
+                lin, casts = found
                 writers.append(lin)
+                changed |= casts
                 push(c.outputs[0])
             elif c.op in ("Pow", "Mul", "Div"):
                 if norm is None:  # its other nodes reading t are claimed and skipped
@@ -578,10 +624,28 @@ def _refuse_overridable(view: GraphView, structure: DecoderStructure) -> None:
                                       "run time), so it cannot be rewritten")
 
 
+def _graph_float_type(embedding: gs.Node) -> int:
+    """The graph's float type (its embedding table's); bfloat16 is refused."""
+    kind = float_type(constant_shape(embedding.inputs[0])[1])
+    if kind == 16:
+        raise AnalysisError(embedding, "the model is bfloat16: onnxruntime's CPU provider has no bfloat16 "
+                                       "MatMul/Mul/Add kernels, so perq-onnx can neither calibrate nor check the "
+                                       "rewrite; export the model in float32 or float16")
+    return kind
+
+
 def analyze(graph: gs.Graph) -> DecoderStructure:
     """Recognise the decoder structure of graph or raise AnalysisError / PerqError."""
-    view = GraphView(graph)
     embedding = _find_embedding(graph)
+    token = _graph_float.set(_graph_float_type(embedding))
+    try:
+        return _analyze(graph, embedding)
+    finally:
+        _graph_float.reset(token)
+
+
+def _analyze(graph: gs.Graph, embedding: gs.Node) -> DecoderStructure:
+    view = GraphView(graph)
     norms, writers, changed = _follow_residual(graph, embedding)
     norms.sort(key=lambda n: min(view.order[name] for name in n.nodes))
     if len(norms) < 3 or len(norms) % 2 == 0:
@@ -605,6 +669,7 @@ def analyze(graph: gs.Graph) -> DecoderStructure:
     changed |= {t.name for w in writers for t in view.by_name[w.name].outputs} | {w.output for w in writers}
     _refuse_changed_outputs(graph, changed, value_caches)
     vocab = constant_shape(embedding.inputs[0])[0][0]
-    structure = DecoderStructure(embedding.name, vocab, tuple(layers), final, final.readers[0], tuple(writers))
+    structure = DecoderStructure(embedding.name, vocab, tuple(layers), final, final.readers[0], tuple(writers),
+                                 _graph_float.get())
     _refuse_overridable(view, structure)
     return structure

@@ -7,7 +7,9 @@ the custom-op library's tests):
   channels of the last axis multiplied by the orthonormal Sylvester Hadamard H_b (H_b[i, j] =
   (-1)^popcount(i & j) / sqrt(b)). Body: Shape -> Reshape [-1, b] -> MatMul(H_b) -> Reshape.
 * The dynamic per-token activation quantize-dequantize (over the last axis), asymmetric or
-  symmetric, n bits, in exactly this order of float32 operations:
+  symmetric, n bits, in exactly this order of float32 operations (in a float16 graph the same
+  operations in float16, with float16 constants and EPS = 2^-14; a function body computes in
+  float32 between Cast(X, float) and CastLike(Y, X)):
 
   asymmetric (qmax = 2^n - 1):
       lo = Min(ReduceMin(x), 0); hi = Max(ReduceMax(x), 0)
@@ -82,20 +84,40 @@ def emit_block_hadamard(e, x, block_size: int, output=None):
     return e.op("Reshape", [rotated, shape], "unblocked", output=output)
 
 
-def emit_activation_qdq(e, x, bits: int, symmetric: bool, output=None):
-    """Dynamic per-token (last axis) fake quantization of x, as documented in the module."""
-    one = e.const(np.array(1.0, np.float32), "one")
+def activation_eps(dtype) -> float:
+    """EPS, raised to the smallest normal number of dtype where EPS would underflow (float16:
+    2^-14; float32 keeps 1e-8)."""
+    return float(max(EPS, np.finfo(dtype).tiny))
+
+
+def emit_activation_qdq(e, x, bits: int, symmetric: bool, output=None, dtype=None):
+    """Dynamic per-token (last axis) fake quantization of x, as documented in the module.
+
+    dtype: x's float type, when the caller knows it (graph nodes): the chain's constants, and so
+    its scales and zero points, are of that type (float16 models get a float16 chain, EPS raised
+    to float16's smallest normal). Without it (a function body, which serves every input type)
+    the chain runs in float32 between a Cast of x and a CastLike back to x's type, with the
+    float32 constants documented above; for float32 inputs both are identities."""
+    if dtype is None:
+        x32 = e.op("Cast", [x], "x_float", to=TensorProto.FLOAT)
+        y32 = _qdq(e, x32, bits, symmetric, np.dtype(np.float32), None)
+        return e.op("CastLike", [y32, x], "y_like_x", output=output)
+    return _qdq(e, x, bits, symmetric, np.dtype(dtype), output)
+
+
+def _qdq(e, x, bits: int, symmetric: bool, dtype: np.dtype, output):
+    one = e.const(np.array(1.0, dtype), "one")
     zp_int = e.const(zero_point(bits, symmetric), "zero_point")
-    eps = e.const(np.array(EPS, np.float32), "eps")
+    eps = e.const(np.array(activation_eps(dtype), dtype), "eps")
     axes = e.const(np.array([-1], np.int64), "last_axis")
     if symmetric:
-        qmax = e.const(np.array(2 ** (bits - 1) - 1, np.float32), "qmax")
+        qmax = e.const(np.array(2 ** (bits - 1) - 1, dtype), "qmax")
         amax = e.op("ReduceMax", [e.op("Abs", [x], "abs"), axes], "amax", keepdims=1)
         scale = e.op("Max", [e.op("Div", [amax, qmax], "scale_raw"), eps], "scale")
         q = e.op("QuantizeLinear", [e.op("Div", [x, scale], "scaled"), one, zp_int], "q")
         return e.op("Mul", [e.op("DequantizeLinear", [q, one, zp_int], "dq"), scale], "y", output=output)
-    qmax = e.const(np.array(2**bits - 1, np.float32), "qmax")
-    zero = e.const(np.array(0.0, np.float32), "zero")
+    qmax = e.const(np.array(2**bits - 1, dtype), "qmax")
+    zero = e.const(np.array(0.0, dtype), "zero")
     lo = e.op("Min", [e.op("ReduceMin", [x, axes], "xmin", keepdims=1), zero], "lo")
     hi = e.op("Max", [e.op("ReduceMax", [x, axes], "xmax", keepdims=1), zero], "hi")
     scale = e.op("Max", [e.op("Div", [e.op("Sub", [hi, lo], "range"), qmax], "scale_raw"), eps], "scale")
