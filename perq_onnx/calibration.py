@@ -41,28 +41,87 @@ def tokenize_file(path, tokenizer) -> np.ndarray:
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
 
-def windows(tokens: np.ndarray, seq_len: int, count: int | None, what: str) -> np.ndarray:
-    """The first `count` non-overlapping windows of seq_len tokens, as [count, seq_len]."""
+def check_ids(tokens: np.ndarray, vocab: int, what: str, tokenizer_vocab: int | None = None) -> None:
+    """Refuse token ids outside the model's vocabulary (the rows of its embedding table): a
+    tokenizer of another model would index past the table (onnxruntime's Gather fails or, worse,
+    reads garbage). `what` names the tokenizer (and the text); `tokenizer_vocab` is its size."""
+    tokens = np.asarray(tokens)
+    if tokens.size == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low >= 0 and high < vocab:
+        return
+    bad = high if high >= vocab else low
+    sizes = f"the tokenizer has {tokenizer_vocab} tokens, " if tokenizer_vocab is not None else ""
+    raise PerqError(f"{what}: token id {bad} is outside the model's vocabulary ({sizes}the model's embedding has "
+                    f"{vocab} rows); is it the tokenizer of another model? pass --tokenizer DIR with this model's")
+
+
+def windows(tokens: np.ndarray, seq_len: int, count: int | None, what: str, vocab: int | None = None) -> np.ndarray:
+    """The first `count` non-overlapping windows of seq_len tokens, as [count, seq_len] (with
+    `vocab`, every id must index the model's embedding: see check_ids)."""
     available = len(tokens) // seq_len
     if available == 0:
         raise PerqError(f"{what} has {len(tokens)} tokens, fewer than one window of --seq-len {seq_len}")
     n = available if count is None else min(count, available)
-    return tokens[: n * seq_len].reshape(n, seq_len)
+    out = tokens[: n * seq_len].reshape(n, seq_len)
+    if vocab is not None:
+        check_ids(out, vocab, what)
+    return out
 
 
-def generate(model_path, count: int, seq_len: int, seed: int = 0, threads=None) -> np.ndarray:
+def _cache_names(sess) -> dict[str, str] | None:
+    """past_key_values.* input -> present.* output, when the model has a KV cache (else None)."""
+    inputs = [i.name for i in sess.get_inputs() if i.name.startswith("past_key_values")]
+    outputs = {o.name for o in sess.get_outputs()}
+    names = {i: "present" + i[len("past_key_values"):] for i in inputs}
+    if not inputs or any(o not in outputs for o in names.values()):
+        return None
+    return names
+
+
+def _sample(rng, last: np.ndarray, vocab: int) -> np.ndarray:
+    """One token per row from softmax(last), in row order from rng."""
+    last = last.astype(np.float64)
+    p = np.exp(last - last.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return np.array([rng.choice(vocab, p=row) for row in p], dtype=np.int64)[:, None]
+
+
+def generate(model_path, count: int, seq_len: int, seed: int = 0, threads=None, incremental: bool = True) -> np.ndarray:
     """Data-free calibration: `count` sequences sampled from the model itself, all in one batch,
-    starting from random tokens of a seeded generator."""
+    starting from random tokens of a seeded generator.
+
+    With a KV cache (past_key_values.* inputs, present.* outputs) and `incremental`, each step
+    feeds only the new token and the cache (linear cost in seq_len); otherwise each step re-runs
+    the whole prefix (quadratic; seq_len is bounded by --seq-len's maximum, settings.MAX_SEQ_LEN).
+    Both draw the same random numbers in the same order, so they give the same ids up to the
+    rounding differences of the two ways of computing the logits."""
     sess = session(model_path, threads)
     rng = np.random.default_rng(seed)
     vocab = logits(sess, np.zeros((1, 1), np.int64)).shape[-1]
     ids = rng.integers(0, vocab, size=(count, 1))
-    for _ in tqdm(range(seq_len - 1), desc="data-free calibration: sampling", unit="tok", leave=False):
-        last = logits(sess, ids)[:, -1, :].astype(np.float64)
-        p = np.exp(last - last.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-        nxt = [rng.choice(vocab, p=row) for row in p]
-        ids = np.concatenate([ids, np.array(nxt, dtype=np.int64)[:, None]], axis=1)
+    cache = _cache_names(sess) if incremental else None
+    steps = tqdm(range(seq_len - 1), desc="data-free calibration: sampling", unit="tok", leave=False)
+    if cache is None:
+        for _ in steps:
+            ids = np.concatenate([ids, _sample(rng, logits(sess, ids)[:, -1, :], vocab)], axis=1)
+        return ids
+    feeds = make_feeds(sess, ids)
+    outputs = ["logits", *cache.values()]
+    for _ in steps:
+        out = dict(zip(outputs, sess.run(outputs, feeds)))
+        nxt = _sample(rng, out["logits"][:, -1, :], vocab)
+        ids = np.concatenate([ids, nxt], axis=1)
+        t = ids.shape[1] - 1  # position of the new token
+        feeds = {name: value for name, value in feeds.items() if not name.startswith("past_key_values")}
+        feeds["input_ids"] = nxt
+        if "attention_mask" in feeds:
+            feeds["attention_mask"] = np.ones((count, t + 1), np.int64)
+        if "position_ids" in feeds:
+            feeds["position_ids"] = np.full((count, 1), t, np.int64)
+        for past, present in cache.items():
+            feeds[past] = out[present]
     return ids
 
 

@@ -111,3 +111,101 @@ def test_old_opset_cli_does_not_touch_input(old_opset_models, tmp_path):
     assert main(["optimize", str(path), "-o", str(tmp_path / "o.onnx"), "--no-quant", "--calib-samples", "1",
                  "--seq-len", "16"]) in (0, None)
     assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------- data-free sampling with a cache
+
+class _CountingSession:
+    """Wraps calibration.session: counts the token positions fed to input_ids."""
+
+    def __init__(self, monkeypatch):
+        self.positions = 0
+        real = calibration.session
+
+        def counting(*args, **kwargs):
+            sess = real(*args, **kwargs)
+            outer = self
+
+            class Proxy:
+                def __getattr__(self, name):
+                    return getattr(sess, name)
+
+                def run(self, names, feeds):
+                    outer.positions += int(np.asarray(feeds["input_ids"]).size)
+                    return sess.run(names, feeds)
+            return Proxy()
+        monkeypatch.setattr(calibration, "session", counting)
+
+
+def test_incremental_sampling_equals_full_reforward(tiny_models, monkeypatch):
+    path = tiny_models("llama", past=True, tied=False)
+    counter = _CountingSession(monkeypatch)
+    full = calibration.generate(path, 3, 64, seed=7, incremental=False)
+    full_positions, counter.positions = counter.positions, 0
+    inc = calibration.generate(path, 3, 64, seed=7)
+    assert inc.shape == full.shape == (3, 64)
+    np.testing.assert_array_equal(inc, full)  # same RNG draws in the same order, same logits
+    # the cache feeds one new position per row and step: linear, not quadratic, work
+    assert counter.positions == 1 + 3 * 63  # the vocab probe, then one position per row and step
+    assert full_positions == 1 + 3 * sum(range(1, 64))
+
+
+def test_incremental_sampling_is_faster(tiny_models):
+    path = tiny_models("llama", past=True, tied=False)
+    calibration.generate(path, 2, 8, seed=0)  # warm up (page cache, onnxruntime init)
+
+    def best(**kwargs):
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            calibration.generate(path, 2, 64, seed=0, **kwargs)
+            times.append(time.perf_counter() - start)
+        return min(times)
+    assert best() < best(incremental=False)
+
+
+def test_model_without_cache_samples_by_reforward(tiny_models):
+    path = tiny_models("llama", past=False, tied=False)
+    ids = calibration.generate(path, 2, 12, seed=1)
+    assert ids.shape == (2, 12) and ids.max() < 512
+
+
+# ------------------------------------------------------------------------ tokenizer vocabulary
+
+def test_check_ids_accepts_ids_inside_the_vocabulary():
+    calibration.check_ids(np.array([0, 5, 511]), 512, "tokenizer in x")
+    calibration.check_ids(np.zeros(0, np.int64), 512, "tokenizer in x")
+
+
+def test_check_ids_names_tokenizer_and_sizes():
+    with pytest.raises(PerqError, match=r"tokenizer in /t: token id 700 is outside the model's vocabulary "
+                                        r"\(the tokenizer has 1000 tokens, the model's embedding has 512 rows\)"):
+        calibration.check_ids(np.array([3, 700, 2]), 512, "tokenizer in /t", tokenizer_vocab=1000)
+    with pytest.raises(PerqError, match="token id -1"):
+        calibration.check_ids(np.array([-1, 2]), 512, "ids")
+
+
+def test_windows_check_the_vocabulary():
+    tokens = np.arange(0, 64) * 10  # up to 630
+    assert calibration.windows(tokens, 16, 2, "text", vocab=512).shape == (2, 16)  # only the first 32 are used
+    with pytest.raises(PerqError, match="token id 630 is outside the model's vocabulary"):
+        calibration.windows(tokens, 16, None, "text", vocab=512)
+
+
+def test_tokenizer_of_another_model_refused(tmp_path):
+    """A tokenizer with 1000 tokens (ids beyond the tiny model's 512 rows) on a text file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 1000)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok_dir = tmp_path / "other-tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tok_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i}" for i in range(1, 999, 7)) + "\n")
+    tok = calibration.load_tokenizer(tok_dir)
+    tokens = calibration.tokenize_file(text, tok)
+    with pytest.raises(PerqError, match=rf"tokenizer in {tok_dir}: token id \d+ is outside the model's vocabulary "
+                                        r"\(the tokenizer has 1000 tokens, the model's embedding has 512 rows\)"):
+        calibration.check_ids(tokens, 512, f"tokenizer in {tok_dir}", tokenizer_vocab=len(tok))
