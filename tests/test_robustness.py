@@ -104,6 +104,24 @@ def test_conversion_touching_a_weight_refused(old_opset_models, monkeypatch):
         load_graph(old_opset_models[17])
 
 
+def test_newer_opset_kept_and_functions_match(tiny_models, tmp_path):
+    """An opset-23 model stays at 23; the model-local function bodies import 23 as well (a
+    function must import its model's version of a domain)."""
+    src = tiny_models("llama")
+    path = tmp_path / "op23" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(onnx.version_converter.convert_version(onnx.load(str(src)), 23), str(path))
+    out = tmp_path / "out.onnx"
+    optimize(path, out, Settings.parse(block="32", fused_ops=True, **QUICK), progress=False)
+    onnx.checker.check_model(str(out), full_check=True)
+    model = onnx.load(str(out))
+    assert _default_opset(out) == 23
+    assert model.functions and all(o.version == 23 for f in model.functions for o in f.opset_import
+                                   if o.domain in ("", "ai.onnx"))
+    assert np.isfinite(session(out).run(["logits"], {"input_ids": random_ids(), "attention_mask": np.ones((2, 24), np.int64),
+                                                     "position_ids": np.tile(np.arange(24), (2, 1))})[0]).all()
+
+
 def test_old_opset_cli_does_not_touch_input(old_opset_models, tmp_path):
     from perq_onnx.cli import main
     path = old_opset_models[14]
