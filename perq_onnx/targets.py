@@ -129,8 +129,6 @@ class TensorRT(Target):
                             "float (16) or INT8 static Q/DQ (8)")
         if settings.fused_ops:
             raise PerqError("--fused-ops emits a perq op that TensorRT cannot load; drop it for --target tensorrt")
-        if settings.online.full:
-            pass  # a plain MatMul: fine
 
     def passes(self, settings: Settings) -> list[Pass]:
         passes: list[Pass] = []
