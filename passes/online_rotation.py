@@ -24,12 +24,13 @@ class InsertOnlineRotation(Pass):
 
     def __init__(self, rotation: Transform, block: int | None):
         self.rotation = rotation
-        self.block = block  # None = full-vector rotation (rotation is Dense)
+        self.block = block  # None = full-vector rotation (a MatMul by rotation's matrix)
 
     def run(self, ctx: Context) -> PassResult:
         m = ctx.structure.intermediate_size
+        dtype = ctx.weight(ctx.structure.layers[0].down).dtype
         full = None if self.block else ctx.store.constant("online_rotation.hadamard",
-                                                          self.rotation.matrix(m).astype(np.float32))
+                                                          self.rotation.matrix(m).astype(dtype))
         for layer in ctx.structure.layers:
             down = ctx.node(layer.down.name)
             x = down.inputs[0]

@@ -8,6 +8,7 @@ dequantizing the whole table. The embedding's consumers read the Mul's output in
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Context, Pass, PassResult
@@ -16,20 +17,23 @@ from .base import Context, Pass, PassResult
 class QuantizeEmbedding(Pass):
     def run(self, ctx: Context) -> PassResult:
         gather = ctx.node(ctx.structure.embedding)
-        table = np.asarray(ctx.constant(gather.name, 0), dtype=np.float32)
+        original = ctx.constant(gather.name, 0)
+        dtype = np.dtype(original.dtype)
+        table = np.asarray(original, dtype=np.float32)
         amax = np.abs(table).max(axis=1)
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        codes = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
-        err = float(((codes * scale[:, None] - table) ** 2).sum() / max((table ** 2).sum(), 1e-30))
+        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(dtype)
+        codes = np.clip(np.rint(table / scale[:, None].astype(np.float32)), -127, 127).astype(np.int8)
+        err = float(((codes * scale[:, None].astype(np.float32) - table) ** 2).sum() / max((table ** 2).sum(), 1e-30))
         ids, out = gather.inputs[1], gather.outputs[0]
         name = gather.name
         q_rows = gs.Variable(f"{name}/rows_int8", dtype=np.int8)
-        rows = gs.Variable(f"{name}/rows", dtype=table.dtype)
-        s_rows = gs.Variable(f"{name}/row_scales", dtype=np.float32)
-        s_cols = gs.Variable(f"{name}/row_scales_unsqueezed", dtype=np.float32)
+        rows = gs.Variable(f"{name}/rows", dtype=dtype)
+        s_rows = gs.Variable(f"{name}/row_scales", dtype=dtype)
+        s_cols = gs.Variable(f"{name}/row_scales_unsqueezed", dtype=dtype)
         gather.inputs[0] = ctx.store.constant("embed_tokens.int8", codes)
         gather.outputs[0] = q_rows
-        ctx.add(gs.Node("Cast", f"{name}/to_float", {"to": 1}, [q_rows], [rows]))
+        to = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+        ctx.add(gs.Node("Cast", f"{name}/to_float", {"to": to}, [q_rows], [rows]))
         ctx.add(gs.Node("Gather", f"{name}/scales", {"axis": 0}, [ctx.store.constant("embed_tokens.scale", scale), ids],
                         [s_rows]))
         ctx.add(gs.Node("Unsqueeze", f"{name}/scales_unsqueeze", {},

@@ -71,16 +71,18 @@ class QuantizeWeights(Pass):
 
     def _quantize(self, ctx: Context, lin, hessian, form: WeightQuant | None = None, rounding=None) -> float:
         form, rounding = form or self.form, rounding or self.rounding
-        w = np.asarray(ctx.weight(lin), dtype=np.float32)
+        original = ctx.weight(lin)
+        dtype = np.dtype(original.dtype)  # scales and the dequantized weight keep the graph's type
+        w = np.asarray(original, dtype=np.float32)
         if rounding is Rounding.GPTQ:
             q = gptq(w, hessian, form)
         else:
             q = rtn(w, form, hessian)
         name = lin.name + ".weight"
         codes = ctx.store.constant(name + ".quantized", q.codes.astype(WEIGHT_TYPES[form.bits]))
-        scale = ctx.store.constant(name + ".scale", q.scale.astype(w.dtype))
+        scale = ctx.store.constant(name + ".scale", q.scale.astype(dtype))
         attrs = {"axis": 1} if form.group is None else {"axis": 0, "block_size": form.group}
-        deq = gs.Variable(name + ".dequantized", dtype=w.dtype)
+        deq = gs.Variable(name + ".dequantized", dtype=dtype)
         ctx.add(gs.Node("DequantizeLinear", lin.name + "/weight_dq", attrs, [codes, scale], [deq]))
         ctx.node(lin.name).inputs[1] = deq
         return relative_error(w, q)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, Context, Pass, PassResult
+from .quantize_activations import input_dtype
 
 
 class StaticActivationQDQ(Pass):
@@ -27,12 +28,13 @@ class StaticActivationQDQ(Pass):
         zero = np.zeros((), np.int8)
         for name, linears in groups:
             x = ctx.graph.tensors()[name]
-            scale = np.float32(max(float(amax[name].max()), 1e-8) / 127.0)
+            dtype = input_dtype(ctx, linears[0], x)
+            scale = max(float(amax[name].max()), 1e-4) / 127.0
             prefix = f"{linears[0].name}/input_qdq"
-            s = gs.Constant(f"{prefix}/scale", np.array(scale, dtype=np.float32))
+            s = gs.Constant(f"{prefix}/scale", np.array(scale, dtype=dtype))
             zp = gs.Constant(f"{prefix}/zero_point", zero)
             q = gs.Variable(f"{prefix}/q", dtype=np.int8)
-            y = gs.Variable(f"{prefix}/y", dtype=np.float32)
+            y = gs.Variable(f"{prefix}/y", dtype=dtype)
             ctx.add(gs.Node("QuantizeLinear", f"{prefix}/quantize", {}, [x, s, zp], [q]))
             ctx.add(gs.Node("DequantizeLinear", f"{prefix}/y", {}, [q, s, zp], [y]))
             for lin in linears:

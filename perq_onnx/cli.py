@@ -28,7 +28,7 @@ def settings_from(args):
         residual_rotation=ResidualRotation(args.residual_rotation), residual_block=args.residual_block,
         head_rotation=not args.no_head_rotation, quantize=not args.no_quant, target=TargetName(args.target),
         w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_symmetric=args.a_symmetric,
-        float_embeddings=args.float_embeddings, rounding=Rounding(args.rounding), w_clip=Clip(args.w_clip), fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
+        float_embeddings=args.float_embeddings, rounding=Rounding(args.rounding) if args.rounding else None, w_clip=Clip(args.w_clip), fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
         calib_data=args.calib_data, tokenizer=args.tokenizer, calib_samples=args.calib_samples,
         seq_len=args.seq_len, threads=args.threads).validate()
 
@@ -135,8 +135,9 @@ def parser() -> argparse.ArgumentParser:
                                                 "output channel for simulate, 32 for ort, 128 for tensorrt)")
     o.add_argument("--float-embeddings", action="store_true",
                    help="keep the embedding and lm_head float (ort and tensorrt quantize them by default)")
-    o.add_argument("--rounding", default="rtn", choices=Rounding.values(),
-                   help="weight rounding: round-to-nearest or GPTQ (Hessians from calibration data)")
+    o.add_argument("--rounding", choices=Rounding.values(),
+                   help="weight rounding: round-to-nearest or GPTQ with Hessians from calibration data "
+                        "(default: rtn for simulate, gptq for ort and tensorrt)")
     o.add_argument("--w-clip", default="mse", choices=Clip.values(),
                    help="weight scale rule: mse (weight error), absmax, act (output error, calibration data)")
     o.add_argument("--a-bits", type=int, choices=[4, 8, 16],

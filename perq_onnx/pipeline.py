@@ -103,11 +103,15 @@ def float_passes(plan: Plan) -> list[Pass]:
     return passes
 
 
-def calibration_batches(model_path, settings: Settings) -> np.ndarray:
+def calibration_batches(model_path, settings: Settings, vocab: int | None = None) -> np.ndarray:
     """Token windows for calibration: from --calib-data, else sampled by the model itself."""
     if settings.calib_data:
         tok_dir = settings.tokenizer or pathlib.Path(model_path).parent
-        tokens = calibration.tokenize_file(settings.calib_data, calibration.load_tokenizer(tok_dir))
+        tokenizer = calibration.load_tokenizer(tok_dir)
+        tokens = calibration.tokenize_file(settings.calib_data, tokenizer)
+        if vocab is not None:
+            calibration.check_ids(tokens, vocab, f"tokenizer in {tok_dir} on {settings.calib_data}",
+                                  tokenizer_vocab=len(tokenizer))
         return calibration.windows(tokens, settings.seq_len or 512, settings.calib_samples or 32, "calibration text")
     print("perq-onnx: no --calib-data given: data-free calibration on sequences the model samples "
           f"itself (seed {settings.seed})")
@@ -235,7 +239,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
         if settings.needs_calibration(stats is not None):
             with report.phase("calibrate"):
                 if batches is None:
-                    batches = calibration_batches(model_path, settings)
+                    batches = calibration_batches(model_path, settings, structure.vocab_size)
                 ctx.calibrator = Calibrator(batches, settings.threads, progress)
                 if stats is None and settings.needs_statistics:
                     stats = collect_stats(ctx)

@@ -21,9 +21,9 @@ import numpy as np
 from . import permutation
 from .analysis import DecoderStructure
 from .errors import PerqError
-from .hadamard import hadamard, orthogonal
+from .hadamard import hadamard, hadamard_factors, has_hadamard, orthogonal
 from .settings import Permute, ResidualRotation, Settings
-from .transforms import BlockDiagonal, Chain, Dense, Permutation, Transform
+from .transforms import BlockDiagonal, Chain, Dense, Kron, Permutation, Transform
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,14 @@ class Plan:
         return out
 
 
+def _full_rotation(n: int, settings: Settings, what: str, node: str) -> Transform:
+    """The full orthonormal Hadamard of size n as two small Kronecker factors (or a seeded random
+    orthogonal Dense matrix where no Hadamard exists and --random-orthogonal is given)."""
+    if has_hadamard(n):
+        return Kron(*hadamard_factors(n))
+    return Dense(_orthogonal(n, settings, what, node))
+
+
 def _orthogonal(n: int, settings: Settings, what: str, node: str) -> np.ndarray:
     seed = settings.seed if settings.random_orthogonal else None
     try:
@@ -83,7 +91,7 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
 
     residual, described = None, "none"
     if s.residual_rotation is ResidualRotation.FULL:
-        residual = Dense(_orthogonal(shape.hidden, s, "the residual rotation", shape.names.get("hidden", "")))
+        residual = _full_rotation(shape.hidden, s, "the residual rotation", shape.names.get("hidden", ""))
         described = f"full {shape.hidden}"
     elif s.residual_rotation is ResidualRotation.BLOCK:
         rb = s.residual_block_size
@@ -108,6 +116,6 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
     if b is not None:
         online = BlockDiagonal(hadamard(b))
     elif s.online.full:
-        online = Dense(_orthogonal(shape.intermediate, s, "the full online rotation",
-                                   shape.names.get("intermediate", "")))
+        online = _full_rotation(shape.intermediate, s, "the full online rotation",
+                                shape.names.get("intermediate", ""))
     return Plan(s, residual, described, heads, perms, online, b)

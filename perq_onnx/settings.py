@@ -105,7 +105,7 @@ class Settings:
     w_group: int | None = None            # None: the target's default
     a_bits: int | None = None             # None: the target's default
     a_symmetric: bool = False
-    rounding: Rounding = Rounding.RTN
+    rounding: Rounding | None = None      # None: the target's default
     w_clip: Clip = Clip.MSE
     fused_ops: bool = False
     float_embeddings: bool = False        # keep embedding and lm_head float (ort/tensorrt quantize them)

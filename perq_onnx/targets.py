@@ -7,6 +7,12 @@ and the opset / IR version. The float rewrites (R1, R2, P3, R3) are the same for
 * ``simulate``: the research form of the paper's tables. INT-n weights per output channel (or
   per group) and INT-n activations as the dynamic per-token standard-op QDQ chain in front of
   every decoder linear; embedding and lm_head float.
+Deployment targets round weights with GPTQ by default (Hessians of the rotated graph from the
+calibration data): folding the RMSNorm gammas into the readers, which R1 requires, puts tiny
+gammas of high-energy channels into the weights, and no per-column scale can keep round-to-
+nearest's error away from those channels; GPTQ's error feedback can
+(benchmarks/investigate_weights/FINDINGS.md). ``--rounding rtn`` is the fast alternative.
+
 * ``ort``: what onnxruntime runs fast. INT4 symmetric weights in blocks of 32 input rows
   (int4 initializer -> DequantizeLinear(axis 0, block_size) -> MatMul, which onnxruntime fuses
   into MatMulNBits), lm_head likewise, the embedding INT8 in gather-then-dequantize form;
@@ -35,7 +41,7 @@ from .passes.quantize_embedding import QuantizeEmbedding
 from .passes.quantize_weights import QuantizeWeights
 from .passes.static_activation_qdq import StaticActivationQDQ
 from .rounding import WeightQuant
-from .settings import Settings, TargetName
+from .settings import Rounding, Settings, TargetName
 
 ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
 
@@ -46,12 +52,14 @@ class Target:
     opset: int = 21
     default_w_group: int | None = None
     default_a_bits: int = 16
+    default_rounding: Rounding = Rounding.GPTQ
 
     def resolve(self, settings: Settings) -> Settings:
         """Settings with the target's defaults filled in, checked against what it supports."""
         settings = dataclasses.replace(
             settings, w_group=settings.w_group if settings.w_group is not None else self.default_w_group,
-            a_bits=settings.a_bits if settings.a_bits is not None else self.default_a_bits)
+            a_bits=settings.a_bits if settings.a_bits is not None else self.default_a_bits,
+            rounding=settings.rounding or self.default_rounding)
         self.check(settings)
         return settings.validate()
 
@@ -74,6 +82,7 @@ class Target:
 class Simulate(Target):
     name: str = "simulate"
     default_a_bits: int = 4
+    default_rounding: Rounding = Rounding.RTN  # the paper's tables
 
     def passes(self, settings: Settings) -> list[Pass]:
         passes: list[Pass] = []

@@ -1,7 +1,7 @@
 """Channel transforms T (n x n, orthogonal but for Diagonal) and how they fold into weight slices.
 
 A transform is applied to the channel (last) axis: ``apply(x) == x @ T``. Kinds: a dense
-matrix, a diagonal, a permutation (x[..., p] == x @ I[:, p]), a block diagonal of one repeated block
+matrix, a Kronecker product of two small matrices, a diagonal, a permutation (x[..., p] == x @ I[:, p]), a block diagonal of one repeated block
 (blockdiag(H_b) without materialising n x n), and a chain (T = A @ B). Folding into a weight
 (see analysis.Fold) is
 
@@ -54,6 +54,23 @@ class Permutation(Transform):
 
     def apply(self, x):
         return x[..., self.perm]
+
+
+@dataclass(frozen=True)
+class Kron(Transform):
+    """kron(A, B) applied as two small products (channel c = i * len(B) + j)."""
+    a: np.ndarray
+    b: np.ndarray
+
+    @property
+    def size(self):
+        return self.a.shape[0] * self.b.shape[0]
+
+    def apply(self, x):
+        p, q = self.a.shape[0], self.b.shape[0]
+        y = x.reshape(*x.shape[:-1], p, q)
+        y = np.swapaxes(np.swapaxes(y, -1, -2) @ self.a, -1, -2)  # mixes the p axis: sum_k x[k, l] A[k, i]
+        return (y @ self.b).reshape(x.shape)
 
 
 @dataclass(frozen=True)

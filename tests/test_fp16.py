@@ -116,21 +116,14 @@ def test_fp16_activation_quantization_valid(fp16_models, tmp_path, variant, extr
         assert "BlockHadamardQuantize" in {n.op_type for n in onnx.load(str(out)).graph.node}
 
 
-def _quantize_weights_keeps_type() -> bool:
-    import inspect
-
-    from perq_onnx.passes import quantize_weights
-    return "astype(w.dtype)" not in inspect.getsource(quantize_weights.QuantizeWeights._quantize) \
-        or "dtype=np.float32)" not in inspect.getsource(quantize_weights.QuantizeWeights._quantize)
-
-
-@pytest.mark.xfail(not _quantize_weights_keeps_type(), strict=False,
-                   reason="QuantizeWeights writes float32 DequantizeLinear scales for float16 weights")
+@pytest.mark.parametrize("target", ["simulate", "ort", "tensorrt"])
 @pytest.mark.parametrize("variant", ["ort-fp16-keep-io", "optimum-fp16"])
-def test_fp16_quantized_valid(fp16_models, tmp_path, variant):
+def test_fp16_quantized_valid(fp16_models, tmp_path, variant, target):
+    """Every target's quantized output of a float16 model keeps the graph's types (scales
+    included) and runs."""
     path = fp16_models[variant]
     out = tmp_path / "out.onnx"
-    optimize(path, out, Settings.parse(block="32", **QUICK), progress=False)
+    optimize(path, out, Settings.parse(block="32", target=target, **QUICK), progress=False)
     onnx.checker.check_model(str(out), full_check=True)
     got = _logits(out, random_ids())
     assert np.isfinite(got).all()

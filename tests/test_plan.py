@@ -16,7 +16,8 @@ from perq_onnx.errors import PerqError
 from perq_onnx.hadamard import hadamard, random_orthogonal
 from perq_onnx.plan import ModelShape, make_plan
 from perq_onnx.settings import Settings
-from perq_onnx.transforms import BlockDiagonal, Chain, Dense, Diagonal, Permutation, fold_consumed, fold_produced
+from perq_onnx.transforms import (BlockDiagonal, Chain, Dense, Diagonal, Kron, Permutation, fold_consumed,
+                                  fold_produced)
 
 NAMES = {"hidden": "model/lm_head/MatMul", "intermediate": "model/layers.0/mlp/down_proj/MatMul",
          "head_dim": "model/layers.0/attn/v_proj/MatMul"}
@@ -41,7 +42,7 @@ def is_permutation(p, n) -> bool:
 
 def test_full_residual_rotation_is_orthogonal():
     plan = make_plan(Settings.parse(block="16", residual_rotation="full"), SHAPE, stats())
-    assert isinstance(plan.residual, Dense)
+    assert isinstance(plan.residual, Kron)  # the full Hadamard as two small factors
     m = plan.residual.matrix(64)
     assert_orthogonal(m)
     assert not np.allclose(m, np.eye(64))
@@ -94,11 +95,11 @@ def test_online_block_rotation(b):
     assert np.all(m[~mask] == 0) and np.all(np.abs(m[mask]) == pytest.approx(1 / np.sqrt(b)))
 
 
-def test_full_online_rotation_is_dense_of_the_intermediate_size():
+def test_full_online_rotation_is_the_hadamard_of_the_intermediate_size():
     plan = make_plan(Settings.parse(block="full"), SHAPE)
-    assert isinstance(plan.online, Dense) and plan.online_block is None
-    assert plan.online.q.shape == (128, 128)
-    assert_orthogonal(plan.online.q)
+    assert isinstance(plan.online, Kron) and plan.online_block is None
+    assert plan.online.size == 128
+    assert np.allclose(plan.online.matrix(128), hadamard(128))
     assert plan.mlp_permutations == {}
 
 
