@@ -1,0 +1,520 @@
+"""Deployment benchmark (issue 10): SmolLM2-135M (fp32 recipe) as the fp32 export, onnxruntime's
+own INT4 weight quantizer, and perq-onnx's three targets, on one machine in one run.
+
+    python benchmarks/deploy.py                          # full run (32 windows, 5 latency rounds)
+    python benchmarks/deploy.py --windows 2 --runs 2     # quick try
+    python benchmarks/deploy.py --only fp32,perq-ort     # a subset (others keep their ppl from deploy.json)
+
+Configurations (each applied to BOTH the plain export `resolve("smollm2")`, used for perplexity,
+prefill and file size, and the KV-cache export `resolve("smollm2-with-past")`, used for decode):
+
+* ``fp32``: the optimum export as it is.
+* ``ortq-rtn-b{32,128}-acc{4,0}``: the peer baseline, onnxruntime's
+  ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` with its default
+  algorithm config ``DefaultWeightOnlyQuantConfig`` (round to nearest, absmax scale per block),
+  symmetric, QOperator format (MatMulNBits), block 32 / 128, MatMulNBits attribute
+  accuracy_level 4 (int8 activations inside the kernel) or unset (= 0, float activations).
+  Used as by default: ``op_types_to_quantize`` = {MatMul}, so every MatMul with a constant weight
+  is quantized *including lm_head* (the export stores the tied lm_head as its own [576, 49152]
+  initializer), while the embedding Gather stays fp32. (``RTNWeightOnlyQuantConfig`` is the
+  neural-compressor RTN path; it takes no symmetric/block arguments of its own and is not used.)
+* ``perq-ort``: ``perq-onnx optimize --target ort``: R1 full Hadamard + R2 per-head + P3 massdiff
+  + R3 online block Hadamard b=16 (the default rotations), INT4 symmetric weights in blocks of 32
+  input rows (the ort target's default ``--w-group``) -> MatMulNBits at accuracy level 4 (session
+  setting recorded in the model), lm_head INT4, embedding INT8 (the ort defaults;
+  ``--float-embeddings`` would keep both float).
+* ``perq-ort-noR3`` (``block="none"``), ``perq-ort-gptq`` (``rounding="gptq"``), ``perq-ort-norot``
+  (no rotation, no permutation: ``residual_rotation="none", head_rotation=False, block="none",
+  permute="none"``) - the same target with one thing changed.
+* ``perq-tensorrt``: ``--target tensorrt --w-group 64`` (INT4 weight-only blocks of 64: the default 128
+  does not divide SmolLM2's 576 hidden rows and perq-onnx refuses it; R3 inlined as standard
+  ops, embedding float, lm_head INT4). TensorRT itself is not installable here (no GPU, no TensorRT
+  wheel for this machine): its perplexity and timings are onnxruntime CPU's (which fuses the
+  DequantizeLinear+MatMul pairs into MatMulNBits at accuracy level 0).
+* ``perq-simulate``: the paper's W4A4 research form (``--target simulate``: INT4 weights per
+  channel, INT4 dynamic per-token activations as standard-op QDQ chains, R3 b=16).
+
+One calibration (`pipeline.calibrate` on the plain export, WikiText-2 valid 32 x 512) gives the
+permutation statistics passed as ``stats=`` to every optimize (so the plain and with-past outputs
+get the same permutations); GPTQ also gets ``batches=`` (the same windows).
+
+Measurements:
+* ppl: WikiText-2 test, the first N (default 32) non-overlapping 512-token windows, through
+  ``perq_onnx.runtime.session(path)`` (the model's recorded session settings), 2 threads.
+* bytes: the .onnx file plus its external data files.
+* prefill: one forward pass of batch 1 x 512 tokens on the plain export.
+* decode: the with-past export, prompt of 1 token, then 256 greedy steps feeding present.* back
+  as past_key_values.* (attention_mask growing, position_ids = past length); the median
+  per-step time of a run; tokens/s = 1 / that.
+* latency is the median over --runs rounds; in each round every configuration is loaded, warmed
+  up and timed once, configurations in a fixed round-robin order, so that load on this shared
+  machine affects all alike; 2 intra-op threads. Ratios are to fp32 of the same run.
+* peak RSS: VmHWM of a fresh subprocess that loads the model and runs it (plain: one 512-token
+  forward; with-past: 64 decode steps).
+
+Models are cached under $PERQ_CACHE/deploy (default ~/.cache/perq-onnx/deploy); a configuration
+whose model files exist is not rebuilt, and a perplexity already in deploy.json for the same
+number of windows is not re-evaluated (resumable). Results: benchmarks/results/deploy.json and
+deploy.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from perq_onnx import calibration, pipeline  # noqa: E402
+from perq_onnx.evaluate import perplexity  # noqa: E402
+from perq_onnx.models import resolve  # noqa: E402
+from perq_onnx.runtime import make_feeds, session  # noqa: E402
+from perq_onnx.settings import Settings  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+THREADS = 2
+SEQ_LEN = 512
+DECODE_STEPS = 256
+
+
+def cache_root() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("PERQ_CACHE") or "~/.cache/perq-onnx").expanduser() / "deploy"
+
+
+# ----------------------------------------------------------------------------- configurations
+
+NO_ROTATION = dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
+
+CONFIGS = {
+    "fp32": dict(kind="fp32", label="fp32 export"),
+    "ortq-rtn-b32-acc4": dict(kind="peer", block=32, acc=4, label="onnxruntime RTN sym b32, acc 4"),
+    "ortq-rtn-b32-acc0": dict(kind="peer", block=32, acc=0, label="onnxruntime RTN sym b32, acc 0"),
+    "ortq-rtn-b128-acc4": dict(kind="peer", block=128, acc=4, label="onnxruntime RTN sym b128, acc 4"),
+    "ortq-rtn-b128-acc0": dict(kind="peer", block=128, acc=0, label="onnxruntime RTN sym b128, acc 0"),
+    "perq-ort": dict(kind="perq", settings=dict(target="ort"), label="perq ort (R1+R2+P3+R3 b16), w b32"),
+    "perq-ort-noR3": dict(kind="perq", settings=dict(target="ort", block="none"), label="perq ort without R3"),
+    "perq-ort-gptq": dict(kind="perq", settings=dict(target="ort", rounding="gptq"), label="perq ort, GPTQ"),
+    "perq-ort-norot": dict(kind="perq", settings=dict(target="ort", **NO_ROTATION), label="perq ort, no rotation"),
+    # --w-group 64: the target's default 128 does not divide SmolLM2's 576 hidden rows (perq-onnx
+    # refuses it); 64 is TensorRT's other documented INT4 block size
+    "perq-tensorrt": dict(kind="perq", settings=dict(target="tensorrt", w_group=64),
+                          label="perq tensorrt (w b64 weight-only), run in onnxruntime"),
+    "perq-simulate": dict(kind="perq", settings=dict(target="simulate"), label="perq simulate W4A4 (paper)"),
+    # not in the default set: the ort target with embedding and lm_head float
+    "perq-ort-floatemb": dict(kind="perq", settings=dict(target="ort", float_embeddings=True),
+                              label="perq ort --float-embeddings", optional=True),
+}
+DEFAULT = [k for k, v in CONFIGS.items() if not v.get("optional")]
+
+
+def model_paths(name: str) -> dict[str, pathlib.Path]:
+    if name == "fp32":
+        return {"plain": resolve("smollm2"), "past": resolve("smollm2-with-past")}
+    d = cache_root() / name
+    return {"plain": d / "plain" / "model.onnx", "past": d / "past" / "model.onnx"}
+
+
+def peer_quantize(src: pathlib.Path, dst: pathlib.Path, block: int, acc: int) -> None:
+    """onnxruntime's own MatMulNBitsQuantizer, RTN (its default algorithm), symmetric."""
+    import logging
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
+    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=acc or None,
+                                       quant_format=QuantFormat.QOperator, bits=4)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block, is_symmetric=True, accuracy_level=acc or None,
+                             algo_config=cfg)
+    q.process()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".peer-") as tmp:
+        staged = pathlib.Path(tmp) / dst.name
+        q.model.save_model_to_file(str(staged), use_external_data_format=True)
+        for f in sorted(pathlib.Path(tmp).iterdir(), key=lambda p: p.name == dst.name):  # model file last
+            os.replace(f, dst.parent / f.name)
+    for name in pipeline.SIDECAR_FILES:  # so that the directory is a complete model directory
+        if (src.parent / name).is_file() and not (dst.parent / name).exists():
+            shutil.copyfile(src.parent / name, dst.parent / name)
+
+
+def lm_head_quantized(path: pathlib.Path) -> dict:
+    """Whether the model's lm_head and embedding are quantized (read from the graph)."""
+    m = onnx.load(str(path), load_external_data=False)
+    inits = {i.name: i for i in m.graph.initializer}
+    producers = {o: n for n in m.graph.node for o in n.output}
+    logits = producers[m.graph.output[0].name] if m.graph.output[0].name == "logits" else None
+    head = logits.op_type if logits is not None else "?"
+    if logits is not None and logits.op_type == "MatMul":
+        w = logits.input[1]
+        src = producers.get(w)
+        head = f"MatMul <- {src.op_type}" if src is not None else "fp32 MatMul"
+        if src is not None and src.op_type == "DequantizeLinear":
+            head = f"{onnx.TensorProto.DataType.Name(inits[src.input[0]].data_type)} DQ+MatMul"
+    elif head == "MatMulNBits":
+        bits = next((a.i for a in logits.attribute if a.name == "bits"), 4)
+        head = f"INT{bits} MatMulNBits"
+    emb = next((n for n in m.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
+                and n.input and n.input[0] in inits and len(inits[n.input[0]].dims) == 2), None)
+    emb_form = "?"
+    if emb is not None:
+        t = inits[emb.input[0]]
+        emb_form = f"{onnx.TensorProto.DataType.Name(t.data_type)} {emb.op_type}"
+    return {"lm_head": head, "embedding": emb_form}
+
+
+def file_bytes(path: pathlib.Path) -> int:
+    """The .onnx file plus the external data files its initializers reference."""
+    m = onnx.load(str(path), load_external_data=False)
+    files = {path}
+    tensors = list(m.graph.initializer)
+    for f in m.functions:
+        tensors += [a.t for n in f.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    tensors += [a.t for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    for t in tensors:
+        for e in t.external_data:
+            if e.key == "location":
+                files.add(path.parent / e.value)
+    return sum(f.stat().st_size for f in files)
+
+
+def build(name: str, stats: dict, batches: np.ndarray, log) -> None:
+    cfg = CONFIGS[name]
+    if cfg["kind"] == "fp32":
+        return
+    src = {"plain": resolve("smollm2"), "past": resolve("smollm2-with-past")}
+    for variant, dst in model_paths(name).items():
+        if dst.exists():
+            continue
+        t0 = time.perf_counter()
+        if cfg["kind"] == "peer":
+            peer_quantize(src[variant], dst, cfg["block"], cfg["acc"])
+        else:
+            settings = Settings.parse(**dict(cfg["settings"]))
+            pipeline.optimize(src[variant], dst, settings, stats=stats, progress=False,
+                              batches=batches if settings.rounding.value == "gptq" else None)
+        log(f"built {name} [{variant}] in {time.perf_counter() - t0:.0f} s")
+
+
+# ------------------------------------------------------------------------------------ timings
+
+def prefill_time(path, ids: np.ndarray) -> float:
+    sess = session(path, THREADS)
+    feeds = make_feeds(sess, ids)
+    sess.run(["logits"], feeds)  # warm-up
+    t0 = time.perf_counter()
+    sess.run(["logits"], feeds)
+    return time.perf_counter() - t0
+
+
+def decode(sess, first: int, steps: int, timed: bool = True) -> tuple[list[float], list[int]]:
+    """Prompt of one token, then `steps` greedy steps with the KV cache; per-step seconds."""
+    feeds = make_feeds(sess, np.array([[first]], dtype=np.int64))
+    outputs = [o.name for o in sess.get_outputs()]
+    present = [n for n in outputs if n.startswith("present")]
+    past_names = [n.replace("present", "past_key_values") for n in present]
+    out = dict(zip(outputs, sess.run(outputs, feeds)))
+    times, tokens = [], []
+    for step in range(steps):
+        nxt = int(out["logits"][0, -1].argmax())
+        tokens.append(nxt)
+        past_len = step + 1
+        feeds = {"input_ids": np.array([[nxt]], dtype=np.int64),
+                 "attention_mask": np.ones((1, past_len + 1), dtype=np.int64)}
+        if "position_ids" in {i.name for i in sess.get_inputs()}:
+            feeds["position_ids"] = np.array([[past_len]], dtype=np.int64)
+        feeds.update({p: out[c] for p, c in zip(past_names, present)})
+        t0 = time.perf_counter()
+        res = sess.run(outputs, feeds)
+        times.append(time.perf_counter() - t0)
+        out = dict(zip(outputs, res))
+    return times, tokens
+
+
+def decode_time(path, first: int) -> tuple[float, list[int]]:
+    sess = session(path, THREADS)
+    decode(sess, first, 4)  # warm-up
+    times, tokens = decode(sess, first, DECODE_STEPS)
+    return statistics.median(times), tokens
+
+
+RSS_CHILD = r"""
+import sys, json, pathlib, time, numpy as np
+sys.path.insert(0, {root!r})
+from perq_onnx.runtime import session, make_feeds
+{decode_src}
+path, kind = {path!r}, {kind!r}
+sess = session(path, {threads})
+if kind == "plain":
+    ids = np.random.default_rng(0).integers(0, 49152, size=(1, {seq}))
+    sess.run(["logits"], make_feeds(sess, ids))
+else:
+    decode(sess, 504, 64)
+for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+        print(json.dumps(int(line.split()[1]) * 1024))
+"""
+
+
+def peak_rss(path, kind: str) -> int | None:
+    import inspect
+    code = RSS_CHILD.format(root=str(ROOT), path=str(path), kind=kind, threads=THREADS, seq=SEQ_LEN,
+                            decode_src=inspect.getsource(decode))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
+    if r.returncode != 0:
+        print(r.stderr[-2000:])
+        return None
+    return int(r.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ report
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    mem = None
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "nproc": os.cpu_count(), "ram_bytes": mem,
+            "python": platform.python_version(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def goals(res: dict) -> list[str]:
+    r = res["configs"]
+    out = []
+
+    def get(name, key):
+        return r.get(name, {}).get(key)
+
+    fp_pre, fp_dec, fp_bytes = get("fp32", "prefill_s"), get("fp32", "decode_s_per_token"), get("fp32", "bytes")
+    pre, dec, by = get("perq-ort", "prefill_s"), get("perq-ort", "decode_s_per_token"), get("perq-ort", "bytes")
+    if fp_dec and dec:
+        s = fp_dec / dec
+        out.append(f"decode >= 2x faster than fp32: {'MET' if s >= 2 else 'MISSED'} ({s:.2f}x: "
+                   f"{1 / dec:.1f} vs {1 / fp_dec:.1f} tokens/s)")
+    if fp_pre and pre:
+        s = fp_pre / pre
+        out.append(f"prefill >= 1.3x faster than fp32: {'MET' if s >= 1.3 else 'MISSED'} ({s:.2f}x: "
+                   f"{pre * 1e3:.0f} vs {fp_pre * 1e3:.0f} ms)")
+    if fp_bytes and by:
+        s = by / fp_bytes
+        out.append(f"file <= 0.3x fp32: {'MET' if s <= 0.3 else 'MISSED'} ({s:.3f}x: {by / 1e6:.1f} vs "
+                   f"{fp_bytes / 1e6:.1f} MB)")
+    p, q4, q0 = get("perq-ort", "ppl"), get("ortq-rtn-b32-acc4", "ppl"), get("ortq-rtn-b32-acc0", "ppl")
+    if p and q4:
+        out.append(f"ort ppl below onnxruntime's RTN at block 32: {'MET' if p < q4 else 'MISSED'} "
+                   f"({p:.2f} vs {q4:.2f} at accuracy level 4" + (f", {q0:.2f} at level 0)" if q0 else ")"))
+    d3, d0 = get("perq-ort", "decode_s_per_token"), get("perq-ort-noR3", "decode_s_per_token")
+    p3, p0 = get("perq-ort", "prefill_s"), get("perq-ort-noR3", "prefill_s")
+    if d3 and d0:
+        c = d3 / d0 - 1
+        extra = f"; prefill {p3 / p0 - 1:+.1%}" if p3 and p0 else ""
+        out.append(f"R3 costs <= 3% of decode latency: {'MET' if c <= 0.03 else 'MISSED'} ({c:+.1%}: "
+                   f"{d3 * 1e3:.2f} vs {d0 * 1e3:.2f} ms/token{extra})")
+    t, w = get("perq-tensorrt", "ppl"), p
+    if t and w:
+        out.append(f"tensorrt ppl ~ ort weight-only: {'MET' if abs(t / w - 1) <= 0.05 else 'MISSED'} "
+                   f"({t:.2f} vs {w:.2f}, {t / w - 1:+.1%}; onnxruntime CPU, TensorRT not installable here)")
+    return out
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = ["# Deployment benchmark: SmolLM2-135M (fp32 recipe)", "",
+             f"Machine: {m['platform']}, {m['cpu']}, nproc {m['nproc']}, RAM {m['ram_bytes'] / 2**30:.1f} GiB, "
+             f"onnxruntime {m['onnxruntime']}, python {m['python']}; {m['date']}; load average at start "
+             f"{m['load_average_at_start']:.1f} (shared machine).",
+             f"ppl: WikiText-2 test, first {res['windows']} x {SEQ_LEN} windows (perq_onnx.runtime.session: each "
+             "model's recorded session settings). Latency: median of "
+             f"{res['runs']} round-robin rounds, {THREADS} intra-op threads; prefill = one 1 x {SEQ_LEN} forward "
+             f"(plain export); decode = 1-token prompt then {res['decode_steps']} greedy steps with the KV cache "
+             "(with-past export), median per-token time. Peak RSS: a fresh process that loads the model and "
+             "runs it (prefill: one 512-token forward; decode: 64 steps). Ratios are to fp32 in the same run.", "",
+             "| configuration | ppl | MB (x fp32) | prefill ms (x) | decode tok/s (x) | RSS prefill / decode MB "
+             "| lm_head | embedding |",
+             "|---|---|---|---|---|---|---|---|"]
+    r = res["configs"]
+    fp = r.get("fp32", {})
+    for name, c in sorted(r.items(), key=lambda kv: list(CONFIGS).index(kv[0])):
+        def ratio(key, inverse=False):
+            a, b = c.get(key), fp.get(key)
+            if not a or not b:
+                return ""
+            return f" ({(b / a if inverse else a / b):.2f}x)"
+        dec = c.get("decode_s_per_token")
+        rss = f"{fmt(c.get('rss_prefill') and c['rss_prefill'] / 1e6, '.0f')} / " \
+              f"{fmt(c.get('rss_decode') and c['rss_decode'] / 1e6, '.0f')}"
+        lines.append(f"| {name}: {CONFIGS[name]['label']} | {fmt(c.get('ppl'), '.2f')} | "
+                     f"{fmt(c.get('bytes') and c['bytes'] / 1e6, '.1f')}{ratio('bytes')} | "
+                     f"{fmt(c.get('prefill_s') and c['prefill_s'] * 1e3, '.0f')}{ratio('prefill_s')} | "
+                     f"{fmt(dec and 1 / dec, '.1f')}{ratio('decode_s_per_token', True)} | {rss} | "
+                     f"{c.get('lm_head', '')} | {c.get('embedding', '')} |")
+    lines += ["", "Goals (perq-ort = `--target ort`, default rotations, weight blocks of 32):", ""]
+    lines += [f"* {g}" for g in goals(res)]
+    lines += ["", "Notes:", ""] + [f"* {n}" for n in res.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = [
+    "onnxruntime's MatMulNBitsQuantizer (default DefaultWeightOnlyQuantConfig = RTN, symmetric, QOperator) "
+    "quantizes every MatMul with a constant weight, lm_head included (INT4 MatMulNBits), and leaves the "
+    "embedding Gather fp32 (op_types_to_quantize defaults to MatMul; Gather would need it to be asked for). "
+    "perq-onnx's ort target quantizes lm_head INT4 (blocks of 32) and the embedding INT8; "
+    "--float-embeddings keeps both float. So the file-size column compares an fp32 embedding (peer) with "
+    "an INT8 one (perq).",
+    "The peer's accuracy level is the MatMulNBits node attribute (4: int8 activations in the kernel; "
+    "unset = 0: float); perq-onnx's ort output records session.qdq_matmulnbits_accuracy_level=4 in its "
+    "metadata and perq_onnx.runtime.session applies it.",
+    "TensorRT is not installable on this machine (CPU only, no TensorRT wheel usable without a GPU): the "
+    "perq-tensorrt row is onnxruntime CPU running the TensorRT-form graph (DQ+MatMul fused to MatMulNBits "
+    "at accuracy level 0).",
+    "perq-simulate is the research form (INT4 activations as standard-op QDQ chains): not a deployment "
+    "format; its latency shows the cost of simulating A4 with standard ops.",
+]
+
+
+def main(argv=None) -> int:
+    global DECODE_STEPS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--only", default=None, help="comma-separated configuration names (fp32 is always timed)")
+    ap.add_argument("--no-latency", action="store_true", help="build and evaluate ppl/size only")
+    ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--decode-steps", type=int, default=DECODE_STEPS, help=f"decode steps per run (default {DECODE_STEPS})")
+    ap.add_argument("--out", default=str(RESULTS / "deploy"), help="output stem (default results/deploy)")
+    args = ap.parse_args(argv)
+    DECODE_STEPS = args.decode_steps
+    names = DEFAULT if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    for n in names:
+        if n not in CONFIGS:
+            ap.error(f"--only {n}: choose from {', '.join(CONFIGS)}")
+    if "fp32" not in names:
+        names = ["fp32"] + names
+    out_json, out_md = pathlib.Path(args.out + ".json"), pathlib.Path(args.out + ".md")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    prev = json.loads(out_json.read_text()) if out_json.exists() else {}
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:6.0f} s] {msg}", flush=True)
+
+    plain = resolve("smollm2")
+    resolve("smollm2-with-past")
+    tok = calibration.load_tokenizer(plain.parent)
+    test = calibration.windows(calibration.tokenize_file(DATA / "test.txt", tok), SEQ_LEN, args.windows, "test.txt")
+    valid = calibration.windows(calibration.tokenize_file(DATA / "valid.txt", tok), 512, 32, "valid.txt")
+
+    need_build = [n for n in names if CONFIGS[n]["kind"] != "fp32" and not all(p.exists() for p in model_paths(n).values())]
+    stats = None
+    if any(CONFIGS[n]["kind"] == "perq" for n in need_build):
+        stats_file = cache_root() / "stats.npz"
+        if stats_file.exists():
+            stats = dict(np.load(stats_file))
+        else:
+            log("calibrating (pipeline.calibrate on the plain export, valid 32 x 512) ...")
+            stats = pipeline.calibrate(plain, valid, threads=THREADS, progress=False)
+            stats_file.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(stats_file, **stats)
+    for n in names:
+        build(n, stats, valid, log)
+
+    res = {"machine": machine(), "windows": len(test), "runs": args.runs, "seq_len": SEQ_LEN,
+           "decode_steps": DECODE_STEPS, "threads": THREADS, "configs": {}, "notes": NOTES}
+    old = prev.get("configs", {}) if prev.get("windows") == len(test) else {}
+    if args.no_latency and prev.get("windows") == len(test):
+        # a ppl/size-only run adds to the previous run: keep its latency settings and machine record
+        res.update({k: prev[k] for k in ("runs", "decode_steps", "machine") if k in prev})
+
+    def save():
+        out_json.write_text(json.dumps(res, indent=1))
+        out_md.write_text(markdown(res))
+
+    # ppl, size, structure: per configuration (kept from a previous run with the same windows)
+    for n in names:
+        paths = model_paths(n)
+        c = res["configs"].setdefault(n, {k: v for k, v in old.get(n, {}).items() if k != "not_timed_in_this_run"})
+        c.update({"plain": str(paths["plain"]), "past": str(paths["past"]), "bytes": file_bytes(paths["plain"]),
+                  "bytes_past": file_bytes(paths["past"]), **lm_head_quantized(paths["plain"])})
+        if old.get(n, {}).get("ppl") is not None:
+            c["ppl"] = old[n]["ppl"]
+            log(f"{n}: ppl {c['ppl']:.3f} (from {out_json.name})")
+        else:
+            p = perplexity(paths["plain"], test, threads=THREADS, progress=False)
+            c["ppl"] = p.ppl
+            log(f"{n}: ppl {p.ppl:.3f} ({p.seconds:.0f} s)")
+        save()
+    # keep other configurations' ppl from the previous file (for --only runs)
+    for n, c in old.items():
+        if n not in res["configs"]:
+            res["configs"][n] = dict(c)
+            if not args.no_latency:
+                res["configs"][n]["not_timed_in_this_run"] = True
+    save()
+
+    if not args.no_rss:
+        for n in names:
+            c = res["configs"][n]
+            paths = model_paths(n)
+            c["rss_prefill"] = peak_rss(paths["plain"], "plain")
+            c["rss_decode"] = peak_rss(paths["past"], "past")
+            log(f"{n}: peak RSS prefill {fmt(c['rss_prefill'] and c['rss_prefill'] / 1e6, '.0f')} MB, "
+                f"decode {fmt(c['rss_decode'] and c['rss_decode'] / 1e6, '.0f')} MB")
+            save()
+
+    if not args.no_latency:
+        ids = test[0][None, :SEQ_LEN]
+        first = int(test[0][0])
+        samples = {n: {"prefill": [], "decode": []} for n in names}
+        for r in range(args.runs):
+            for n in names:
+                paths = model_paths(n)
+                samples[n]["prefill"].append(prefill_time(paths["plain"], ids))
+                d, tokens = decode_time(paths["past"], first)
+                samples[n]["decode"].append(d)
+                c = res["configs"][n]
+                c["prefill_samples_s"] = samples[n]["prefill"]
+                c["decode_samples_s_per_token"] = samples[n]["decode"]
+                c["prefill_s"] = statistics.median(samples[n]["prefill"])
+                c["decode_s_per_token"] = statistics.median(samples[n]["decode"])
+                c["decode_tokens_first16"] = tokens[:16]
+                log(f"round {r + 1}/{args.runs} {n}: prefill {samples[n]['prefill'][-1] * 1e3:.0f} ms, "
+                    f"decode {d * 1e3:.2f} ms/token")
+            save()
+    res["seconds"] = time.perf_counter() - start
+    res["machine"]["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    save()
+    print(out_md.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
