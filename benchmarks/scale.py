@@ -332,6 +332,8 @@ def main(argv=None) -> int:
                    help="kill an optimize child whose RSS goes over this (shared machine; default 16)")
     p.add_argument("--results", type=pathlib.Path, default=RESULTS, help="results directory")
     p.add_argument("--keep", action="store_true", help="keep the optimized models (in the cache, out-L{n})")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of RESULTS/scale.json for layer counts not measured in this run")
     args = p.parse_args(argv)
     if not (DATA / "valid.txt").is_file():
         sys.exit(f"missing calibration text {DATA / 'valid.txt'}")
@@ -339,8 +341,12 @@ def main(argv=None) -> int:
     data = {"machine": machine(),
             "options": {"block": args.block, "calib_samples": args.calib_samples, "seq_len": args.seq_len},
             "rows": [], "goals": {}}
+    previous = args.results / "scale.json"
+    if args.resume and previous.is_file():
+        data["rows"] = [r for r in json.loads(previous.read_text())["rows"] if r["layers"] not in args.layers]
     for n in sorted(args.layers):
         data["rows"].append(bench_model(n, args))
+        data["rows"].sort(key=lambda r: r["layers"])
         data["goals"] = goals(data["rows"])
         (args.results / "scale.json").write_text(json.dumps(data, indent=1) + "\n")
         write_markdown(args.results / "scale.md", data)
