@@ -120,3 +120,23 @@ def test_file_size_limit_is_a_clean_error(tiny_models, tmp_path):
                        capture_output=True, text=True, timeout=600, preexec_fn=limit)
     assert_clean_failure(r, out, "File too large")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_leaves_nothing_behind(tiny_models, tmp_path):
+    """SIGTERM while optimize works (its staging folder exists) ends it like Ctrl-C: exit 130, no
+    output, no staging folder."""
+    import signal
+    import time
+
+    out = tmp_path / "out.onnx"
+    p = subprocess.Popen([sys.executable, "-m", "perq_onnx.cli", "optimize", str(tiny_models("llama")), "-o",
+                          str(out), "--calib-samples", "4", "--seq-len", "64"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any(tmp_path.glob(".out.onnx.*")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, "optimize ended before it could be interrupted"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130 and "interrupted" in err
+    assert list(tmp_path.iterdir()) == []
