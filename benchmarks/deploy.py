@@ -18,7 +18,7 @@ prefill and file size, and the KV-cache export `resolve("smollm2-with-past")`, u
   is quantized *including lm_head* (the export stores the tied lm_head as its own [576, 49152]
   initializer), while the embedding Gather stays fp32. (``RTNWeightOnlyQuantConfig`` is the
   neural-compressor RTN path; it takes no symmetric/block arguments of its own and is not used.)
-* ``perq-ort``: ``perq-onnx optimize --target ort``: R1 full Hadamard + R2 per-head + P3 massdiff
+* ``perq-ort``: ``perq-onnx optimize --target ort --rounding rtn``: R1 full Hadamard + R2 per-head + P3 massdiff
   + R3 online block Hadamard b=16 (the default rotations), INT4 symmetric weights in blocks of 32
   input rows (the ort target's default ``--w-group``) -> MatMulNBits at accuracy level 4 (session
   setting recorded in the model), lm_head INT4, embedding INT8 (the ort defaults;
@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import pathlib
@@ -107,14 +108,19 @@ CONFIGS = {
     "ortq-rtn-b32-acc0": dict(kind="peer", block=32, acc=0, label="onnxruntime RTN sym b32, acc 0"),
     "ortq-rtn-b128-acc4": dict(kind="peer", block=128, acc=4, label="onnxruntime RTN sym b128, acc 4"),
     "ortq-rtn-b128-acc0": dict(kind="peer", block=128, acc=0, label="onnxruntime RTN sym b128, acc 0"),
-    "perq-ort": dict(kind="perq", settings=dict(target="ort"), label="perq ort (R1+R2+P3+R3 b16), w b32"),
-    "perq-ort-noR3": dict(kind="perq", settings=dict(target="ort", block="none"), label="perq ort without R3"),
-    "perq-ort-gptq": dict(kind="perq", settings=dict(target="ort", rounding="gptq"), label="perq ort, GPTQ"),
-    "perq-ort-norot": dict(kind="perq", settings=dict(target="ort", **NO_ROTATION), label="perq ort, no rotation"),
+    # rounding explicit: since 09f6087 the ort/tensorrt targets default to GPTQ; these rows are RTN
+    "perq-ort": dict(kind="perq", settings=dict(target="ort", rounding="rtn"),
+                     label="perq ort (R1+R2+P3+R3 b16), w b32, RTN"),
+    "perq-ort-noR3": dict(kind="perq", settings=dict(target="ort", rounding="rtn", block="none"),
+                          label="perq ort without R3, RTN"),
+    "perq-ort-gptq": dict(kind="perq", settings=dict(target="ort", rounding="gptq"),
+                          label="perq ort, GPTQ (the ort default since 09f6087)"),
+    "perq-ort-norot": dict(kind="perq", settings=dict(target="ort", rounding="rtn", **NO_ROTATION),
+                           label="perq ort, no rotation, RTN"),
     # --w-group 64: the target's default 128 does not divide SmolLM2's 576 hidden rows (perq-onnx
     # refuses it); 64 is TensorRT's other documented INT4 block size
-    "perq-tensorrt": dict(kind="perq", settings=dict(target="tensorrt", w_group=64),
-                          label="perq tensorrt (w b64 weight-only), run in onnxruntime"),
+    "perq-tensorrt": dict(kind="perq", settings=dict(target="tensorrt", w_group=64, rounding="rtn"),
+                          label="perq tensorrt (w b64 weight-only, RTN), run in onnxruntime"),
     "perq-simulate": dict(kind="perq", settings=dict(target="simulate"), label="perq simulate W4A4 (paper)"),
     # not in the default set: the ort target with embedding and lm_head float
     "perq-ort-floatemb": dict(kind="perq", settings=dict(target="ort", float_embeddings=True),
@@ -206,8 +212,8 @@ def build(name: str, stats: dict, batches: np.ndarray, log) -> None:
             peer_quantize(src[variant], dst, cfg["block"], cfg["acc"])
         else:
             settings = Settings.parse(**dict(cfg["settings"]))
-            pipeline.optimize(src[variant], dst, settings, stats=stats, progress=False,
-                              batches=batches if settings.rounding.value == "gptq" else None)
+            # batches are only run where the settings need calibration (GPTQ Hessians)
+            pipeline.optimize(src[variant], dst, settings, stats=stats, progress=False, batches=batches)
         log(f"built {name} [{variant}] in {time.perf_counter() - t0:.0f} s")
 
 
@@ -246,6 +252,9 @@ def decode(sess, first: int, steps: int, timed: bool = True) -> tuple[list[float
     return times, tokens
 
 
+_DECODE_SRC = inspect.getsource(decode)  # read now: the file may change while a long run is going
+
+
 def decode_time(path, first: int) -> tuple[float, list[int]]:
     sess = session(path, THREADS)
     decode(sess, first, 4)  # warm-up
@@ -272,9 +281,8 @@ for line in pathlib.Path("/proc/self/status").read_text().splitlines():
 
 
 def peak_rss(path, kind: str) -> int | None:
-    import inspect
     code = RSS_CHILD.format(root=str(ROOT), path=str(path), kind=kind, threads=THREADS, seq=SEQ_LEN,
-                            decode_src=inspect.getsource(decode))
+                            decode_src=_DECODE_SRC)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(ROOT))
     if r.returncode != 0:
         print(r.stderr[-2000:])
