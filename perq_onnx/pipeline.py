@@ -223,7 +223,7 @@ def optimize(model_path, output_path, settings: Settings, stats: dict | None = N
 def _optimize(model_path, output_path, settings, stats, progress, batches) -> Report:
     start = time.perf_counter()
     tgt = target(settings)
-    settings = tgt.resolve(settings.validate())
+    settings = settings.validate()
     model_path, output_path = pathlib.Path(model_path), pathlib.Path(output_path)
     if not model_path.is_file():
         raise PerqError(f"{model_path}: no such file")
@@ -233,6 +233,8 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
     _check_paths(model_path, output_path, graph)
     with report.phase("analyze"):
         structure = analyze(graph)
+    linears = [lin for layer in structure.layers for lin in layer.linears().values()] + [structure.lm_head]
+    settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears})
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=f".{output_path.name}.") as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))

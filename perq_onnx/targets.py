@@ -50,16 +50,27 @@ ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
 class Target:
     name: str
     opset: int = 21
-    default_w_group: int | None = None
+    default_w_groups: tuple[int, ...] = ()   # the first that divides every linear's input wins
     default_a_bits: int = 16
     default_rounding: Rounding = Rounding.GPTQ
 
-    def resolve(self, settings: Settings) -> Settings:
-        """Settings with the target's defaults filled in, checked against what it supports."""
+    def resolve(self, settings: Settings, in_features: dict[str, int]) -> Settings:
+        """Settings with the target's defaults filled in and checked against what it supports and
+        against the model's linears (in_features: a linear's name -> its input channels)."""
+        group = settings.w_group
+        if group is None and self.default_w_groups and settings.weights_quantized:
+            group = next((g for g in self.default_w_groups if all(n % g == 0 for n in in_features.values())), None)
+            if group is None:
+                raise PerqError(f"the {self.name} target's weight blocks ({', '.join(map(str, self.default_w_groups))}) "
+                                f"divide no common input size of this model ({sorted(set(in_features.values()))})")
         settings = dataclasses.replace(
-            settings, w_group=settings.w_group if settings.w_group is not None else self.default_w_group,
-            a_bits=settings.a_bits if settings.a_bits is not None else self.default_a_bits,
+            settings, w_group=group, a_bits=settings.a_bits if settings.a_bits is not None else self.default_a_bits,
             rounding=settings.rounding or self.default_rounding)
+        if settings.weights_quantized and group is not None:
+            bad = next((name for name, n in in_features.items() if n % group), None)
+            if bad is not None:
+                raise PerqError(f"--w-group {group} does not divide the {in_features[bad]} input channels of "
+                                f"node '{bad}'")
         self.check(settings)
         return settings.validate()
 
@@ -96,7 +107,7 @@ class Simulate(Target):
 @dataclass(frozen=True)
 class Ort(Target):
     name: str = "ort"
-    default_w_group: int = 32
+    default_w_groups: tuple[int, ...] = (32,)
 
     def check(self, settings: Settings) -> None:
         if settings.quantize and settings.a_bits != 16:
@@ -126,7 +137,7 @@ class Ort(Target):
 @dataclass(frozen=True)
 class TensorRT(Target):
     name: str = "tensorrt"
-    default_w_group: int = 128
+    default_w_groups: tuple[int, ...] = (128, 64)
 
     def check(self, settings: Settings) -> None:
         if settings.quantize and settings.w_bits != 4:

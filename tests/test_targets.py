@@ -100,3 +100,16 @@ def test_tensorrt_target_refuses_what_tensorrt_cannot_run(tiny_models, tmp_path)
         with pytest.raises(PerqError, match=match):
             optimize(tiny_models("llama"), tmp_path / "x.onnx", Settings.parse(target="tensorrt", **kwargs),
                      progress=False)
+
+
+def test_target_weight_blocks_fit_the_model(tmp_path):
+    """tensorrt takes the first of its blocks (128, 64) that divides every linear's input, and
+    says so when none does; an explicit --w-group that does not divide names the node."""
+    from handmade import build_decoder
+    path = build_decoder(tmp_path / "model.onnx")  # hidden 32, intermediate 64
+    with pytest.raises(PerqError, match=r"weight blocks \(128, 64\) divide no common input size"):
+        optimize(path, tmp_path / "x.onnx", Settings.parse(target="tensorrt", **CALIB), progress=False)
+    with pytest.raises(PerqError, match=r"--w-group 64 does not divide the 32 input channels of node"):
+        optimize(path, tmp_path / "x.onnx", Settings.parse(target="ort", w_group=64, **CALIB), progress=False)
+    optimize(path, tmp_path / "ok.onnx", Settings.parse(target="ort", w_group=16, **CALIB), progress=False)
+    assert check_tensorrt(tmp_path / "ok.onnx")  # block 16 is not TensorRT's form
