@@ -7,7 +7,6 @@ full-vector reference point, a MatMul by the full orthonormal matrix of the inte
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from perq_onnx.analysis import consumed

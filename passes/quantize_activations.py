@@ -16,8 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from perq_onnx.errors import PerqError
-from perq_onnx.functions import (BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, QDQ_TYPES,
-                                 block_hadamard_quantize_function, emit_activation_qdq)
+from perq_onnx.functions import BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, QDQ_TYPES, emit_activation_qdq
 from perq_onnx.graph import constant_shape, producer
 
 from .base import ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, ONLINE_ROTATION, Context, Pass, PassResult
@@ -91,4 +90,3 @@ class QuantizeActivations(Pass):
         node.op = BLOCK_HADAMARD_QUANTIZE
         node.attrs = {"block_size": b, "bits": self.bits, "symmetric": int(self.symmetric)}
         node.domain = DOMAIN
-        ctx.functions[BLOCK_HADAMARD_QUANTIZE] = block_hadamard_quantize_function(b, self.bits, self.symmetric)

@@ -40,7 +40,6 @@ from .passes.quantize_activations import QuantizeActivations
 from .passes.quantize_embedding import QuantizeEmbedding
 from .passes.quantize_weights import QuantizeWeights
 from .passes.static_activation_qdq import StaticActivationQDQ
-from .rounding import WeightQuant
 from .settings import Rounding, Settings, TargetName
 
 ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
