@@ -66,11 +66,9 @@ import json
 import os
 import pathlib
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -86,6 +84,8 @@ from perq_onnx.evaluate import perplexity  # noqa: E402
 from perq_onnx.models import resolve  # noqa: E402
 from perq_onnx.runtime import make_feeds, session  # noqa: E402
 from perq_onnx.settings import Settings  # noqa: E402
+
+from benchmarks.peers import peer_quantize  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
@@ -134,29 +134,6 @@ def model_paths(name: str) -> dict[str, pathlib.Path]:
         return {"plain": resolve("smollm2"), "past": resolve("smollm2-with-past")}
     d = cache_root() / name
     return {"plain": d / "plain" / "model.onnx", "past": d / "past" / "model.onnx"}
-
-
-def peer_quantize(src: pathlib.Path, dst: pathlib.Path, block: int, acc: int) -> None:
-    """onnxruntime's own MatMulNBitsQuantizer, RTN (its default algorithm), symmetric."""
-    import logging
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 MatMulNBitsQuantizer)
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=acc or None,
-                                       quant_format=QuantFormat.QOperator, bits=4)
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block, is_symmetric=True, accuracy_level=acc or None,
-                             algo_config=cfg)
-    q.process()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".peer-") as tmp:
-        staged = pathlib.Path(tmp) / dst.name
-        q.model.save_model_to_file(str(staged), use_external_data_format=True)
-        for f in sorted(pathlib.Path(tmp).iterdir(), key=lambda p: p.name == dst.name):  # model file last
-            os.replace(f, dst.parent / f.name)
-    for name in pipeline.SIDECAR_FILES:  # so that the directory is a complete model directory
-        if (src.parent / name).is_file() and not (dst.parent / name).exists():
-            shutil.copyfile(src.parent / name, dst.parent / name)
 
 
 def lm_head_quantized(path: pathlib.Path) -> dict:

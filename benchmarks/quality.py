@@ -2,6 +2,8 @@
 
     python benchmarks/quality.py                 # default sweep (16 x 512 test windows)
     python benchmarks/quality.py --windows 32    # the reference's 32 x 512 windows
+    python benchmarks/quality.py --windows 32 --blocks 16 --methods none massdiff \
+        --settings "ort g32" "ort g32 RTN" --peers   # deployment form vs onnxruntime's quantizer
 
 For each configuration the product's own pipeline (perq_onnx.pipeline.optimize, what
 `perq-onnx optimize` runs) writes a model, onnxruntime evaluates WikiText-2 test perplexity on
@@ -17,6 +19,7 @@ import argparse
 import json
 import pathlib
 import platform
+import sys
 import tempfile
 import time
 
@@ -33,6 +36,9 @@ from perq_onnx.pipeline import calibrate, optimize
 from perq_onnx.runtime import make_feeds, session
 from perq_onnx.settings import Settings
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from benchmarks.peers import peer_quantize  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 DATA = ROOT.parent.parent / "shared" / "data" / "wikitext-2"
@@ -40,8 +46,13 @@ METHODS = ("none", "massdiff", "zigzag", "random")
 BLOCKS = (16, 32, 64, 128, 256, 512)
 SETTINGS = {"W4A4": dict(w_bits=4, a_bits=4), "W16A4": dict(w_bits=16, a_bits=4),
             "W4A16": dict(w_bits=4, a_bits=16),
-            "W4A4 GPTQ": dict(w_bits=4, a_bits=4, rounding="gptq"),
-            "W4A16 GPTQ": dict(w_bits=4, a_bits=16, rounding="gptq")}
+            "W4A4 GPTQ": dict(w_bits=4, a_bits=4, rounding="gptq", w_clip="act"),
+            "W4A16 GPTQ": dict(w_bits=4, a_bits=16, rounding="gptq", w_clip="act"),
+            # the deployment form: --target ort (INT4 blocks, lm_head INT4, embedding INT8; its
+            # defaults GPTQ + activation-aware scales, or RTN), next to onnxruntime's own quantizer
+            "ort g32": dict(target="ort", w_group=32), "ort g32 RTN": dict(target="ort", w_group=32, rounding="rtn"),
+            "ort g64": dict(target="ort", w_group=64), "ort g64 RTN": dict(target="ort", w_group=64, rounding="rtn")}
+PEER_BLOCKS = (32, 64, 128)  # onnxruntime's MatMulNBitsQuantizer (RTN, symmetric, accuracy level 4)
 
 
 def configurations(blocks, methods):
@@ -103,6 +114,18 @@ def run_sweep(args):
         record({"setting": "FP", "config": "FP", "ppl": p.ppl, "tokens": p.tokens, "seconds": p.seconds,
                 "windows": len(test), "seq_len": args.seq_len})
         print(f"FP: ppl {p.ppl:.2f}")
+    if args.peers:
+        with tempfile.TemporaryDirectory() as tmp:
+            for block in PEER_BLOCKS:
+                if ("onnxruntime RTN", f"b{block}", len(test), args.seq_len) in finished:
+                    continue
+                t0 = time.perf_counter()
+                out = pathlib.Path(tmp) / f"peer{block}" / "model.onnx"
+                peer_quantize(model_path, out, block, acc=4)
+                p = perplexity(out, test, progress=False)
+                record({"setting": "onnxruntime RTN", "config": f"b{block}", "ppl": p.ppl, "tokens": p.tokens,
+                        "windows": len(test), "seq_len": args.seq_len, "seconds": time.perf_counter() - t0})
+                print(f"onnxruntime MatMulNBitsQuantizer RTN b{block}: ppl {p.ppl:.2f}")
     todo = [(s, name, cfg) for s in args.settings for name, cfg in configurations(args.blocks, args.methods)
             if (s, name, len(test), args.seq_len) not in finished]
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,6 +154,13 @@ def table(done, windows, seq_len) -> str:
              f"Calibration: {done['calibration']}.",
              f"Machine: {done['machine']}; versions: {done['versions']}; "
              f"{len(runs)} configurations in {minutes:.0f} min (build + eval + error measurement).", ""]
+    peers = [r for r in runs if r["setting"] == "onnxruntime RTN"]
+    if peers:
+        lines += ["### Peer: onnxruntime's MatMulNBitsQuantizer (RTN, symmetric, accuracy level 4, "
+                  "lm_head INT4, embedding float, no rotation)", "",
+                  "| block | " + " | ".join(r["config"][1:] for r in peers) + " |",
+                  "|---|" + "---|" * len(peers),
+                  "| ppl | " + " | ".join(f"{r['ppl']:.2f}" for r in peers) + " |", ""]
     for setting in [s for s in SETTINGS if any(r["setting"] == s for r in runs)]:
         ref = lambda c: ppl.get((setting, c), {}).get("ppl", float("nan"))  # noqa: E731
         full = ref("R1+R2+full R3")
@@ -214,6 +244,8 @@ def main():
     ap.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--settings", nargs="+", default=["W4A4", "W16A4"], choices=list(SETTINGS))
+    ap.add_argument("--peers", action="store_true",
+                    help=f"also run onnxruntime's MatMulNBitsQuantizer at blocks {', '.join(map(str, PEER_BLOCKS))}")
     ap.add_argument("--results", type=pathlib.Path, default=ROOT / "results", help="output folder (default benchmarks/results)")
     ap.add_argument("--resume", action="store_true", help="keep finished configurations of quality.json")
     ap.add_argument("--report-only", action="store_true", help="re-render quality.md and the plots from quality.json")

@@ -8,7 +8,13 @@ per-group scale has shape ``[in / g, out]`` and a per-channel scale (``group=Non
 ``[out]``. The Hessian is ``H = X^T X`` over calibration tokens, shape ``[in, in]``.
 
 Symmetric forms have zero point 0, int8 codes in ``[-2^(b-1), 2^(b-1) - 1]`` and
-``w ~ code * scale`` with ``scale = alpha * max|w| / (2^(b-1) - 1)``. Asymmetric forms have uint8
+``w ~ code * scale`` with ``scale = alpha * max|w| / (2^(b-1) - 1)``: 2^b - 1 levels, the code
+-2^(b-1) unused. ``full_range`` uses all 2^b levels: ``scale = alpha * m / -2^(b-1)`` where ``m``
+is the group's largest-magnitude weight *with its sign*, so ``m`` maps to code -2^(b-1) and the
+step is 2^(b-1) / (2^(b-1) - 1) times finer (8/7 at 4 bits; a weight of the opposite sign and the
+same magnitude is clipped by one step). The scale is then negative for a group whose extreme is
+positive: onnxruntime's DequantizeLinear and MatMulNBits accept that (its own quantizer does
+the same), TensorRT documents positive scales, so its target keeps the narrow form. Asymmetric forms have uint8
 codes in ``[0, 2^b - 1]``, an integer zero point per scale and ``w ~ (code - zero) * scale``,
 where the range ``[min(w, 0), max(w, 0)]`` is shrunk by ``alpha`` before it is split into
 ``2^b - 1`` steps. Scales are float32, and codes are always rounded against the float32 scale,
@@ -47,12 +53,13 @@ process), the rounding error ``e = (w_i - q_i) / U_ii`` is fed back as
   when the first of its rows is processed, from the group's rows as they are at that moment (all
   updates so far applied, pending lazy ones included); without act-order that is the usual "fit
   when the group starts". Per-channel scales are fitted once from the original weights.
-* The clip rule is the form's, except that ``act`` falls back to ``mse`` on the (updated) weights:
-  GPTQ already accounts for ``H`` through its updates.
+* The clip rule is the form's, applied to the group's rows as updated. ``act`` weights each row
+  by ``H_ii`` as in RTN: GPTQ's updates cannot undo a row's own rounding error through rows it
+  is not correlated with, so a dominant input (a massive activation) still needs its group's
+  scale chosen for it.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +84,7 @@ class WeightQuant:
     group: int | None = None
     symmetric: bool = True
     clip: str = "mse"
+    full_range: bool = False
 
     def __post_init__(self):
         if self.bits not in (4, 8):
@@ -87,6 +95,8 @@ class WeightQuant:
                                 f"got {self.group!r}")
         if self.clip not in CLIPS:
             raise RoundingError(f"clip must be one of {', '.join(CLIPS)}; got {self.clip!r}")
+        if self.full_range and not self.symmetric:
+            raise RoundingError("full_range applies to symmetric forms (asymmetric ones use every code)")
 
     @property
     def code_range(self) -> tuple[int, int]:
@@ -152,13 +162,13 @@ def _check_hessian(hessian, rows: int) -> np.ndarray:
 
 def _params(alpha, lo, hi, form: WeightQuant):
     """Scale (float32 values, held in float64) and zero point for the clipped range
-    alpha * [lo, hi]. Symmetric forms pass lo = -hi = -max|w|."""
+    alpha * [lo, hi]. Symmetric forms pass hi = max|w| (full range: the signed extreme)."""
     qmin, qmax = form.code_range
     if form.symmetric:
-        scale, zero = alpha * hi / qmax, None
+        scale, zero = alpha * hi / (qmin if form.full_range else qmax), None
     else:
         scale = alpha * (hi - lo) / qmax
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32).astype(np.float64)
+    scale = np.where(scale != 0, scale, 1.0).astype(np.float32).astype(np.float64)
     if not form.symmetric:
         zero = np.clip(np.rint(-alpha * lo / scale), qmin, qmax)
     return scale, zero
@@ -181,8 +191,11 @@ def _fit(wg: np.ndarray, form: WeightQuant, row_weight=None):
     """Scale and zero point ``[G, out]`` for grouped weights ``wg [G, g, out]`` under the form's
     clip rule; ``row_weight [G, g, 1]`` weights each row's squared error (clip="act")."""
     if form.symmetric:
-        hi = np.abs(wg).max(axis=1)
-        lo = -hi
+        if form.full_range:  # the signed extreme
+            hi = np.take_along_axis(wg, np.abs(wg).argmax(axis=1)[:, None], axis=1)[:, 0]
+        else:
+            hi = np.abs(wg).max(axis=1)
+        lo = None
     else:
         lo, hi = np.minimum(wg.min(axis=1), 0.0), np.maximum(wg.max(axis=1), 0.0)
     if form.clip == "absmax":
@@ -192,7 +205,8 @@ def _fit(wg: np.ndarray, form: WeightQuant, row_weight=None):
     step = max(1, _TILE // (wg.shape[0] * wg.shape[1]))  # output columns per cache-sized tile
     for c in range(0, hi.shape[1], step):
         cols = slice(c, c + step)
-        w, tile_lo, tile_hi = np.ascontiguousarray(wg[:, :, cols]), lo[:, cols], hi[:, cols]
+        w, tile_hi = np.ascontiguousarray(wg[:, :, cols]), hi[:, cols]
+        tile_lo = None if lo is None else lo[:, cols]
 
         def error(alpha):
             scale, zero = _params(alpha, tile_lo, tile_hi, form)
@@ -228,6 +242,11 @@ def _package(codes, scale, zero, form: WeightQuant, per_channel: bool) -> Quanti
     return Quantized(codes=codes, scale=scale, zero_point=zero)
 
 
+def _row_weights(diag: np.ndarray) -> np.ndarray:
+    """clip="act"'s per-row weights H_ii, floored so that plain MSE decides for dead inputs."""
+    return diag + 1e-6 * max(diag.mean(), 1e-30)
+
+
 # -- public API ----------------------------------------------------------------------------------
 
 def rtn(w, form: WeightQuant, hessian=None) -> Quantized:
@@ -239,8 +258,7 @@ def rtn(w, form: WeightQuant, hessian=None) -> Quantized:
     if form.clip == "act":
         if hessian is None:
             raise RoundingError('clip="act" needs the Hessian (X^T X) of the layer input')
-        diag = np.diag(_check_hessian(hessian, rows))
-        row_weight = (diag + 1e-6 * max(diag.mean(), 1e-30)).reshape(rows // g, g, 1)
+        row_weight = _row_weights(np.diag(_check_hessian(hessian, rows))).reshape(rows // g, g, 1)
     wg = w.astype(np.float64).reshape(rows // g, g, cols)
     scale, zero = _fit(wg, form, row_weight)
     codes = _round(wg, scale[:, None], None if zero is None else zero[:, None], form)
@@ -286,9 +304,8 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
     h = _check_hessian(hessian, rows)
     if damp < 0 or block < 1:
         raise RoundingError(f"need damp >= 0 and block >= 1, got damp={damp}, block={block}")
-    fit_form = form if form.clip != "act" else dataclasses.replace(form, clip="mse")
-
     diag = np.diag(h).copy()
+    row_weight = _row_weights(diag) if form.clip == "act" else None
     order = np.argsort(-diag, kind="stable") if act_order else np.arange(rows)
     position = np.argsort(order)  # position[row] = when that row is processed
     h = h[np.ix_(order, order)]  # our own copy, in processing order
@@ -311,7 +328,7 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
     zero = None if form.symmetric else np.empty((n_groups, cols))
     fitted = np.zeros(n_groups, dtype=bool)
     if form.group is None:
-        scale[0], z = _fit(w.astype(np.float64)[None], fit_form)
+        scale[0], z = _fit(w.astype(np.float64)[None], form, None if row_weight is None else row_weight[None, :, None])
         if zero is not None:
             zero[0] = z
         fitted[0] = True
@@ -330,7 +347,8 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
                     # the group's rows as they are now: work[] plus this block's pending updates
                     members = position[k * g:(k + 1) * g]
                     now = work[members] - u[start:p, members].T @ errors[:i]
-                    scale[k], z = _fit(now[None], fit_form)
+                    scale[k], z = _fit(now[None], form, None if row_weight is None
+                                       else row_weight[k * g:(k + 1) * g][None, :, None])
                     if zero is not None:
                         zero[k] = z
                     fitted[k] = True

@@ -106,7 +106,7 @@ class Settings:
     a_bits: int | None = None             # None: the target's default
     a_symmetric: bool = False
     rounding: Rounding | None = None      # None: the target's default
-    w_clip: Clip = Clip.MSE
+    w_clip: Clip | None = None            # None: the target's default
     fused_ops: bool = False
     float_embeddings: bool = False        # keep embedding and lm_head float (ort/tensorrt quantize them)
     random_orthogonal: bool = False       # seeded random orthogonal where no Hadamard exists
@@ -123,7 +123,7 @@ class Settings:
         kinds = {"permute": Permute, "residual_rotation": ResidualRotation, "rounding": Rounding,
                  "target": TargetName, "w_clip": Clip}
         for key, kind in kinds.items():
-            if key in values:
+            if values.get(key) is not None:
                 values[key] = kind.parse(values[key], "--" + key.replace("_", "-"))
         if block is not None:
             values["online"] = OnlineRotation.parse(str(block))
@@ -164,11 +164,6 @@ class Settings:
         """Whether a permutation depends on calibrated channel statistics."""
         by_stats = self.permute in (Permute.MASSDIFF, Permute.ZIGZAG)
         return by_stats and (self.online.block is not None or self.residual_rotation is ResidualRotation.BLOCK)
-
-    @property
-    def weight_form(self):
-        from .rounding import WeightQuant
-        return WeightQuant(self.w_bits, self.w_group, True, str(self.w_clip))
 
     def needs_calibration(self, have_statistics: bool) -> bool:
         """Whether calibration data must be run: for permutation statistics (unless given) or

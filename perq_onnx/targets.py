@@ -7,11 +7,14 @@ and the opset / IR version. The float rewrites (R1, R2, P3, R3) are the same for
 * ``simulate``: the research form of the paper's tables. INT-n weights per output channel (or
   per group) and INT-n activations as the dynamic per-token standard-op QDQ chain in front of
   every decoder linear; embedding and lm_head float.
-Deployment targets round weights with GPTQ by default (Hessians of the rotated graph from the
-calibration data): folding the RMSNorm gammas into the readers, which R1 requires, puts tiny
-gammas of high-energy channels into the weights, and no per-column scale can keep round-to-
-nearest's error away from those channels; GPTQ's error feedback can
-(benchmarks/investigate_weights/FINDINGS.md). ``--rounding rtn`` is the fast alternative.
+Deployment targets round weights with GPTQ and activation-aware scales by default (Hessians of
+the rotated graph from the calibration data): folding the RMSNorm gammas into the readers, which
+R1 requires, puts tiny gammas of high-energy channels into the weights, and no weight-error scale
+rule can keep round-to-nearest's error away from those channels; GPTQ's error feedback and
+scales fitted on the output error can (benchmarks/investigate_weights/FINDINGS.md and
+choose_rules.py). ``--rounding rtn`` is the fast alternative. Symmetric INT4 uses all 16 codes
+(``full_range``: the scale carries the sign of the group's extreme, as onnxruntime's own
+quantizer does) except for TensorRT, whose documented scales are positive.
 
 * ``ort``: what onnxruntime runs fast. INT4 symmetric weights in blocks of 32 input rows
   (int4 initializer -> DequantizeLinear(axis 0, block_size) -> MatMul, which onnxruntime fuses
@@ -40,7 +43,8 @@ from .passes.quantize_activations import QuantizeActivations
 from .passes.quantize_embedding import QuantizeEmbedding
 from .passes.quantize_weights import QuantizeWeights
 from .passes.static_activation_qdq import StaticActivationQDQ
-from .settings import Rounding, Settings, TargetName
+from .rounding import WeightQuant
+from .settings import Clip, Rounding, Settings, TargetName
 
 ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "4"}
 
@@ -52,6 +56,8 @@ class Target:
     default_w_groups: tuple[int, ...] = ()   # the first that divides every linear's input wins
     default_a_bits: int = 16
     default_rounding: Rounding = Rounding.GPTQ
+    default_w_clip: Clip = Clip.ACT
+    full_range: bool = True                  # symmetric codes use all 16 levels (negative scales)
 
     def resolve(self, settings: Settings, in_features: dict[str, int]) -> Settings:
         """Settings with the target's defaults filled in and checked against what it supports and
@@ -64,7 +70,7 @@ class Target:
                                 f"divide no common input size of this model ({sorted(set(in_features.values()))})")
         settings = dataclasses.replace(
             settings, w_group=group, a_bits=settings.a_bits if settings.a_bits is not None else self.default_a_bits,
-            rounding=settings.rounding or self.default_rounding)
+            rounding=settings.rounding or self.default_rounding, w_clip=settings.w_clip or self.default_w_clip)
         if settings.weights_quantized and group is not None:
             bad = next((name for name, n in in_features.items() if n % group), None)
             if bad is not None:
@@ -75,6 +81,18 @@ class Target:
 
     def check(self, settings: Settings) -> None:
         pass
+
+    def weight_form(self, settings: Settings) -> WeightQuant:
+        return WeightQuant(settings.w_bits, settings.w_group, True, str(settings.w_clip), self.full_range)
+
+    def quantize_weights(self, settings: Settings, lm_head: bool) -> QuantizeWeights:
+        """The weight pass; lm_head (no Hessian collected for it) gets round-to-nearest with the
+        weight-error clip rule where the form's rule needs activations."""
+        form = self.weight_form(settings)
+        head = None
+        if lm_head and not settings.float_embeddings:
+            head = dataclasses.replace(form, clip="mse" if form.clip == "act" else form.clip)
+        return QuantizeWeights(form, settings.rounding, lm_head=head)
 
     def passes(self, settings: Settings) -> list[Pass]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -93,11 +111,12 @@ class Simulate(Target):
     name: str = "simulate"
     default_a_bits: int = 4
     default_rounding: Rounding = Rounding.RTN  # the paper's tables
+    default_w_clip: Clip = Clip.MSE
 
     def passes(self, settings: Settings) -> list[Pass]:
         passes: list[Pass] = []
         if settings.weights_quantized:
-            passes.append(QuantizeWeights(settings.weight_form, settings.rounding))
+            passes.append(self.quantize_weights(settings, lm_head=False))
         if settings.activations_quantized:
             passes.append(QuantizeActivations(settings.a_bits, settings.a_symmetric, settings.fused_ops))
         return passes
@@ -119,8 +138,7 @@ class Ort(Target):
     def passes(self, settings: Settings) -> list[Pass]:
         if not settings.quantize:
             return []
-        head = None if settings.float_embeddings else settings.weight_form
-        passes: list[Pass] = [QuantizeWeights(settings.weight_form, settings.rounding, lm_head=head)]
+        passes: list[Pass] = [self.quantize_weights(settings, lm_head=True)]
         if not settings.float_embeddings:
             passes.append(QuantizeEmbedding())
         return passes
@@ -137,6 +155,7 @@ class Ort(Target):
 class TensorRT(Target):
     name: str = "tensorrt"
     default_w_groups: tuple[int, ...] = (128, 64)
+    full_range: bool = False  # TensorRT documents positive scales
 
     def check(self, settings: Settings) -> None:
         if settings.quantize and settings.w_bits != 4:
@@ -155,8 +174,7 @@ class TensorRT(Target):
             passes.append(InlineBlockHadamard())
         if not settings.quantize:
             return passes
-        head = None if settings.float_embeddings else settings.weight_form
-        passes.append(QuantizeWeights(settings.weight_form, settings.rounding, lm_head=head))
+        passes.append(self.quantize_weights(settings, lm_head=True))
         if settings.a_bits == 8:
             passes.append(StaticActivationQDQ())
         return passes

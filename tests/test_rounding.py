@@ -99,6 +99,39 @@ def test_absmax_scale_and_rtn_rounding():
     assert np.all(np.abs(w - q.dequantize()) <= 0.5 * step * (1 + 1e-5))
 
 
+@pytest.mark.parametrize("group", [None, 32])
+def test_full_range_maps_the_signed_extreme_to_the_lowest_code(group):
+    w = weights()
+    narrow = rtn(w, WeightQuant(group=group, clip="absmax"))
+    full = rtn(w, WeightQuant(group=group, clip="absmax", full_range=True))
+    g = ROWS if group is None else group
+    wg = w.reshape(ROWS // g, g, COLS)
+    extreme = np.take_along_axis(wg, np.abs(wg).argmax(axis=1)[:, None], axis=1)[:, 0]
+    scale = full.scale.reshape(-1, COLS)
+    np.testing.assert_allclose(scale, extreme / -8, rtol=1e-6)  # negative where the extreme is positive
+    assert (scale < 0).any() and (scale > 0).any()
+    assert full.codes.min() == -8 and narrow.codes.min() >= -7
+    # the step is 8/7 finer: about (7/8)^2 of the squared error of the narrow grid
+    ratio = relative_error(w, full) / relative_error(w, narrow)
+    assert 0.65 < ratio < 0.85, ratio
+    # GPTQ fits the same grid
+    assert gptq(w, correlated_hessian(), WeightQuant(group=group, clip="absmax", full_range=True)).codes.min() == -8
+
+
+def test_act_clip_steers_gptq_scales_toward_a_dominant_input():
+    """A massive activation on one input: its row's own rounding error reaches the output through
+    H_ii and cannot be cancelled through uncorrelated rows, so GPTQ needs the group scale chosen
+    for that row (clip="act") as RTN does."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4000, ROWS))
+    x[:, 5] *= 40.0
+    h = x.T @ x
+    w = weights()
+    errors = {clip: output_error(w, gptq(w, h, WeightQuant(group=32, clip=clip, full_range=True)), h)
+              for clip in ("mse", "act")}
+    assert errors["act"] < 0.7 * errors["mse"], errors
+
+
 def test_asymmetric_codes_and_zero_points():
     w = np.random.default_rng(3).standard_normal((ROWS, COLS)).astype(np.float32) + 0.5
     form = WeightQuant(bits=4, group=64, symmetric=False, clip="mse")
@@ -247,6 +280,8 @@ def test_invalid_forms_raise():
         WeightQuant(clip="percentile")
     with pytest.raises(ValueError, match="positive"):
         WeightQuant(group=0)
+    with pytest.raises(ValueError, match="full_range applies to symmetric"):
+        WeightQuant(symmetric=False, full_range=True)
     w = weights()
     with pytest.raises(ValueError, match="group size 48 does not divide the 256 input rows"):
         rtn(w, WeightQuant(group=48))
