@@ -2,6 +2,7 @@
 
 ``resolve("smollm2")`` builds (once) and returns the fp32 ONNX export of SmolLM2-135M-Instruct
 (``"smollm2-with-past"``: the export with KV-cache inputs and outputs, for generation);
+``"gemma3-270m"`` / ``"gemma3-270m-with-past"`` likewise for Gemma 3 270M (``gemma3.py``);
 ``resolve("path/to/model.onnx")`` returns that path unchanged. ``tiny`` holds the random-weight
 test models (not a recipe: they are exported into a directory the caller chooses).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from perq_onnx.errors import PerqError
 
-RECIPES = ("smollm2", "smollm2-with-past")
+RECIPES = ("smollm2", "smollm2-with-past", "gemma3-270m", "gemma3-270m-with-past")
 
 
 def resolve(name_or_path: str) -> Path:
@@ -25,6 +26,10 @@ def resolve(name_or_path: str) -> Path:
         if path.is_file():
             return path
         raise PerqError(f"model {arg!r}: no such ONNX file")
+    if arg in RECIPES and arg.startswith("gemma3-270m"):
+        from perq_onnx.models import gemma3
+
+        return gemma3.onnx_path(with_past=arg.endswith("-with-past"))
     if arg in RECIPES:
         from perq_onnx.models import smollm2
 

@@ -1,6 +1,8 @@
 """Tiny random-weight decoder-only LLMs exported to ONNX, for the test-suite.
 
-``export_tiny(arch, out_dir, with_past, tied)`` builds a Llama, Mistral or Qwen2 model from its
+``export_tiny(arch, out_dir, with_past, tied)`` builds a Llama, Mistral or Qwen2 model (or one of
+``FAMILY_ARCHS``: Gemma 1/2/3 text, OLMo2, see ``_family_config``; or of ``PHI3_GRANITE_ARCHS``:
+Phi-3, Granite, see ``_phi3_granite_config``) from its
 transformers config with hidden 128, intermediate 256, 2 layers, 4 query heads and 2 key/value
 heads (grouped-query attention, head_dim 32), vocab 512 and 256 positions, and exports it with
 optimum exactly as the real recipes are exported (fp32, unoptimized, no post-processing:
@@ -37,6 +39,12 @@ from perq_onnx.errors import PerqError
 from perq_onnx.models import quiet_export
 
 ARCHS = ("llama", "mistral", "qwen2")
+# Post-norm and Gemma-style families, tested on their own (tests/test_family_gemma_olmo.py) so that
+# the suites parametrized over ARCHS stay as fast as they were.
+FAMILY_ARCHS = ("gemma", "gemma2", "gemma3", "olmo2")
+# Fused projections (Phi-3: qkv_proj, gate_up_proj) and scalar multipliers (Granite), tested on
+# their own too (tests/test_family_phi3_granite.py); see ``_phi3_granite_config``.
+PHI3_GRANITE_ARCHS = ("phi3", "granite")
 
 HIDDEN = 128
 INTERMEDIATE = 256
@@ -71,6 +79,10 @@ def _config(arch: str, tied: bool):
         return MistralConfig(**common)
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch in FAMILY_ARCHS:
+        return _family_config(arch, common)
+    if arch in PHI3_GRANITE_ARCHS:
+        return _phi3_granite_config(arch, common)
     raise PerqError(f"export_tiny: arch {arch!r} is not one of {', '.join(ARCHS)}")
 
 
@@ -86,7 +98,9 @@ def build_model(arch: str, tied: bool, seed: int = 0):
     with torch.no_grad():
         for name, mod in model.named_modules():
             if type(mod).__name__.endswith("RMSNorm"):
-                mod.weight.copy_(1.0 + 0.3 * torch.randn(mod.weight.shape, generator=gen))
+                # Gemma norms scale by (1 + weight), zero at init: randomize the weight itself
+                offset = 0.0 if arch.startswith("gemma") else 1.0
+                mod.weight.copy_(offset + 0.3 * torch.randn(mod.weight.shape, generator=gen))
         for name, param in model.named_parameters():
             if name.endswith(".bias"):  # Qwen2's q/k/v biases: zero after init, which the
                 # exporter would fold into one shared initializer; make each one distinct
@@ -96,10 +110,59 @@ def build_model(arch: str, tied: bool, seed: int = 0):
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[outliers, :] *= 4.0
             layer.mlp.down_proj.weight[outliers, :] *= 4.0
+        _post_norm_outliers(arch, model, outliers)
     if tied:
         model.tie_weights()
     model.eval()
     return model
+
+
+def _family_config(arch: str, common: dict):
+    """Configs of FAMILY_ARCHS. Gemma needs an explicit head_dim (its default is 256) and uses
+    tanh-GELU (GeGLU); Gemma 2/3 get a sliding window of 16 tokens (shorter than the tests'
+    sequences, so it really masks) on alternating layers, with Gemma 2's attention and final logit
+    soft-capping left at their defaults; Gemma 3 has q/k norms over each head; OLMo2 has
+    post-norms only and q/k norms over the full projection width."""
+    from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig, Olmo2Config
+
+    head_dim = HIDDEN // HEADS
+    sliding = dict(query_pre_attn_scalar=head_dim, sliding_window=16,
+                   layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(LAYERS)])
+    if arch == "gemma":
+        return GemmaConfig(head_dim=head_dim, hidden_activation="gelu_pytorch_tanh", **common)
+    if arch == "gemma2":
+        return Gemma2Config(head_dim=head_dim, **sliding, **common)
+    if arch == "gemma3":
+        return Gemma3TextConfig(head_dim=head_dim, rope_scaling=None, **sliding, **common)
+    return Olmo2Config(**common)
+
+
+def _post_norm_outliers(arch: str, model, outliers) -> None:
+    """In post-norm layers (Gemma 2/3, OLMo2) the RMSNorm after o_proj/down_proj decides what is
+    written to the residual stream: scale its effective gamma x4 on the outlier channels."""
+    if arch not in ("gemma2", "gemma3", "olmo2"):
+        return
+    for layer in model.model.layers:
+        for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+            if arch.startswith("gemma"):  # gamma = 1 + weight
+                norm.weight[outliers] = 4.0 * (1.0 + norm.weight[outliers]) - 1.0
+            else:
+                norm.weight[outliers] *= 4.0
+
+
+def _phi3_granite_config(arch: str, common: dict):
+    """Configs of PHI3_GRANITE_ARCHS. Phi-3 (Phi-3-mini's layout: full rotary, SiLU gating
+    ``up * silu(gate)`` with gate the first half of gate_up_proj, untied by default) fuses q/k/v
+    and gate/up into one weight each; its module names keep o_proj and down_proj, so the outlier
+    tweak applies unchanged. Granite gets Granite-3.0-like multipliers instead of its all-1.0
+    defaults: the embedding x12, every o_proj/down_proj output x0.22 before its residual Add,
+    attention scores x(1/32) instead of 1/sqrt(head_dim), logits / 8 (tied by default)."""
+    from transformers import GraniteConfig, Phi3Config
+
+    if arch == "phi3":
+        return Phi3Config(original_max_position_embeddings=MAX_POS, **common)
+    return GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=1.0 / 32,
+                         logits_scaling=8.0, **common)
 
 
 def build_tokenizer():
@@ -135,8 +198,9 @@ def export_tiny(arch: str, out_dir: Path, with_past: bool, tied: bool, seed: int
     optimum 2.x unless it raises it); ``dtype`` ("fp16", "bf16") to optimum's ``--dtype`` (optimum
     refuses fp16 on CPU, so it is only useful on a GPU machine; the tests convert fp32 exports
     with onnxruntime's float16 converter instead)."""
-    if arch not in ARCHS:
-        raise PerqError(f"export_tiny: arch {arch!r} is not one of {', '.join(ARCHS)}")
+    if arch not in ARCHS + FAMILY_ARCHS + PHI3_GRANITE_ARCHS:
+        raise PerqError(f"export_tiny: arch {arch!r} is not one of "
+                        f"{', '.join(ARCHS + FAMILY_ARCHS + PHI3_GRANITE_ARCHS)}")
     out_dir = Path(out_dir)
     onnx_file = out_dir / "model.onnx"
     if onnx_file.exists():

@@ -22,6 +22,7 @@ from perq_onnx.analysis import DecoderStructure, Fold, Linear
 from perq_onnx.calibration import Calibrator, with_outputs
 from perq_onnx.errors import InternalError, PerqError
 from perq_onnx.functions import DOMAIN, function_for
+from perq_onnx.fused_ops import fused_gamma_input, gamma_folded
 from perq_onnx.graph import constant_shape, constant_value, export_structure, producer
 from perq_onnx.transforms import Transform, fold_consumed, fold_produced
 from perq_onnx.weights import WeightStore
@@ -166,7 +167,8 @@ def _decoder_linears(ctx: Context):
 
 def _gammas_folded(ctx: Context) -> str | None:
     names = {n.name for n in ctx.graph.nodes}
-    left = [norm.gamma for norm in ctx.structure.norms if norm.gamma in names]
+    left = [norm.gamma for norm in ctx.structure.norms if norm.gamma in names
+            and not (fused_gamma_input(ctx.node(norm.gamma)) is not None and gamma_folded(ctx.node(norm.gamma)))]
     return f"RMSNorm gamma Mul '{left[0]}' is still in the graph" if left else None
 
 

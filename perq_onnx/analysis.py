@@ -14,6 +14,26 @@ read by lm_head. Inside a layer:
   Transpose, Concat with past values, Unsqueeze/Expand for GQA) reach o_proj -- a per-head
   rotation of v's columns commutes with all of them.
 
+Two family variants are read as the same structure:
+
+* Fused projections (Phi-3's qkv_proj, gate_up_proj): one norm reader whose output is cut into
+  column ranges by Slices on the last axis (fused_slices.py). Each range becomes a Linear record
+  of the fused MatMul with ``columns``, so the regions fold into row/column *slices* of the one
+  fused weight: R1 into its rows (all of them), R2 into the V columns, P3 into both halves of
+  gate_up with the same permutation. Exact because a Slice on the channel axis only selects
+  columns: slice(x W)[..., a:b] = x W[:, a:b].
+* Scalar multipliers (Granite): a Mul/Div by a constant scalar on the residual stream (after the
+  embedding) or between a writer and its residual Add. Scalars commute with any change of basis
+  of the channels, (c x) Q = c (x Q), so they stay in the graph unchanged. Granite's other
+  multipliers (attention scaling on q/k, logits / logits_scaling after lm_head) act on tensors
+  the rewrite does not change.
+* Output norms and direct readers (Gemma 2/3, OLMo2; post_norms.py): an RMSNorm between a writer
+  and its residual Add is recorded on the layer (``attn_output_norm``, ``mlp_output_norm``); with a
+  per-channel gamma it makes R1 inexact, so ``DecoderStructure.residual_blocker`` says why and
+  ``regions()`` leaves the residual region out (R2, P3, R3 are unaffected). Linears reading the
+  residual stream with no norm in between (OLMo2) form a gamma-free identity norm. Gemma's
+  (1 + w) gamma is an exported constant and its sqrt(hidden) embedding scale a scalar Mul.
+
 Anything else reading the residual stream, or an unexpected op inside a region, is refused with
 the node's name and the reason.
 """
@@ -26,13 +46,17 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .errors import PerqError
+from . import fused_ops
 from .graph import GraphView, constant_shape, constant_value, producer
+from . import post_norms
 
 ELEMENTWISE = {"Sigmoid", "Tanh", "Erf", "Relu", "Softplus", "Gelu", "Neg", "Exp", "Cast", "Identity",
                "HardSigmoid", "HardSwish", "Elu", "Selu", "LeakyRelu", "Mish", "Mul", "Add", "Sub", "Div", "Pow"}
 NONLINEAR = {"Sigmoid", "Tanh", "Erf", "Relu", "Softplus", "Gelu", "HardSigmoid", "HardSwish", "Elu", "Selu",
              "LeakyRelu", "Mish"}
 HEAD_LAYOUT = {"Reshape", "Transpose", "Concat", "Unsqueeze", "Squeeze", "Expand", "Identity", "Cast", "Add"}
+ELEMENTWISE |= fused_ops.CONTRIB_ELEMENTWISE  # onnxruntime's fused activations (QuickGelu = SiLU)
+NONLINEAR |= fused_ops.CONTRIB_ELEMENTWISE
 
 
 class AnalysisError(PerqError):
@@ -50,14 +74,20 @@ class AnalysisError(PerqError):
 
 @dataclass(frozen=True)
 class Linear:
-    """A MatMul by a constant [in, out] weight (input 1), with an optional bias Add after it."""
+    """A MatMul by a constant [in, out] weight (input 1), with an optional bias Add after it.
+
+    A projection that is a column slice of a fused weight (Phi-3's q/k/v in qkv_proj, gate/up in
+    gate_up_proj; see fused_slices.py) names the fused MatMul, its Slice's output and the slice's
+    width; ``columns`` is its [start, stop) in the fused weight and ``fused`` the whole linear."""
     name: str                 # the MatMul node
     input: str                # the tensor it read at analysis time
-    output: str               # the bias Add's output, else the MatMul's
+    output: str               # the bias Add's output, else the MatMul's (a slice: the Slice's output)
     in_features: int
     out_features: int
     bias: str | None = None   # the bias Add node
     bias_index: int = 1       # which input of the bias Add is the bias
+    columns: tuple[int, int] | None = None  # a slice: its output columns of the fused weight
+    fused: "Linear | None" = None           # a slice: the whole fused linear
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -71,6 +101,7 @@ class RMSNorm:
     gamma: str | None         # the Mul(gamma, normalized) node, if any
     nodes: frozenset[str]     # its node names
     readers: tuple[Linear, ...] = ()
+    writer: str | None = None  # an output norm (post_norms.py): the linear whose output it normalizes
 
     @property
     def name(self) -> str:
@@ -90,6 +121,8 @@ class DecoderLayer:
     up: Linear
     down: Linear
     head_dim: int
+    attn_output_norm: RMSNorm | None = None  # RMSNorm between o_proj and the residual Add (post_norms.py)
+    mlp_output_norm: RMSNorm | None = None   # RMSNorm between down_proj and the residual Add
 
     @property
     def num_heads(self) -> int:
@@ -100,7 +133,16 @@ class DecoderLayer:
         return self.v.out_features // self.head_dim
 
     def linears(self) -> dict[str, Linear]:
-        return {k: getattr(self, k) for k in ("q", "k", "v", "o", "gate", "up", "down")}
+        """kind -> linear, one entry per weight: the column slices of one fused weight appear once,
+        as the whole fused linear, under their joined kinds ("qkv", "gate_up")."""
+        groups: dict[str, list[str]] = {}
+        for k in ("q", "k", "v", "o", "gate", "up", "down"):
+            groups.setdefault(getattr(self, k).name, []).append(k)
+        out = {}
+        for kinds in groups.values():
+            lin = getattr(self, kinds[0])
+            out["qkv" if kinds == ["q", "k", "v"] else "_".join(kinds)] = lin.fused or lin
+        return out
 
 
 @dataclass(frozen=True)
@@ -119,11 +161,18 @@ class Fold:
 
 
 def produced(lin: Linear, start: int = 0, stop: int | None = None) -> Fold:
-    return Fold(lin.name, 1, 1, start, lin.out_features if stop is None else stop, lin.bias, lin.bias_index)
+    """Output columns [start, stop) of lin (of its slice, for a column slice of a fused weight)."""
+    base = lin.columns[0] if lin.columns else 0
+    stop = lin.out_features if stop is None else stop
+    return Fold(lin.name, 1, 1, base + start, base + stop, lin.bias, lin.bias_index)
 
 
 def consumed(lin: Linear, start: int = 0, stop: int | None = None) -> Fold:
     return Fold(lin.name, 1, 0, start, lin.in_features if stop is None else stop)
+
+
+def _columns(lin: Linear) -> str:
+    return f"{lin.name}[{lin.columns[0]}:{lin.columns[1]}]" if lin.columns else lin.name
 
 
 @dataclass(frozen=True)
@@ -147,6 +196,7 @@ class DecoderStructure:
     lm_head: Linear
     writers: tuple[Linear, ...]
     float_type: int = 1            # ONNX type of the residual stream (1 float32, 10 float16, 11 float64)
+    residual_blocker: str | None = None  # why R1 would not be exact (output norms, post_norms.py); None: it is
 
     @property
     def dtype(self) -> np.dtype:
@@ -182,16 +232,17 @@ class DecoderStructure:
     def mlp_region(self, layer: DecoderLayer) -> Region:
         return Region(f"layers.{layer.index}.mlp", "mlp", layer.down.in_features, (layer.down.input,),
                       (produced(layer.gate), produced(layer.up), consumed(layer.down)),
-                      f"{layer.gate.name} / {layer.up.name} output columns, {layer.down.name} input rows")
+                      f"{_columns(layer.gate)} / {_columns(layer.up)} output columns, {layer.down.name} input rows")
 
     def heads_region(self, layer: DecoderLayer) -> Region:
         return Region(f"layers.{layer.index}.heads", "heads", layer.v.out_features, (layer.v.output,),
                       (produced(layer.v), consumed(layer.o)),
                       f"{layer.num_kv_heads} kv heads x {layer.head_dim} ({layer.num_heads} query heads): "
-                      f"{layer.v.name} output columns, {layer.o.name} input rows")
+                      f"{_columns(layer.v)} output columns, {layer.o.name} input rows")
 
     def regions(self) -> list[Region]:
-        regions = [self.residual_region()]
+        """The regions a rewrite may transform (the residual region only when R1 is exact)."""
+        regions = [self.residual_region()] if self.residual_blocker is None else []
         for layer in self.layers:
             regions += [self.mlp_region(layer), self.heads_region(layer)]
         return regions
@@ -299,8 +350,9 @@ def _check_last_axis_mean(mean: gs.Node, x: gs.Tensor) -> None:
         raise AnalysisError(mean, "ReduceMean with keepdims=0 in an RMSNorm is not supported")
 
 
-def match_rmsnorm(x: gs.Tensor) -> RMSNorm:
-    """Match the decomposed RMSNorm that reads residual tensor x."""
+def match_rmsnorm(x: gs.Tensor, readers: bool = True) -> RMSNorm:
+    """Match the decomposed RMSNorm that reads residual tensor x (readers=False: an output norm,
+    whose output is not read by linears, see post_norms.py)."""
     squares = [c for c in x.outputs if (c.op == "Pow" and _scalar(c.inputs[1]) == 2.0 and c.inputs[0] is x)
                or (c.op == "Mul" and c.inputs[0] is x and c.inputs[1] is x)]
     if len(squares) != 1:
@@ -340,8 +392,13 @@ def match_rmsnorm(x: gs.Tensor) -> RMSNorm:
             nodes.add(gamma.name)
     output = gamma.outputs[0] if gamma is not None else normalized
     changed = {normalize.outputs[0].name, normalized.name, output.name}
+    nxt = [c for c in output.outputs if c.op != "Shape"]
+    if gamma is not None and len(nxt) == 1 and _lossless_cast(nxt[0]):  # OLMo2: (gamma * x).to(dtype)
+        nodes.add(nxt[0].name)
+        output = nxt[0].outputs[0]
+        changed.add(output.name)
     return RMSNorm(x.name, normalized.name, gamma.name if gamma else None, frozenset(nodes),
-                   _readers_of(output, gamma.name if gamma else normalized.name)), changed
+                   _readers_of(output, gamma.name if gamma else normalized.name) if readers else ()), changed
 
 
 def _readers_of(output: gs.Tensor, norm_name: str) -> tuple[Linear, ...]:
@@ -380,15 +437,40 @@ def _find_embedding(graph: gs.Graph) -> gs.Node:
     return found[0]
 
 
+def _scaled_input(node: gs.Node) -> gs.Tensor | None:
+    """x when node computes x * c, c * x or x / c for a constant scalar c (Granite's
+    embedding_multiplier after the token embedding, residual_multiplier on o_proj/down_proj
+    before each residual Add); None otherwise. A scalar commutes with every change of basis of
+    the channels, (c x) Q = c (x Q), so R1 leaves these Muls in place and stays exact."""
+    if node.op not in ("Mul", "Div") or len(node.inputs) != 2:
+        return None
+    pairs = [(node.inputs[0], node.inputs[1])] + ([(node.inputs[1], node.inputs[0])] if node.op == "Mul" else [])
+    for x, c in pairs:
+        meta = constant_shape(c)
+        if meta is not None and int(np.prod(meta[0])) == 1 and np.issubdtype(meta[1], np.floating) \
+                and constant_shape(x) is None:
+            return x
+    return None
+
+
+def _constant_scale(node: gs.Node, x: gs.Tensor) -> bool:
+    """Whether node multiplies or divides x by a constant (any shape): what _scaled_input accepts
+    when the constant is a scalar, refused otherwise (a per-channel scale does not commute with R1)."""
+    return node.op in ("Mul", "Div") and len(node.inputs) == 2 and x in node.inputs \
+        and (node.op == "Mul" or node.inputs[0] is x) and constant_shape(_other(node, x)) is not None
+
+
 def _writer(tensor: gs.Tensor, add: gs.Node):
-    """(linear, the Cast outputs in between) when tensor, added to the residual stream by `add`, is
-    a linear layer's output, possibly through lossless Casts (optimum's float16 exports cast
-    down_proj's float16 output up to a float32 residual stream); None otherwise. Each tensor on
-    the way must have no other reader."""
+    """(linear, the Cast / scalar-Mul outputs in between) when tensor, added to the residual stream
+    by `add`, is a linear layer's output, possibly through lossless Casts (optimum's float16
+    exports cast down_proj's float16 output up to a float32 residual stream) and multiplications
+    by a constant scalar (Granite's residual_multiplier: c (x W Q) = (c x W) Q, so folding R1
+    into W's columns stays exact); None otherwise. Each tensor on the way must have no other
+    reader."""
     chain, node = [tensor], producer(tensor)
-    while node is not None and _lossless_cast(node):
-        chain.append(node.inputs[0])
-        node = producer(node.inputs[0])
+    while node is not None and (_lossless_cast(node) or _scaled_input(node) is not None):
+        chain.append(node.inputs[0] if _lossless_cast(node) else _scaled_input(node))
+        node = producer(chain[-1])
     lin = _linear_producing(chain[-1])
     if lin is None:
         return None
@@ -417,17 +499,28 @@ def _follow_residual(graph: gs.Graph, embedding: gs.Node):
     while i < len(stream):
         t = stream[i]
         i += 1
-        norm = None
+        norm, direct = None, []
         for c in list(t.outputs):
             if c.name in claimed or c.op == "Shape":
                 continue
-            if c.op == "Identity" or _lossless_cast(c):
+            if c.op == "Identity" or _lossless_cast(c) or _scaled_input(c) is t:  # scalar: Granite's multiplier
                 push(c.outputs[0])
             elif c.op == "Add" and (found := _writer(_other(c, t), c)) is not None:
                 lin, casts = found
                 writers.append(lin)
                 changed |= casts
                 push(c.outputs[0])
+            elif c.op == "Add" and (found := post_norms.normed_writer(_other(c, t), c)) is not None:
+                lin, output_norm, inside = found  # a post-norm sublayer (Gemma 2/3, OLMo2)
+                writers.append(lin)
+                norms.append(output_norm)  # has .writer: taken out of the reader norms by _analyze
+                changed |= inside
+                push(c.outputs[0])
+            elif c.op == "MatMul" and c.inputs[0] is t and (lin := as_linear(c)) is not None:
+                direct.append(lin)  # OLMo2: q/k/v, gate/up read the residual stream itself
+            elif _constant_scale(c, t):
+                raise AnalysisError(c, f"{c.op} of the residual stream by a non-scalar constant: only a scalar "
+                                       "multiplier (Granite's) commutes with the residual rotation")
             elif c.op in ("Pow", "Mul", "Div"):
                 if norm is None:  # its other nodes reading t are claimed and skipped
                     norm, inside = match_rmsnorm(t)
@@ -436,14 +529,32 @@ def _follow_residual(graph: gs.Graph, embedding: gs.Node):
                     changed |= inside
                 if c.name not in norm.nodes:
                     raise AnalysisError(c, "reads the residual stream but is not part of an RMSNorm")
+            elif fused_ops.is_fused_rmsnorm(c):  # onnxruntime's (Skip)SimplifiedLayerNormalization
+                fused, inside, found, passed_on = fused_ops.match_fused_rmsnorm(c, t, _writer, _readers_of)
+                norms.append(fused)
+                claimed.add(c.name)
+                changed |= inside
+                if found is not None:  # Skip: the residual Add of a writer, fused in
+                    writers.append(found[0])
+                    changed |= found[1]
+                if passed_on is not None:
+                    push(passed_on)
             else:
                 raise AnalysisError(c, f"{c.op} reads the residual stream; only residual Adds of a linear "
                                        "layer's output, RMSNorms and Casts are supported")
+        if direct and norm is not None:
+            raise AnalysisError(direct[0].name, f"reads residual tensor '{t.name}' directly next to an RMSNorm of it")
+        if direct:
+            norms.append(post_norms.direct_readers_norm(t, direct))
     return norms, writers, changed
 
 
 def _mlp(view: GraphView, layer_index: int, readers: tuple[Linear, ...], writers: list[Linear]):
-    """(gate, up, down, tensors of the MLP intermediate)."""
+    """(gate, up, down, tensors of the MLP intermediate). One reader is a fused gate_up projection
+    (Phi-3): its two column halves, each read through a Slice, are gate and up (fused_slices.py)."""
+    if len(readers) == 1:
+        from .fused_slices import split_fused
+        readers = split_fused(view, readers[0], 2, f"the MLP of layer {layer_index} (gate_up)")
     if len(readers) != 2:
         raise AnalysisError(readers[0].name if readers else f"layers.{layer_index}",
                             f"the MLP norm of layer {layer_index} has {len(readers)} readers; expected gate and up")
@@ -457,7 +568,9 @@ def _mlp(view: GraphView, layer_index: int, readers: tuple[Linear, ...], writers
     region = set()
     for r in readers:
         region |= {n.name for n in view.between(node[r.name], node[down.name])}
-    inside = region | {down.name} | {r.name for r in readers} | {r.bias for r in readers if r.bias is not None}
+    slices = {producer(view.tensor(r.output)).name for r in readers if r.columns is not None}
+    region -= slices  # a fused projection's Slices belong to it: they select its columns
+    inside = region | slices | {down.name} | {r.name for r in readers} | {r.bias for r in readers if r.bias}
     changed = {t.name for r in readers for t in node[r.name].outputs} | {r.output for r in readers}
     for r in readers:
         for t in [view.tensor(r.output), *node[r.name].outputs]:
@@ -476,8 +589,9 @@ def _mlp(view: GraphView, layer_index: int, readers: tuple[Linear, ...], writers
             changed.add(t.name)
             if any(c.name not in inside and c.op != "Shape" for c in t.outputs):
                 raise AnalysisError(n, "an MLP intermediate tensor is read outside the MLP")
-    gate = next((r for r in readers if any(node[n].op in NONLINEAR
-                                          for n in view.descendants(node[r.name]) & region)), readers[0])
+    gate = next((r for r in readers if any(node[n].op in NONLINEAR  # from r's output (a slice's own)
+                                          for n in view.descendants(producer(view.tensor(r.output))) & region)),
+                readers[0])
     up = readers[1] if gate is readers[0] else readers[0]
     return gate, up, down, changed
 
@@ -545,12 +659,17 @@ def _value_path(view: GraphView, v: Linear):
             if node.op == "MatMul" and node.inputs[1] is t and _softmax_behind(node.inputs[0]):
                 pv = node
                 continue
+            if fused_ops.is_fused_attention(node) and fused_ops.value_input(node, t):
+                pv = node  # GroupQueryAttention / MultiHeadAttention: t is its value input
+                head_dim = head_dim or fused_ops.attention_head_dim(node, v.out_features)
+                continue
             if node.op not in HEAD_LAYOUT or (node.op != "Concat" and node.inputs[0] is not t) \
                     or (node.op == "Add" and node.name != v.bias):
                 return None, None, None, node
             seen.add(node.name)
             if node.op == "Reshape":
-                last = _static_last_dim(node.inputs[1]) or _inferred_last_dim(node.outputs[0])
+                last = _static_last_dim(node.inputs[1]) or _inferred_last_dim(node.outputs[0]) \
+                    or fused_ops.reshape_last_dim(node.inputs[1])  # onnxruntime's Split-based shapes
                 if head_dim is None:
                     head_dim = last
                 elif last != head_dim:
@@ -563,7 +682,11 @@ def _value_path(view: GraphView, v: Linear):
 
 
 def _attention(view: GraphView, layer_index: int, readers: tuple[Linear, ...], writers: list[Linear]):
-    """(q, k, v, o, head size, tensors between v_proj and o_proj)."""
+    """(q, k, v, o, head size, tensors between v_proj and o_proj). One reader is a fused qkv
+    projection (Phi-3): its three column slices, each read through a Slice (fused_slices.py)."""
+    if len(readers) == 1:
+        from .fused_slices import split_fused
+        readers = split_fused(view, readers[0], 3, f"the attention of layer {layer_index} (qkv)")
     if len(readers) != 3:
         raise AnalysisError(readers[0].name if readers else f"layers.{layer_index}",
                             f"the attention norm of layer {layer_index} has {len(readers)} readers; expected q, k, v")
@@ -588,6 +711,8 @@ def _attention(view: GraphView, layer_index: int, readers: tuple[Linear, ...], w
     if not head_dim or v.out_features % head_dim or o.in_features % head_dim:
         raise AnalysisError(v.name, f"layer {layer_index}: cannot read a head size from the Reshape after v_proj")
     path |= {t.name for n in view.between(pv, view.by_name[o.name]) for t in n.outputs} | {pv.outputs[0].name}
+    if fused_ops.is_fused_attention(pv) and fused_ops.present_value(pv) is not None:
+        path.add(fused_ops.present_value(pv).name)  # the value cache, in the rotated basis
     q, k = [r for r in readers if r is not v]
     return q, k, v, o, head_dim, path
 
@@ -617,6 +742,8 @@ def _refuse_overridable(view: GraphView, structure: DecoderStructure) -> None:
     folds = [f for r in structure.regions() for f in r.folds]
     inputs = [(f.node, f.input) for f in folds] + [(f.bias, f.bias_index) for f in folds if f.bias]
     inputs += [(n.gamma, i) for n in structure.norms if n.gamma for i in (0, 1)]
+    inputs += [(n.gamma, fused_ops.fused_gamma_input(view.by_name[n.gamma])) for n in structure.norms
+               if n.gamma and fused_ops.fused_gamma_input(view.by_name[n.gamma]) == 2]  # Skip's gamma
     for node, index in inputs:
         source = _source_constant(view.by_name[node].inputs[index])
         if source.name in view.graph_inputs:
@@ -647,7 +774,9 @@ def analyze(graph: gs.Graph) -> DecoderStructure:
 def _analyze(graph: gs.Graph, embedding: gs.Node) -> DecoderStructure:
     view = GraphView(graph)
     norms, writers, changed = _follow_residual(graph, embedding)
-    norms.sort(key=lambda n: min(view.order[name] for name in n.nodes))
+    output_norms = {n.writer: n for n in norms if n.writer is not None}  # post_norms.py
+    norms = [n for n in norms if n.writer is None]
+    norms.sort(key=lambda n: min(view.order[name] for name in (n.nodes or {r.name for r in n.readers})))
     if len(norms) < 3 or len(norms) % 2 == 0:
         raise PerqError(f"no decoder layers found: {len(norms)} RMSNorms read the residual stream; expected "
                         "two per layer plus a final one")
@@ -659,9 +788,11 @@ def _analyze(graph: gs.Graph, embedding: gs.Node) -> DecoderStructure:
         attn_norm, mlp_norm = norms[2 * i], norms[2 * i + 1]
         q, k, v, o, head_dim, value_path = _attention(view, i, attn_norm.readers, writers)
         gate, up, down, intermediate = _mlp(view, i, mlp_norm.readers, writers)
-        layers.append(DecoderLayer(i, attn_norm, mlp_norm, q, k, v, o, gate, up, down, head_dim))
+        layers.append(DecoderLayer(i, attn_norm, mlp_norm, q, k, v, o, gate, up, down, head_dim,
+                                   output_norms.get(o.name), output_norms.get(down.name)))
         changed |= value_path | intermediate
         value_caches |= {t for t in value_path if view.tensor(t).inputs and view.tensor(t).inputs[0].op == "Concat"}
+        value_caches |= {t for t in value_path if fused_ops.value_cache_tensor(view.tensor(t))}
     used = {w.name for layer in layers for w in (layer.o, layer.down)}
     extra = [w for w in writers if w.name not in used]
     if extra:
@@ -670,6 +801,6 @@ def _analyze(graph: gs.Graph, embedding: gs.Node) -> DecoderStructure:
     _refuse_changed_outputs(graph, changed, value_caches)
     vocab = constant_shape(embedding.inputs[0])[0][0]
     structure = DecoderStructure(embedding.name, vocab, tuple(layers), final, final.readers[0], tuple(writers),
-                                 _graph_float.get())
+                                 _graph_float.get(), post_norms.residual_blocker(layers, view.by_name))
     _refuse_overridable(view, structure)
     return structure

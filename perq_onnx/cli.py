@@ -28,7 +28,7 @@ def settings_from(args):
         residual_rotation=ResidualRotation(args.residual_rotation), residual_block=args.residual_block,
         head_rotation=not args.no_head_rotation, quantize=not args.no_quant, target=TargetName(args.target),
         w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_symmetric=args.a_symmetric,
-        float_embeddings=args.float_embeddings, rounding=Rounding(args.rounding) if args.rounding else None, w_clip=Clip(args.w_clip), fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
+        float_embeddings=args.float_embeddings, rounding=Rounding(args.rounding) if args.rounding else None, w_clip=Clip(args.w_clip) if args.w_clip else None, fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
         calib_data=args.calib_data, tokenizer=args.tokenizer, calib_samples=args.calib_samples,
         seq_len=args.seq_len, threads=args.threads).validate()
 
@@ -69,6 +69,8 @@ def cmd_inspect(args) -> int:
         print(f"  {r.name:<20} {r.kind:<8} dim {r.dim:<6} statistics at {r.stats[0]}"
               + (f" (+{len(r.stats) - 1} more)" if len(r.stats) > 1 else ""))
         print(f"  {'':<20} folds into: {r.description}")
+    if s.residual_blocker:  # output norms (Gemma 2/3, OLMo2): see post_norms.py
+        print(f"no residual region (R1 is skipped): {s.residual_blocker}")
     return 0
 
 
@@ -138,8 +140,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--rounding", choices=Rounding.values(),
                    help="weight rounding: round-to-nearest or GPTQ with Hessians from calibration data "
                         "(default: rtn for simulate, gptq for ort and tensorrt)")
-    o.add_argument("--w-clip", default="mse", choices=Clip.values(),
-                   help="weight scale rule: mse (weight error), absmax, act (output error, calibration data)")
+    o.add_argument("--w-clip", choices=Clip.values(),
+                   help="weight scale rule: mse (weight error), absmax, act (output error, calibration data; "
+                        "default: mse for simulate, act for ort and tensorrt)")
     o.add_argument("--a-bits", type=int, choices=[4, 8, 16],
                    help="activation bits (default: 4 for simulate; ort leaves activations to onnxruntime)")
     o.add_argument("--a-symmetric", action="store_true", help="symmetric activation quantization (default asymmetric)")

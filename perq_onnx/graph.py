@@ -33,10 +33,14 @@ def load_graph(path) -> gs.Graph:
     if not model.graph.node:
         raise PerqError(f"{path}: not an ONNX model (no graph nodes; truncated or another file type?)")
     model = upgrade_opset(model, path)
+    from .fused_ops import canonicalize_linears, proxy_for_shape_inference, restore_nodes
+    canonicalize_linears(model)  # FusedMatMul / Gemm by a constant weight -> MatMul (+ Add)
+    originals = proxy_for_shape_inference(model)  # onnxruntime's contrib ops have no ONNX shape inference
     try:  # shapes (with constant propagation) let the analysis check head layouts
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is a help, not a requirement
         pass
+    restore_nodes(model, originals)
     initializers = {i.name for i in model.graph.initializer}
     graph = gs.import_onnx(model)
     # initializers also listed as graph inputs (IR < 4 style, or overridable at run time)
@@ -77,6 +81,7 @@ def upgrade_opset(model: onnx.ModelProto, path) -> onnx.ModelProto:
     g = skeleton.graph
     g.name = model.graph.name
     g.node.extend(model.graph.node)
+    stashed = _stash_schemaless(skeleton)  # onnxruntime's own default-domain ops (SimplifiedLayerNormalization)
     g.input.extend(model.graph.input)
     g.output.extend(model.graph.output)
     g.value_info.extend(model.graph.value_info)
@@ -111,6 +116,7 @@ def upgrade_opset(model: onnx.ModelProto, path) -> onnx.ModelProto:
             added.append(t)
     if default_opset(converted) != TARGET_OPSET:
         raise PerqError(f"{refusal} the converter returned opset {default_opset(converted)}")
+    _unstash(converted, stashed)
     model.graph.ClearField("node")
     model.graph.ClearField("value_info")
     model.ClearField("opset_import")
@@ -120,6 +126,35 @@ def upgrade_opset(model: onnx.ModelProto, path) -> onnx.ModelProto:
     model.graph.initializer.extend(added)
     model.ir_version = max(model.ir_version, 10)  # opset 21 is IR version 10
     return model
+
+
+_STASH_DOMAIN = "perq-onnx.stash"
+
+
+def _stash_schemaless(model: onnx.ModelProto) -> bool:
+    """Move default-domain nodes that ONNX has no schema for (onnxruntime registers some of its
+    own ops there: SimplifiedLayerNormalization) to a placeholder domain, which the version
+    converter leaves alone as it leaves com.microsoft ops; whether any were moved."""
+    moved = False
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, ""):
+            node.domain = _STASH_DOMAIN
+            moved = True
+    if moved:
+        model.opset_import.append(onnx.helper.make_opsetid(_STASH_DOMAIN, 1))
+    return moved
+
+
+def _unstash(model: onnx.ModelProto, stashed: bool) -> None:
+    """Put the nodes _stash_schemaless moved back into the default domain."""
+    if not stashed:
+        return
+    for node in model.graph.node:
+        if node.domain == _STASH_DOMAIN:
+            node.domain = ""
+    kept = [o for o in model.opset_import if o.domain != _STASH_DOMAIN]
+    model.ClearField("opset_import")
+    model.opset_import.extend(kept)
 
 
 def export_structure(graph: gs.Graph, functions=(), min_opset: int | None = None,

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -21,13 +22,13 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from . import calibration
 from .analysis import DecoderStructure, analyze
 from .calibration import Calibrator
 from .errors import InternalError, PerqError
 from .graph import export_structure, load_graph
+from .fused_ops import check_model_file
 from .passes.base import Context, Pass, PassManager
 from .passes.fold_norm_gammas import FoldNormGammas
 from .passes.online_rotation import InsertOnlineRotation
@@ -36,7 +37,7 @@ from .passes.rotate_heads import RotateHeads
 from .passes.rotate_residual import RotateResidual
 from .plan import ModelShape, Plan, make_plan
 from .runtime import session
-from .settings import Settings
+from .settings import ResidualRotation, Settings
 from .targets import target
 from .weights import WeightStore, input_files
 
@@ -101,6 +102,18 @@ def float_passes(plan: Plan) -> list[Pass]:
     if plan.online is not None:
         passes.append(InsertOnlineRotation(plan.online, plan.online_block))
     return passes
+
+
+def _fit_residual_rotation(settings: Settings, structure: DecoderStructure, report: Report) -> Settings:
+    """R1 off, with one line in the report, where the structure says it would not be exact (output
+    norms with per-channel gammas: Gemma 2/3, OLMo2; see post_norms.py). R2, P3 and R3 still apply."""
+    if structure.residual_blocker is None or settings.residual_rotation is ResidualRotation.NONE:
+        return settings
+    note = (f"residual rotation {settings.residual_rotation} skipped (R1 would not be exact): "
+            f"{structure.residual_blocker}")
+    print(f"perq-onnx: {note}")
+    report.summaries.append(note)
+    return dataclasses.replace(settings, residual_rotation=ResidualRotation.NONE).validate()
 
 
 def calibration_batches(model_path, settings: Settings, vocab: int | None = None) -> np.ndarray:
@@ -201,7 +214,7 @@ def verify_written(path: pathlib.Path, session_config: dict | None = None) -> No
     """The written model passes onnx.checker (full check) and loads in onnxruntime (with the
     session settings its target deploys it with)."""
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        check_model_file(path)  # onnx.checker, full; onnxruntime's own ops as a custom domain
     except Exception as exc:  # checker raises several types
         raise InternalError(f"the output fails onnx.checker: {str(exc).splitlines()[0]}") from None
     session(path, config=session_config)
@@ -235,6 +248,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
         structure = analyze(graph)
     linears = [lin for layer in structure.layers for lin in layer.linears().values()] + [structure.lm_head]
     settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears})
+    settings = _fit_residual_rotation(settings, structure, report)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=f".{output_path.name}.") as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))

@@ -1,0 +1,163 @@
+"""Fused projections: one MatMul whose output columns are several projections (Phi-3).
+
+Phi-3 computes q, k and v with one ``qkv_proj`` ([hidden, (heads + 2 kv_heads) * head_dim]) and
+gate and up with one ``gate_up_proj`` ([hidden, 2 * intermediate]); optimum's export cuts the
+MatMul output with Slices on the last axis (qkv: constant bounds; gate_up: ``chunk(2)`` bounds
+computed from the output's Shape, (n + 1) // 2; a Split of the last axis is read the same way).
+``split_fused`` reads those Slices and returns
+one ``Linear`` record per column range -- the fused MatMul's name, the Slice's output, the range's
+width, ``columns=(start, stop)`` and ``fused`` the whole linear -- so that the rest of the analysis
+(value path, MLP region) and the passes treat each range as the projection it is.
+
+Why folding into slices is exact: a Slice on the channel axis selects weight columns,
+``(x W)[..., a:b] = x W[:, a:b]`` (and ``(x W + b)[..., a:b] = x W[:, a:b] + b[a:b]``), so
+
+* R1 and the gamma fold change W's *rows* (its input): every column range at once, and each
+  projection's output is unchanged -- the fused weight is one reader of its norm;
+* R2 changes only the V range, W[:, v] -> W[:, v] blockdiag(H): the V Slice's output becomes
+  v H exactly as for a separate v_proj, and the q/k ranges are untouched;
+* P3 permutes the gate range and the up range with the same permutation p (W[:, g] -> W[:, g][:, p],
+  W[:, u] -> W[:, u][:, p]): act(gate)[..., p] * up[..., p] = (act(gate) * up)[..., p], which
+  down_proj's permuted rows undo, exactly as for separate gate/up weights.
+
+Quantization stays per output column (or groups of input rows per column), so the ranges of a
+fused weight are quantized exactly as separate weights would be (``DecoderLayer.linears()``
+lists the fused weight once, as "qkv" / "gate_up"). Refused (AnalysisError naming the node): a
+fused output read by anything but Slices (or Splits) of its last axis with static bounds and unit
+step -- such a reader would see R2's or P3's change of the columns -- ranges that overlap, leave
+columns unread or are not as many as expected (3 for qkv, 2 for gate_up), and a fused output
+that is a graph output.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .analysis import AnalysisError, Linear
+from .graph import GraphView, constant_value, producer
+
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def _static_ints(tensor: gs.Tensor, shapes: dict[str, list], depth: int = 12) -> np.ndarray | None:
+    """The value of a small integer tensor computed from constants and the Shape of tensors whose
+    shape is given in `shapes` (unknown dimensions are NaN), as a flat float64 array; None when it
+    depends on anything else. Enough for optimum's ``chunk`` bounds: Shape -> Gather(-1) ->
+    Add/Div/Mul -> (Unsqueeze)."""
+    value = constant_value(tensor)
+    if value is not None:
+        return np.asarray(value, dtype=np.float64).reshape(-1) if np.issubdtype(value.dtype, np.integer) else None
+    node = producer(tensor)
+    if node is None or depth == 0:
+        return None
+    if node.op == "Shape":
+        shape = shapes.get(node.inputs[0].name)
+        if shape is None:
+            return None
+        dims = np.array([d if isinstance(d, (int, np.integer)) and d >= 0 else np.nan for d in shape], np.float64)
+        start, end = node.attrs.get("start", 0), node.attrs.get("end", len(dims))
+        return dims[start:end]
+    args = [_static_ints(t, shapes, depth - 1) for t in node.inputs]
+    if node.op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
+        return args[0]
+    if any(a is None for a in args):
+        return None
+    if node.op == "Gather" and node.attrs.get("axis", 0) == 0 and not np.isnan(args[1]).any():
+        return np.atleast_1d(np.take(args[0], args[1].astype(np.int64)))
+    if node.op == "Concat":
+        return np.concatenate(args)
+    ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
+           "Div": lambda a, b: np.trunc(a / b)}  # integer Div truncates
+    if node.op in ops and len(args) == 2:
+        return ops[node.op](args[0], args[1])
+    return None
+
+
+def _slice_columns(node: gs.Node, source: gs.Tensor, rank: int | None, width: int) -> tuple[int, int] | None:
+    """[start, stop) of the last axis that Slice `node` takes from `source` (of rank `rank`, its
+    last dimension `width`), or None when its bounds are not static or it slices another axis or
+    steps."""
+    if node.op != "Slice" or node.inputs[0] is not source or len(node.inputs) < 3:
+        return None
+    shape = list(source.shape) if source.shape is not None else [np.nan] * (rank or 1)
+    shapes = {source.name: shape[:-1] + [width]}
+    starts, ends = (_static_ints(t, shapes) for t in node.inputs[1:3])
+    axes = _static_ints(node.inputs[3], shapes) if len(node.inputs) > 3 and node.inputs[3].name else None
+    steps = _static_ints(node.inputs[4], shapes) if len(node.inputs) > 4 and node.inputs[4].name else None
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1 or np.isnan(starts).any() \
+            or np.isnan(ends).any():
+        return None
+    if axes is None:
+        if rank is None or rank != 1:
+            return None  # no axes input: the first axis, which is the channel axis only for 1-D data
+    elif axes.size != 1 or not (axes[0] == -1 or (rank is not None and axes[0] == rank - 1)):
+        return None
+    if steps is not None and (steps.size != 1 or steps[0] != 1):
+        return None
+
+    def clamp(v):
+        v = int(v) if v < INT64_MAX else width
+        return min(max(v + width if v < 0 else v, 0), width)
+    return clamp(starts[0]), clamp(ends[0])
+
+
+def _split_columns(node: gs.Node, source: gs.Tensor, rank: int | None, width: int) -> list | None:
+    """[(start, stop, output)] of a Split of `source`'s last axis into column ranges (sizes from its
+    `split` input, else equal parts as ONNX defines them: ceil(width / n), the last one smaller),
+    or None when it splits another axis or its sizes are not static."""
+    if node.op != "Split" or node.inputs[0] is not source:
+        return None
+    axis = node.attrs.get("axis", 0)
+    if not (axis == -1 or (rank is not None and axis == rank - 1)):
+        return None
+    n = len(node.outputs)
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        sizes = _static_ints(node.inputs[1], {})
+        if sizes is None or sizes.size != n or np.isnan(sizes).any() or sizes.sum() != width:
+            return None
+        sizes = [int(v) for v in sizes]
+    elif "split" in node.attrs:  # opset < 13
+        sizes = [int(v) for v in node.attrs["split"]]
+        if len(sizes) != n or sum(sizes) != width:
+            return None
+    else:
+        step = -(-width // n)
+        sizes = [min(step, width - i * step) for i in range(n)]
+        if min(sizes) <= 0:
+            return None
+    bounds = np.cumsum([0] + sizes)
+    return [(int(a), int(b), t) for a, b, t in zip(bounds[:-1], bounds[1:], node.outputs)]
+
+
+def split_fused(view: GraphView, lin: Linear, parts: int, what: str) -> tuple[Linear, ...]:
+    """The `parts` column ranges of fused linear `lin`, in column order, each as a Linear record
+    reading through its Slice (or Split output; see the module docstring)."""
+    out = view.tensor(lin.output)
+    if out.name in view.graph_outputs:
+        raise AnalysisError(lin.name, f"the output of fused projection '{lin.name}' is a graph output that the "
+                                      "rewrite would change")
+    x = view.tensor(lin.input)  # the MatMul by a 2-D weight keeps its input's rank
+    rank = len(out.shape) if out.shape is not None else (len(x.shape) if x.shape is not None else None)
+    ranges = []  # (start, stop, the Slice/Split node, its output)
+    for reader in (c for c in out.outputs if c.op != "Shape"):
+        cols = _slice_columns(reader, out, rank, lin.out_features)
+        found = [(*cols, reader.outputs[0])] if cols is not None else _split_columns(reader, out, rank, lin.out_features)
+        if found is None:
+            raise AnalysisError(reader, f"reads the output of '{lin.name}' ({what}), which is neither a separate "
+                                        "projection nor cut into projections by Slices (or a Split) of its last axis "
+                                        "with static bounds and step 1")
+        ranges += [(a, b, reader, t) for a, b, t in found]
+    ranges.sort(key=lambda r: r[:2])
+    expected = 0
+    for start, stop, reader, _ in ranges:
+        if start != expected or stop <= start:
+            raise AnalysisError(reader, f"takes columns [{start}, {stop}) of fused projection '{lin.name}' ({what}); "
+                                        "the Slices must cut its columns into disjoint, contiguous ranges")
+        expected = stop
+    if len(ranges) != parts or expected != lin.out_features:
+        raise AnalysisError(lin.name, f"{what}: expected {parts} Slices covering the {lin.out_features} output "
+                                      f"columns of the fused projection, found {len(ranges)} covering {expected}")
+    return tuple(replace(lin, output=t.name, out_features=stop - start, columns=(start, stop), fused=lin)
+                 for start, stop, _, t in ranges)

@@ -1,0 +1,170 @@
+"""Gemma 1/2/3 (text) and OLMo2: tiny random models exported by optimum are rewritten exactly
+(--no-quant, with and without KV cache), their quantized outputs run, and what is refused is
+refused in one line.
+
+Gemma 1 is a pre-norm model (gamma = 1 + w, embedding scaled by sqrt(hidden), GeGLU): every
+rewrite applies, R1 included. Gemma 2/3 and OLMo2 put an RMSNorm with a per-channel gamma on each
+sublayer's output: R1 is skipped (one line in the report, see perq_onnx/post_norms.py) and R2,
+P3, R3 apply; with a uniform output gamma R1 is exact again and is applied.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from perq_onnx.analysis import AnalysisError, analyze
+from perq_onnx.calibration import generate
+from perq_onnx.errors import InternalError
+from perq_onnx.graph import load_graph
+from perq_onnx.models.tiny import FAMILY_ARCHS, export_tiny
+from perq_onnx.pipeline import calibrate, optimize
+from perq_onnx.runtime import logits, session
+from perq_onnx.settings import Settings
+
+from conftest import random_ids, relative_difference
+
+TOL = 1e-4
+POST_NORM = ("gemma2", "gemma3", "olmo2")
+MODELS = [(arch, past) for arch in FAMILY_ARCHS for past in (False, True)]
+
+
+def _id(m):
+    return f"{m[0]}-{'past' if m[1] else 'nopast'}"
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """Each tiny model exported once for this module (Gemma tied like the real ones, OLMo2 untied)."""
+    root = tmp_path_factory.mktemp("family")
+    cache = {}
+
+    def get(arch, past=False):
+        if (arch, past) not in cache:
+            cache[arch, past] = export_tiny(arch, root / _id((arch, past)), with_past=past, tied=arch != "olmo2")
+        return cache[arch, past]
+    return get
+
+
+@pytest.mark.parametrize("model", MODELS, ids=_id)
+def test_no_quant_exact(family, tmp_path, model):
+    arch, past = model
+    path = family(arch, past)
+    stats = calibrate(path, generate(path, 2, 32, seed=0), progress=False)
+    ids = random_ids()
+    for i, kw in enumerate([dict(block="16"), dict(block="32", permute="zigzag", residual_rotation="block")]):
+        out = tmp_path / f"out{i}.onnx"
+        report = optimize(path, out, Settings.parse(quantize=False, **kw), stats=stats, progress=False)
+        diff = relative_difference(path, out, ids)
+        assert 0.0 < diff < TOL, (kw, diff)
+        passes = " ".join(report.summaries)
+        assert "RotateHeads" in passes and "PermuteMLP" in passes and "InsertOnlineRotation" in passes
+        if arch in POST_NORM:
+            assert "RotateResidual" not in passes
+            assert report.summaries[0].startswith(f"residual rotation {kw.get('residual_rotation', 'full')} "
+                                                  "skipped (R1 would not be exact): node '")
+        else:
+            assert "RotateResidual" in passes
+        out.unlink()
+
+
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_structure(family, arch):
+    s = analyze(load_graph(family(arch)))
+    assert len(s.layers) == 2 and s.hidden_size == 128 and s.intermediate_size == 256 and s.head_dim == 32
+    kinds = [r.kind for r in s.regions()]
+    if arch in POST_NORM:
+        assert "post_attention_layernorm" in s.residual_blocker and "residual" not in kinds
+        for layer in s.layers:
+            assert layer.attn_output_norm.writer == layer.o.name
+            assert layer.mlp_output_norm.writer == layer.down.name
+    else:
+        assert s.residual_blocker is None and kinds[0] == "residual"
+        assert all(layer.attn_output_norm is None and layer.mlp_output_norm is None for layer in s.layers)
+    if arch == "olmo2":  # no pre-norms: q/k/v and gate/up read the residual stream directly
+        assert all(not layer.input_norm.nodes and not layer.post_norm.nodes for layer in s.layers)
+        assert all(len(layer.input_norm.readers) == 3 for layer in s.layers)
+    else:
+        assert all(layer.input_norm.gamma and layer.post_norm.gamma for layer in s.layers)
+    assert kinds.count("mlp") == 2 and kinds.count("heads") == 2
+
+
+@pytest.mark.parametrize("target", ["simulate", "ort"])
+@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+def test_quantized_runs(family, tmp_path, arch, target):
+    path = family(arch)
+    out = tmp_path / "q.onnx"
+    optimize(path, out, Settings.parse(block="16", permute="random", target=target), progress=False)
+    ref, got = logits(session(path), random_ids()), logits(session(out), random_ids())
+    assert got.shape == ref.shape and np.isfinite(got).all()
+    assert not np.allclose(got, ref)  # it was quantized
+
+
+def _output_norm_gammas(model: onnx.ModelProto, path) -> list[str]:
+    s = analyze(load_graph(path))
+    return [n.gamma for layer in s.layers for n in (layer.attn_output_norm, layer.mlp_output_norm)]
+
+
+def test_uniform_output_gamma_allows_r1(family, tmp_path):
+    """rms(yQ) = rms(y), so an output norm with a uniform gamma commutes with R1: applied, exact."""
+    path = family("gemma2")
+    model = onnx.load(path)
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    for gamma in _output_norm_gammas(model, path):
+        name = next(t for t in nodes[gamma].input if t in inits)
+        inits[name].CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(inits[name]), 1.7), name))
+    uniform = tmp_path / "uniform.onnx"
+    onnx.save(model, uniform)
+    assert analyze(load_graph(uniform)).residual_blocker is None
+    out = tmp_path / "out.onnx"
+    report = optimize(uniform, out, Settings.parse(block="16", permute="random", quantize=False), progress=False)
+    assert any(s.startswith("RotateResidual") for s in report.summaries)
+    assert 0.0 < relative_difference(uniform, out, random_ids()) < TOL
+
+
+def test_refused_in_one_line(family, tmp_path):
+    """An output norm's result read by something besides the residual Add is refused, naming a node."""
+    path = family("olmo2")
+    model = onnx.load(path)
+    gamma = _output_norm_gammas(model, path)[0]
+    norm_out = next(n for n in model.graph.node if n.name == gamma).output[0]
+    model.graph.node.append(helper.make_node("Relu", [norm_out], ["extra"], name="extra_reader"))
+    model.graph.output.append(helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, None))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, bad)
+    with pytest.raises(AnalysisError) as info:
+        optimize(bad, tmp_path / "out.onnx", Settings.parse(quantize=False), progress=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("node '") and "output norm" in message
+
+
+def test_residual_rotation_pass_refuses_post_norms(family, tmp_path):
+    """Running R1 by hand on a structure it is not exact for fails its precondition, naming it."""
+    from perq_onnx.passes.base import Context, PassManager
+    from perq_onnx.passes.fold_norm_gammas import FoldNormGammas
+    from perq_onnx.passes.rotate_residual import RotateResidual
+    from perq_onnx.transforms import Permutation
+    from perq_onnx.weights import WeightStore
+
+    graph = load_graph(family("gemma3"))
+    ctx = Context(graph, analyze(graph), WeightStore(tmp_path))
+    with pytest.raises(InternalError, match="RotateResidual: precondition 'a residual rotation is exact"):
+        PassManager([FoldNormGammas(), RotateResidual(Permutation(np.arange(128)), "identity")], False).run(ctx)
+
+
+def test_gemma3_270m_recipe_exact(tmp_path):
+    """The Gemma 3 270M recipe (skipped without its GGUF package): export, --no-quant rewrite
+    (R1 skipped, R2/P3/R3 applied) and the same logits on a few tokens."""
+    from perq_onnx.models import gemma3, resolve
+
+    if not gemma3.available():
+        pytest.skip(f"the {gemma3.PIP_NAME} package is not installed")
+    path = resolve("gemma3-270m")
+    ids = np.array([[2, 818, 5279, 529, 7001, 563, 9079, 236761]])  # <bos> and 7 token ids
+    out = tmp_path / "out.onnx"  # a random P3 needs no calibration run (massdiff: same rewrite, other order)
+    report = optimize(path, out, Settings.parse(block="16", permute="random", quantize=False), progress=False)
+    assert "skipped (R1 would not be exact)" in report.summaries[0]
+    assert any(s.startswith("InsertOnlineRotation") for s in report.summaries)
+    assert relative_difference(path, out, ids) < TOL
