@@ -5,8 +5,9 @@ own INT4 weight quantizer, and perq-onnx's three targets, on one machine in one 
     python benchmarks/deploy.py --windows 2 --runs 2     # quick try
     python benchmarks/deploy.py --only fp32,perq-ort     # a subset (others keep their ppl from deploy.json)
 
-Configurations (each applied to BOTH the plain export `resolve("smollm2")`, used for perplexity,
-prefill and file size, and the KV-cache export `resolve("smollm2-with-past")`, used for decode):
+Configurations (each applied to the plain export `resolve("smollm2")`, used for perplexity,
+prefill and file size, and the timed ones also to the KV-cache export `resolve("smollm2-with-past")`,
+used for decode; see ``timed``):
 
 * ``fp32``: the optimum export as it is.
 * ``ortq-rtn-b{32,128}-acc{4,0}``: the peer baseline, onnxruntime's
@@ -18,16 +19,16 @@ prefill and file size, and the KV-cache export `resolve("smollm2-with-past")`, u
   is quantized *including lm_head* (the export stores the tied lm_head as its own [576, 49152]
   initializer), while the embedding Gather stays fp32. (``RTNWeightOnlyQuantConfig`` is the
   neural-compressor RTN path; it takes no symmetric/block arguments of its own and is not used.)
-* ``perq-ort``: ``perq-onnx optimize --target ort --rounding rtn``: R1 full Hadamard + R2 per-head + P3 massdiff
-  + R3 online block Hadamard b=16 (the default rotations), INT4 symmetric weights in blocks of 32
-  input rows (the ort target's default ``--w-group``) -> MatMulNBits at accuracy level 4 (session
-  setting recorded in the model), lm_head INT4, embedding INT8 (the ort defaults;
-  ``--float-embeddings`` would keep both float).
-* ``perq-ort-noR3`` (``block="none"``), ``perq-ort-gptq`` (``rounding="gptq"``), ``perq-ort-norot``
+* ``perq-ort``: ``perq-onnx optimize --target ort`` with its defaults: R1 full Hadamard + R2
+  per-head + P3 massdiff + R3 online block Hadamard b=16, INT4 symmetric full-range weights in
+  blocks of 32 input rows rounded by GPTQ with activation-aware scales -> MatMulNBits at accuracy
+  level 4 (session setting recorded in the model), lm_head INT4, embedding INT8
+  (``--float-embeddings`` would keep both float).
+* ``perq-ort-noR3`` (``block="none"``), ``perq-ort-rtn`` (``rounding="rtn"``), ``perq-ort-norot``
   (no rotation, no permutation: ``residual_rotation="none", head_rotation=False, block="none",
   permute="none"``) - the same target with one thing changed.
-* ``perq-tensorrt``: ``--target tensorrt --w-group 64`` (INT4 weight-only blocks of 64: the default 128
-  does not divide SmolLM2's 576 hidden rows and perq-onnx refuses it; R3 inlined as standard
+* ``perq-tensorrt``: ``--target tensorrt`` with its defaults (INT4 weight-only blocks of 64: 128,
+  TensorRT's other block, does not divide SmolLM2's 576 hidden rows; GPTQ; R3 inlined as standard
   ops, embedding float, lm_head INT4). TensorRT itself is not installable here (no GPU, no TensorRT
   wheel for this machine): its perplexity and timings are onnxruntime CPU's (which fuses the
   DequantizeLinear+MatMul pairs into MatMulNBits at accuracy level 0).
@@ -105,28 +106,35 @@ NO_ROTATION = dict(residual_rotation="none", head_rotation=False, block="none", 
 CONFIGS = {
     "fp32": dict(kind="fp32", label="fp32 export"),
     "ortq-rtn-b32-acc4": dict(kind="peer", block=32, acc=4, label="onnxruntime RTN sym b32, acc 4"),
-    "ortq-rtn-b32-acc0": dict(kind="peer", block=32, acc=0, label="onnxruntime RTN sym b32, acc 0"),
+    "ortq-rtn-b32-acc0": dict(timed=False, kind="peer", block=32, acc=0, label="onnxruntime RTN sym b32, acc 0"),
     "ortq-rtn-b128-acc4": dict(kind="peer", block=128, acc=4, label="onnxruntime RTN sym b128, acc 4"),
-    "ortq-rtn-b128-acc0": dict(kind="peer", block=128, acc=0, label="onnxruntime RTN sym b128, acc 0"),
-    # rounding explicit: since 09f6087 the ort/tensorrt targets default to GPTQ; these rows are RTN
-    "perq-ort": dict(kind="perq", settings=dict(target="ort", rounding="rtn"),
-                     label="perq ort (R1+R2+P3+R3 b16), w b32, RTN"),
-    "perq-ort-noR3": dict(kind="perq", settings=dict(target="ort", rounding="rtn", block="none"),
-                          label="perq ort without R3, RTN"),
-    "perq-ort-gptq": dict(kind="perq", settings=dict(target="ort", rounding="gptq"),
-                          label="perq ort, GPTQ (the ort default since 09f6087)"),
-    "perq-ort-norot": dict(kind="perq", settings=dict(target="ort", rounding="rtn", **NO_ROTATION),
-                           label="perq ort, no rotation, RTN"),
-    # --w-group 64: the target's default 128 does not divide SmolLM2's 576 hidden rows (perq-onnx
-    # refuses it); 64 is TensorRT's other documented INT4 block size
-    "perq-tensorrt": dict(kind="perq", settings=dict(target="tensorrt", w_group=64, rounding="rtn"),
-                          label="perq tensorrt (w b64 weight-only, RTN), run in onnxruntime"),
-    "perq-simulate": dict(kind="perq", settings=dict(target="simulate"), label="perq simulate W4A4 (paper)"),
+    "ortq-rtn-b128-acc0": dict(timed=False, kind="peer", block=128, acc=0, label="onnxruntime RTN sym b128, acc 0"),
+    # perq-ort is the ort target with its defaults (GPTQ, activation-aware full-range scales);
+    # the rows after it change one thing each
+    "perq-ort": dict(kind="perq", settings=dict(target="ort"),
+                     label="perq ort (R1+R2+P3+R3 b16), INT4 b32, GPTQ (defaults)"),
+    "perq-ort-noR3": dict(kind="perq", settings=dict(target="ort", block="none"),
+                          label="perq ort without R3"),
+    "perq-ort-rtn": dict(timed=False, kind="perq", settings=dict(target="ort", rounding="rtn"),
+                         label="perq ort, round to nearest (act scales)"),
+    "perq-ort-norot": dict(timed=False, kind="perq", settings=dict(target="ort", **NO_ROTATION),
+                           label="perq ort, no rotation or permutation"),
+    # the target picks block 64: its default 128 does not divide SmolLM2's 576 hidden rows
+    "perq-tensorrt": dict(timed=False, kind="perq", settings=dict(target="tensorrt"),
+                          label="perq tensorrt (INT4 b64 weight-only, GPTQ), run in onnxruntime"),
+    "perq-simulate": dict(timed=False, kind="perq", settings=dict(target="simulate"), label="perq simulate W4A4 (paper)"),
     # not in the default set: the ort target with embedding and lm_head float
-    "perq-ort-floatemb": dict(kind="perq", settings=dict(target="ort", float_embeddings=True),
+    "perq-ort-floatemb": dict(timed=False, kind="perq", settings=dict(target="ort", float_embeddings=True),
                               label="perq ort --float-embeddings", optional=True),
 }
 DEFAULT = [k for k, v in CONFIGS.items() if not v.get("optional")]
+
+
+def timed(name: str) -> bool:
+    """Whether a configuration gets latency and decode RSS (and so a with-past build): fp32, the
+    block-32/128 peers at accuracy level 4 and the ort target with and without R3; the others
+    differ from those in quality only and get ppl, size and prefill RSS."""
+    return CONFIGS[name].get("timed", True)
 
 
 def model_paths(name: str) -> dict[str, pathlib.Path]:
@@ -182,7 +190,7 @@ def build(name: str, stats: dict, batches: np.ndarray, log) -> None:
         return
     src = {"plain": resolve("smollm2"), "past": resolve("smollm2-with-past")}
     for variant, dst in model_paths(name).items():
-        if dst.exists():
+        if dst.exists() or (variant == "past" and not timed(name)):
             continue
         t0 = time.perf_counter()
         if cfg["kind"] == "peer":
@@ -418,7 +426,8 @@ def main(argv=None) -> int:
     test = calibration.windows(calibration.tokenize_file(DATA / "test.txt", tok), SEQ_LEN, args.windows, "test.txt")
     valid = calibration.windows(calibration.tokenize_file(DATA / "valid.txt", tok), 512, 32, "valid.txt")
 
-    need_build = [n for n in names if CONFIGS[n]["kind"] != "fp32" and not all(p.exists() for p in model_paths(n).values())]
+    need_build = [n for n in names if CONFIGS[n]["kind"] != "fp32" and not model_paths(n)["plain"].exists()
+                  or timed(n) and not model_paths(n)["past"].exists()]
     stats = None
     if any(CONFIGS[n]["kind"] == "perq" for n in need_build):
         stats_file = cache_root() / "stats.npz"
@@ -448,7 +457,8 @@ def main(argv=None) -> int:
         paths = model_paths(n)
         c = res["configs"].setdefault(n, {k: v for k, v in old.get(n, {}).items() if k != "not_timed_in_this_run"})
         c.update({"plain": str(paths["plain"]), "past": str(paths["past"]), "bytes": file_bytes(paths["plain"]),
-                  "bytes_past": file_bytes(paths["past"]), **lm_head_quantized(paths["plain"])})
+                  **({"bytes_past": file_bytes(paths["past"])} if paths["past"].exists() else {}),
+                  **lm_head_quantized(paths["plain"])})
         if old.get(n, {}).get("ppl") is not None:
             c["ppl"] = old[n]["ppl"]
             log(f"{n}: ppl {c['ppl']:.3f} (from {out_json.name})")
@@ -470,7 +480,7 @@ def main(argv=None) -> int:
             c = res["configs"][n]
             paths = model_paths(n)
             c["rss_prefill"] = peak_rss(paths["plain"], "plain")
-            c["rss_decode"] = peak_rss(paths["past"], "past")
+            c["rss_decode"] = peak_rss(paths["past"], "past") if timed(n) else None
             log(f"{n}: peak RSS prefill {fmt(c['rss_prefill'] and c['rss_prefill'] / 1e6, '.0f')} MB, "
                 f"decode {fmt(c['rss_decode'] and c['rss_decode'] / 1e6, '.0f')} MB")
             save()
@@ -478,9 +488,9 @@ def main(argv=None) -> int:
     if not args.no_latency:
         ids = test[0][None, :SEQ_LEN]
         first = int(test[0][0])
-        samples = {n: {"prefill": [], "decode": []} for n in names}
+        samples = {n: {"prefill": [], "decode": []} for n in names if timed(n)}
         for r in range(args.runs):
-            for n in names:
+            for n in samples:
                 paths = model_paths(n)
                 samples[n]["prefill"].append(prefill_time(paths["plain"], ids))
                 d, tokens = decode_time(paths["past"], first)

@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--eval", type=int, default=16)
     ap.add_argument("--group", type=int, default=32)
     ap.add_argument("--rotations", nargs="+", default=list(ROTATIONS))
+    ap.add_argument("--rules", nargs="+", help="rounding:clip:range, e.g. gptq:act:full (default: all)")
     args = ap.parse_args()
     out_json = HERE / "choose_rules.json"
     done = json.loads(out_json.read_text()) if out_json.exists() else []
@@ -48,7 +49,7 @@ def main():
     valid = calibration.windows(calibration.tokenize_file(DATA / "valid.txt", tok), 512, args.calib + args.eval, "valid.txt")
     calib, held = valid[:args.calib], valid[args.calib:]
     stats = calibrate(model, calib)
-    key = lambda r: (r["rotation"], r["rounding"], r["clip"], r["full_range"], r["group"], r["calib"], r["eval"])  # noqa: E731
+    key = lambda r: tuple(r.get(k) for k in ("rotation", "rounding", "clip", "full_range", "group", "calib", "eval"))  # noqa: E731
     finished = {key(r) for r in done}
     if not any(r["rotation"] == "float" and r["eval"] == args.eval for r in done):
         p = perplexity(model, held, progress=False)
@@ -58,7 +59,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "model.onnx"
         for rot in args.rotations:
-            for rounding, clip, full in RULES:
+            rules = RULES if not args.rules else [(r, c, f == "full") for r, c, f in (x.split(":") for x in args.rules)]
+            for rounding, clip, full in rules:
                 entry = dict(rotation=rot, rounding=rounding, clip=clip, full_range=full, group=args.group,
                              calib=args.calib, eval=args.eval)
                 if key(entry) in finished:
