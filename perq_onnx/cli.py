@@ -25,7 +25,8 @@ def settings_from(args):
     from .settings import Clip, OnlineRotation, Permute, ResidualRotation, Rounding, Settings, TargetName
     return Settings(
         online=OnlineRotation.parse(args.block), permute=Permute(args.permute),
-        residual_rotation=ResidualRotation(args.residual_rotation), residual_block=args.residual_block,
+        residual_rotation=ResidualRotation(args.residual_rotation) if args.residual_rotation else None,
+        residual_block=args.residual_block,
         head_rotation=not args.no_head_rotation, quantize=not args.no_quant, target=TargetName(args.target),
         w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_symmetric=args.a_symmetric,
         float_embeddings=args.float_embeddings, rounding=Rounding(args.rounding) if args.rounding else None, w_clip=Clip(args.w_clip) if args.w_clip else None, fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
@@ -128,7 +129,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--block", default="16", help="online rotation at down_proj: block size (power of two), "
                                                   "'full' (full-vector) or 'none' (default 16)")
     o.add_argument("--permute", default="massdiff", choices=Permute.values())
-    o.add_argument("--residual-rotation", default="full", choices=ResidualRotation.values())
+    o.add_argument("--residual-rotation", choices=ResidualRotation.values(),
+                   help="R1: default full where it is exact, none on post-norm models (Gemma 2/3, OLMo2); "
+                        "an explicit full/block on those is an error")
     o.add_argument("--residual-block", type=int, help="block size of --residual-rotation block (default --block)")
     o.add_argument("--no-head-rotation", action="store_true", help="skip the per-head v/o rotation (R2)")
     o.add_argument("--no-quant", action="store_true", help="emit the rotated and permuted float model")

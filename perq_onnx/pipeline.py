@@ -105,12 +105,16 @@ def float_passes(plan: Plan) -> list[Pass]:
 
 
 def _fit_residual_rotation(settings: Settings, structure: DecoderStructure, report: Report) -> Settings:
-    """R1 off, with one line in the report, where the structure says it would not be exact (output
-    norms with per-channel gammas: Gemma 2/3, OLMo2; see post_norms.py). R2, P3 and R3 still apply."""
-    if structure.residual_blocker is None or settings.residual_rotation is ResidualRotation.NONE:
-        return settings
-    note = (f"residual rotation {settings.residual_rotation} skipped (R1 would not be exact): "
-            f"{structure.residual_blocker}")
+    """Resolve an unset residual rotation: full where R1 is exact; where the structure says it is
+    not (output norms with per-channel gammas: Gemma 2/3, OLMo2; see post_norms.py), none, with one
+    line in the report (R2, P3 and R3 still apply). An explicit full/block there is a PerqError."""
+    blocker, asked = structure.residual_blocker, settings.residual_rotation
+    if blocker is None or asked is ResidualRotation.NONE:
+        return dataclasses.replace(settings, residual_rotation=settings.residual).validate()
+    if asked is not None:
+        raise PerqError(f"--residual-rotation {asked}: R1 would not be exact on this model: {blocker} "
+                        "(leave --residual-rotation unset or give 'none' to skip it)")
+    note = f"residual rotation skipped (R1 would not be exact): {blocker}"
     print(f"perq-onnx: {note}")
     report.summaries.append(note)
     return dataclasses.replace(settings, residual_rotation=ResidualRotation.NONE).validate()

@@ -90,10 +90,10 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
         raise PerqError(f"--permute {s.permute} needs calibration statistics")
 
     residual, described = None, "none"
-    if s.residual_rotation is ResidualRotation.FULL:
+    if s.residual is ResidualRotation.FULL:
         residual = _full_rotation(shape.hidden, s, "the residual rotation", shape.names.get("hidden", ""))
         described = f"full {shape.hidden}"
-    elif s.residual_rotation is ResidualRotation.BLOCK:
+    elif s.residual is ResidualRotation.BLOCK:
         rb = s.residual_block_size
         if shape.hidden % rb:
             raise PerqError(f"residual block size {rb} does not divide the hidden size {shape.hidden} "

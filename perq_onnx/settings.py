@@ -96,7 +96,7 @@ MAX_SEQ_LEN = 32768
 class Settings:
     online: OnlineRotation = OnlineRotation()
     permute: Permute = Permute.MASSDIFF
-    residual_rotation: ResidualRotation = ResidualRotation.FULL
+    residual_rotation: ResidualRotation | None = None  # None: full where exact, else none (see pipeline)
     residual_block: int | None = None     # block size of a block residual rotation (default: online block)
     head_rotation: bool = True
     quantize: bool = True
@@ -154,6 +154,12 @@ class Settings:
             raise PerqError("--fused-ops fuses the online block rotation with activation quantization: "
                             "it needs --block N and quantized activations (--a-bits 4 or 8)")
         return self
+
+    @property
+    def residual(self) -> ResidualRotation:
+        """The residual rotation to plan: the explicit choice, or full when left unset (the pipeline
+        resolves unset to none first on models where R1 is not exact)."""
+        return self.residual_rotation or ResidualRotation.FULL
 
     @property
     def residual_block_size(self) -> int | None:

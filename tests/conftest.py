@@ -29,6 +29,24 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+def family_id(model) -> str:
+    """Test id of an (arch, past) pair."""
+    return f"{model[0]}-{'past' if model[1] else 'nopast'}"
+
+
+def family_exporter(root, tied: dict, extra=None):
+    """get(arch, past=False): a tiny model of arch exported once into root (tied[arch]: tied
+    embeddings); with `extra`, (path, extra(path)) computed once per model."""
+    cache = {}
+
+    def get(arch, past=False):
+        if (arch, past) not in cache:
+            path = export_tiny(arch, root / family_id((arch, past)), with_past=past, tied=tied[arch])
+            cache[arch, past] = path if extra is None else (path, extra(path))
+        return cache[arch, past]
+    return get
+
+
 def random_ids(vocab=512, batch=2, seq=24, seed=1):
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq))
 

@@ -4,8 +4,9 @@ refused in one line.
 
 Gemma 1 is a pre-norm model (gamma = 1 + w, embedding scaled by sqrt(hidden), GeGLU): every
 rewrite applies, R1 included. Gemma 2/3 and OLMo2 put an RMSNorm with a per-channel gamma on each
-sublayer's output: R1 is skipped (one line in the report, see perq_onnx/post_norms.py) and R2,
-P3, R3 apply; with a uniform output gamma R1 is exact again and is applied.
+sublayer's output: R1 is skipped when left unset (one line in the report, see
+perq_onnx/post_norms.py), refused when asked for explicitly, and R2, P3, R3 apply; with a uniform
+output gamma R1 is exact again and is applied.
 """
 from __future__ import annotations
 
@@ -16,35 +17,25 @@ from onnx import helper, numpy_helper
 
 from perq_onnx.analysis import AnalysisError, analyze
 from perq_onnx.calibration import generate
-from perq_onnx.errors import InternalError
+from perq_onnx.cli import main
+from perq_onnx.errors import InternalError, PerqError
 from perq_onnx.graph import load_graph
-from perq_onnx.models.tiny import FAMILY_ARCHS, export_tiny
+from perq_onnx.models.tiny import FAMILY_ARCHS
 from perq_onnx.pipeline import calibrate, optimize
 from perq_onnx.runtime import logits, session
 from perq_onnx.settings import Settings
 
-from conftest import random_ids, relative_difference
+from conftest import family_exporter, family_id as _id, random_ids, relative_difference
 
 TOL = 1e-4
 POST_NORM = ("gemma2", "gemma3", "olmo2")
 MODELS = [(arch, past) for arch in FAMILY_ARCHS for past in (False, True)]
 
 
-def _id(m):
-    return f"{m[0]}-{'past' if m[1] else 'nopast'}"
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """Each tiny model exported once for this module (Gemma tied like the real ones, OLMo2 untied)."""
-    root = tmp_path_factory.mktemp("family")
-    cache = {}
-
-    def get(arch, past=False):
-        if (arch, past) not in cache:
-            cache[arch, past] = export_tiny(arch, root / _id((arch, past)), with_past=past, tied=arch != "olmo2")
-        return cache[arch, past]
-    return get
+    return family_exporter(tmp_path_factory.mktemp("family"), {a: a != "olmo2" for a in FAMILY_ARCHS})
 
 
 @pytest.mark.parametrize("model", MODELS, ids=_id)
@@ -53,7 +44,9 @@ def test_no_quant_exact(family, tmp_path, model):
     path = family(arch, past)
     stats = calibrate(path, generate(path, 2, 32, seed=0), progress=False)
     ids = random_ids()
-    for i, kw in enumerate([dict(block="16"), dict(block="32", permute="zigzag", residual_rotation="block")]):
+    # R1 left to the pipeline (full, or skipped on post-norms), and a block R1 where it is exact
+    block_r1 = "none" if arch in POST_NORM else "block"
+    for i, kw in enumerate([dict(block="16"), dict(block="32", permute="zigzag", residual_rotation=block_r1)]):
         out = tmp_path / f"out{i}.onnx"
         report = optimize(path, out, Settings.parse(quantize=False, **kw), stats=stats, progress=False)
         diff = relative_difference(path, out, ids)
@@ -62,8 +55,8 @@ def test_no_quant_exact(family, tmp_path, model):
         assert "RotateHeads" in passes and "PermuteMLP" in passes and "InsertOnlineRotation" in passes
         if arch in POST_NORM:
             assert "RotateResidual" not in passes
-            assert report.summaries[0].startswith(f"residual rotation {kw.get('residual_rotation', 'full')} "
-                                                  "skipped (R1 would not be exact): node '")
+            if "residual_rotation" not in kw:
+                assert report.summaries[0].startswith("residual rotation skipped (R1 would not be exact): node '")
         else:
             assert "RotateResidual" in passes
         out.unlink()
@@ -138,6 +131,23 @@ def test_refused_in_one_line(family, tmp_path):
         optimize(bad, tmp_path / "out.onnx", Settings.parse(quantize=False), progress=False)
     message = str(info.value)
     assert "\n" not in message and message.startswith("node '") and "output norm" in message
+
+
+@pytest.mark.parametrize("residual", ["full", "block"])
+def test_explicit_residual_rotation_on_post_norms_is_an_error(family, tmp_path, capsys, residual):
+    """Asking for R1 on a model where it is not exact is refused in one line naming the output norm
+    (exit 2 on the command line, nothing written), instead of being skipped."""
+    path, out = family("gemma3"), tmp_path / "out" / "model.onnx"
+    with pytest.raises(PerqError) as info:
+        optimize(path, out, Settings.parse(quantize=False, residual_rotation=residual), progress=False)
+    message = str(info.value)
+    assert "\n" not in message and f"--residual-rotation {residual}" in message
+    assert "node '" in message and "post_attention_layernorm" in message and "per-channel gamma" in message
+    capsys.readouterr()
+    assert main(["optimize", str(path), "-o", str(out), "--no-quant", "--residual-rotation", residual]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("perq-onnx: error: --residual-rotation") and "node '" in lines[0]
+    assert not out.exists()
 
 
 def test_residual_rotation_pass_refuses_post_norms(family, tmp_path):

@@ -24,7 +24,7 @@ from perq_onnx.pipeline import calibrate, optimize
 from perq_onnx.runtime import logits, make_feeds, session
 from perq_onnx.settings import Settings
 
-from conftest import random_ids, relative_difference
+from conftest import family_exporter, family_id as _id, random_ids, relative_difference
 
 TOL = 1e-4
 DEFAULT_TIED = {"phi3": False, "granite": True}   # Phi-3-mini untied, Granite 3.x tied
@@ -32,21 +32,11 @@ ATTN, MLP = "/model/layers.0/self_attn", "/model/layers.0/mlp"
 MODELS = [(arch, past) for arch in tiny.PHI3_GRANITE_ARCHS for past in (False, True)]
 
 
-def _id(model):
-    return f"{model[0]}-{'past' if model[1] else 'nopast'}"
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("phi3_granite")
-    cache = {}
-
-    def get(arch, past=False):
-        if (arch, past) not in cache:
-            path = tiny.export_tiny(arch, root / _id((arch, past)), with_past=past, tied=DEFAULT_TIED[arch])
-            cache[arch, past] = path, calibrate(path, generate(path, 2, 32, seed=0), progress=False)
-        return cache[arch, past]
-    return get
+    """(path, calibration statistics) of each tiny model, exported and calibrated once."""
+    return family_exporter(tmp_path_factory.mktemp("phi3_granite"), DEFAULT_TIED,
+                           lambda path: calibrate(path, generate(path, 2, 32, seed=0), progress=False))
 
 
 def _save(model: onnx.ModelProto, path) -> str:
@@ -222,22 +212,19 @@ def test_phi3_fused_output_read_elsewhere_is_refused(exported, tmp_path, capsys)
     assert not out.exists()
 
 
-def test_phi3_overlapping_slices_are_refused(exported, tmp_path):
-    """K's Slice reaching into V's columns ([128, 224) and [192, 256) overlap)."""
-    model = onnx.load(exported("phi3")[0])
-    k = m.node(model, f"{ATTN}/Slice_1")
-    k.input[2] = m.add_initializer(model, "k_end", np.array([224], np.int64))
-    err = _refusal(model, tmp_path)
-    assert err.node == f"{ATTN}/Slice_2" and "disjoint" in err.reason
+# K's Slice reaching into V's columns ([128, 224) and [192, 256) overlap); gate_up's up half sliced
+# on the sequence axis instead of the channels
+BAD_SLICES = {"overlapping": (f"{ATTN}/Slice_1", 2, "k_end", 224, f"{ATTN}/Slice_2", "disjoint"),
+              "other-axis": (f"{MLP}/Slice_1", 3, "seq_axis", 1, f"{MLP}/Slice_1", "last axis")}
 
 
-def test_phi3_slice_of_another_axis_is_refused(exported, tmp_path):
-    """gate_up's up half sliced on the sequence axis instead of the channels."""
+@pytest.mark.parametrize("case", BAD_SLICES)
+def test_phi3_bad_slice_is_refused(exported, tmp_path, case):
+    slice_name, index, init, value, refused, reason = BAD_SLICES[case]
     model = onnx.load(exported("phi3")[0])
-    up = m.node(model, f"{MLP}/Slice_1")
-    up.input[3] = m.add_initializer(model, "seq_axis", np.array([1], np.int64))
+    m.node(model, slice_name).input[index] = m.add_initializer(model, init, np.array([value], np.int64))
     err = _refusal(model, tmp_path)
-    assert err.node == f"{MLP}/Slice_1" and "last axis" in err.reason
+    assert err.node == refused and reason in err.reason
 
 
 @pytest.mark.parametrize("mul", ["/model/Mul", "/model/layers.0/Mul"], ids=["embedding", "residual"])

@@ -261,3 +261,25 @@ def test_smollm2_with_past_recipe():
     names = [i.name for i in m.graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and len(names) == 3 + 2 * 30
     assert [o.name for o in m.graph.output][:2] == ["logits", "present.0.key"]
+
+
+# -------------------------------------------------------------------------------- gemma3-270m
+
+
+def test_gemma3_270m_tokenizer():
+    """The recipe's SentencePiece BPE (not transformers' Unigram conversion): whole words, <bos>
+    added, ids within the vocabulary, decoding round-trips (skipped without the GGUF package)."""
+    from perq_onnx.models import gemma3
+
+    if not gemma3.available():
+        pytest.skip(f"the {gemma3.PIP_NAME} package is not installed")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gemma3.onnx_path().parent)
+    text = "The capital of France is Paris."
+    ids = tok(text)["input_ids"]
+    assert ids == [2, 818, 5279, 529, 7001, 563, 9079, 236761]  # <bos> The ▁capital ▁of ▁France ▁is ▁Paris .
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, len(tok)) == (2, 1, 0, gemma3.VOCAB)
+    mixed = "naïve café 日本語 🤖\n\n\tx  y<end_of_turn>"
+    assert tok.decode(tok(mixed, add_special_tokens=False)["input_ids"]) == mixed
