@@ -22,7 +22,7 @@ from perq_onnx.analysis import DecoderStructure, Fold, Linear
 from perq_onnx.calibration import Calibrator, with_outputs
 from perq_onnx.errors import InternalError, PerqError
 from perq_onnx.functions import DOMAIN, function_for
-from perq_onnx.fused_ops import fused_gamma_input, gamma_folded
+from perq_onnx.fused_ops import fused_gamma_input
 from perq_onnx.graph import constant_shape, constant_value, export_structure, producer
 from perq_onnx.transforms import Transform, fold_consumed, fold_produced
 from perq_onnx.weights import WeightStore
@@ -165,11 +165,25 @@ def _decoder_linears(ctx: Context):
         yield from layer.linears().values()
 
 
+def gamma_input(node: gs.Node) -> int:
+    """The input index of an RMSNorm's gamma: the scale input of onnxruntime's fused norms, or
+    the constant operand of the decomposed form's Mul."""
+    index = fused_gamma_input(node)
+    if index is None:
+        index = next((i for i, t in enumerate(node.inputs) if constant_value(t) is not None), None)
+    if index is None:
+        raise InternalError(f"RMSNorm gamma node '{node.name}' has no constant input")
+    return index
+
+
 def _gammas_folded(ctx: Context) -> str | None:
     names = {n.name for n in ctx.graph.nodes}
-    left = [norm.gamma for norm in ctx.structure.norms if norm.gamma in names
-            and not (fused_gamma_input(ctx.node(norm.gamma)) is not None and gamma_folded(ctx.node(norm.gamma)))]
-    return f"RMSNorm gamma Mul '{left[0]}' is still in the graph" if left else None
+    for norm in ctx.structure.norms:
+        if norm.gamma in names:
+            node = ctx.node(norm.gamma)
+            if not np.all(constant_value(node.inputs[gamma_input(node)]) == 1):
+                return f"RMSNorm gamma of '{norm.gamma}' is not folded (not all ones)"
+    return None
 
 
 def _weights_float(ctx: Context) -> str | None:

@@ -74,12 +74,6 @@ def fused_gamma_input(node: gs.Node) -> int | None:
     return FUSED_RMSNORMS[node.op] if is_fused_rmsnorm(node) else None
 
 
-def gamma_folded(node: gs.Node) -> bool:
-    """Whether a fused RMSNorm's scale is all ones (its gamma folded into the readers)."""
-    value = constant_value(node.inputs[fused_gamma_input(node)])
-    return value is not None and bool(np.all(value == 1))
-
-
 def match_fused_rmsnorm(node: gs.Node, x: gs.Tensor, writer, readers_of):
     """(RMSNorm, tensors the rewrite changes, (writer Linear, cast tensors) or None, the residual
     tensor it passes on or None) for a fused RMSNorm `node` reading residual tensor x.

@@ -289,16 +289,3 @@ def constant_shape(tensor: gs.Tensor) -> tuple[tuple[int, ...], np.dtype] | None
         if inner is not None and len(inner[0]) == 2 and node.attrs.get("perm") in (None, [1, 0]):
             return inner[0][::-1], inner[1]
     return None
-
-
-def bypass(graph: gs.Graph, node: gs.Node, keep_input: gs.Tensor) -> None:
-    """Remove a single-output node by rewiring its consumers to keep_input (its output must not be
-    a graph output: analysis refuses those)."""
-    out = node.outputs[0]
-    for consumer in list(out.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is out:
-                consumer.inputs[i] = keep_input
-    node.outputs.clear()
-    node.inputs.clear()
-    graph.nodes.remove(node)
