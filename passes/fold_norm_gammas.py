@@ -7,9 +7,8 @@ gamma-free x / rms(x), which is invariant under an orthogonal change of basis of
 
 The gamma Mul stays, multiplying by ones, rather than being removed: onnxruntime fuses the
 decomposed RMSNorm (Pow, ReduceMean, Add, Sqrt, Div, Mul by a constant) into one
-SimplifiedLayerNormalization kernel only when the scale Mul is there (SmolLM2's ort output
-without it kept its 61 norms as five ops each; decode went from 1.83x to 2.15x fp32 in
-benchmarks/deploy.py runs before and after). onnxruntime's fused
+SimplifiedLayerNormalization kernel only when the scale Mul is there (without it, SmolLM2's ort
+output kept its 61 norms as five separate ops in onnxruntime's optimized graph). onnxruntime's fused
 (Skip)SimplifiedLayerNormalization likewise keeps its scale input, set to ones (see
 perq_onnx/fused_ops.py).
 """

@@ -306,6 +306,9 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
         raise RoundingError(f"need damp >= 0 and block >= 1, got damp={damp}, block={block}")
     diag = np.diag(h).copy()
     row_weight = _row_weights(diag) if form.clip == "act" else None
+
+    def weights_of(rows):  # clip="act"'s row weights for _fit, shaped [1, rows, 1]
+        return None if row_weight is None else row_weight[rows][None, :, None]
     order = np.argsort(-diag, kind="stable") if act_order else np.arange(rows)
     position = np.argsort(order)  # position[row] = when that row is processed
     h = h[np.ix_(order, order)]  # our own copy, in processing order
@@ -328,7 +331,7 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
     zero = None if form.symmetric else np.empty((n_groups, cols))
     fitted = np.zeros(n_groups, dtype=bool)
     if form.group is None:
-        scale[0], z = _fit(w.astype(np.float64)[None], form, None if row_weight is None else row_weight[None, :, None])
+        scale[0], z = _fit(w.astype(np.float64)[None], form, weights_of(slice(None)))
         if zero is not None:
             zero[0] = z
         fitted[0] = True
@@ -347,8 +350,7 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
                     # the group's rows as they are now: work[] plus this block's pending updates
                     members = position[k * g:(k + 1) * g]
                     now = work[members] - u[start:p, members].T @ errors[:i]
-                    scale[k], z = _fit(now[None], form, None if row_weight is None
-                                       else row_weight[k * g:(k + 1) * g][None, :, None])
+                    scale[k], z = _fit(now[None], form, weights_of(slice(k * g, (k + 1) * g)))
                     if zero is not None:
                         zero[k] = z
                     fitted[k] = True
