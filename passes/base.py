@@ -37,6 +37,7 @@ class Context:
     metadata: dict[str, str] = field(default_factory=dict)                   # -> model.metadata_props
     min_opset: int | None = None
     calibrator: Calibrator | None = None      # runs the graph as rewritten so far
+    inserted: dict[str, set[str]] = field(default_factory=dict)  # kind -> tensors passes inserted
     _nodes: dict[str, gs.Node] = field(default_factory=dict)
 
     def session(self, outputs=()):
@@ -52,6 +53,14 @@ class Context:
         if self.calibrator is None:
             raise InternalError("a pass asked for calibration statistics but no calibrator was set up")
         return self.calibrator.collect(self.session(list(requests)), requests)
+
+    def record(self, kind: str, tensor: str) -> None:
+        """Note that a pass inserted `tensor` as a `kind` (ONLINE_ROTATED, QUANTIZED_ACTIVATION):
+        pass contracts check these records, never names."""
+        self.inserted.setdefault(kind, set()).add(tensor)
+
+    def recorded(self, kind: str) -> set[str]:
+        return self.inserted.get(kind, set())
 
     def node(self, name: str) -> gs.Node:
         if name not in self._nodes:
@@ -209,10 +218,14 @@ def _down_input_is_original(ctx: Context) -> str | None:
     return None
 
 
+# kinds of tensors that passes record as inserted (Context.record)
+ONLINE_ROTATED = "online rotation output"
+QUANTIZED_ACTIVATION = "quantized activation"
+
+
 def _online_rotation_present(ctx: Context) -> str | None:
     for layer in ctx.structure.layers:
-        p = producer(ctx.node(layer.down.name).inputs[0])
-        if p is None or p.name != online_rotation_node(layer.down):
+        if ctx.node(layer.down.name).inputs[0].name not in ctx.recorded(ONLINE_ROTATED):
             return f"'{layer.down.name}' does not read an online rotation"
     return None
 
@@ -224,17 +237,34 @@ def online_rotation_node(down: Linear) -> str:
 
 def _linear_inputs_unquantized(ctx: Context) -> str | None:
     for lin in _decoder_linears(ctx):
-        p = producer(ctx.node(lin.name).inputs[0])
-        if p is not None and p.name.endswith("/input_qdq/y"):
+        if ctx.node(lin.name).inputs[0].name in ctx.recorded(QUANTIZED_ACTIVATION):
             return f"'{lin.name}' already reads a quantized activation"
     return None
 
 
 def _linear_inputs_quantized(ctx: Context) -> str | None:
     for lin in _decoder_linears(ctx):
-        p = producer(ctx.node(lin.name).inputs[0])
-        if p is None or not (p.name.endswith("/input_qdq/y") or p.op == "BlockHadamardQuantize"):
+        if ctx.node(lin.name).inputs[0].name not in ctx.recorded(QUANTIZED_ACTIVATION):
             return f"'{lin.name}' does not read a quantized activation"
+    return None
+
+
+def _embedding_table(ctx: Context) -> np.dtype | None:
+    meta = constant_shape(ctx.node(ctx.structure.embedding).inputs[0])
+    return None if meta is None else np.dtype(meta[1])
+
+
+def _embedding_float(ctx: Context) -> str | None:
+    dtype = _embedding_table(ctx)
+    if dtype is None or not np.issubdtype(dtype, np.floating):
+        return f"the embedding '{ctx.structure.embedding}' does not gather from a float constant table"
+    return None
+
+
+def _embedding_quantized(ctx: Context) -> str | None:
+    dtype = _embedding_table(ctx)
+    if dtype is None or not np.issubdtype(dtype, np.integer):
+        return f"the embedding '{ctx.structure.embedding}' does not gather from an integer table"
     return None
 
 
@@ -245,3 +275,5 @@ NO_ONLINE_ROTATION = Condition("no online rotation at down_proj yet", _down_inpu
 ONLINE_ROTATION = Condition("online rotation at every down_proj", _online_rotation_present)
 ACTIVATIONS_FLOAT = Condition("decoder linear inputs not quantized yet", _linear_inputs_unquantized)
 ACTIVATIONS_QUANTIZED = Condition("every decoder linear reads a quantized activation", _linear_inputs_quantized)
+EMBEDDING_FLOAT = Condition("the token embedding table is float", _embedding_float)
+EMBEDDING_QUANTIZED = Condition("the token embedding gathers integer codes", _embedding_quantized)

@@ -13,8 +13,8 @@ from perq_onnx.analysis import consumed
 from perq_onnx.functions import BLOCK_HADAMARD, DOMAIN
 from perq_onnx.transforms import Transform
 
-from .base import (NO_ONLINE_ROTATION, ONLINE_ROTATION, WEIGHTS_FLOAT, Context, Pass, PassResult,
-                   online_rotation_node)
+from .base import (NO_ONLINE_ROTATION, ONLINE_ROTATED, ONLINE_ROTATION, WEIGHTS_FLOAT, Context, Pass,
+                   PassResult, online_rotation_node)
 
 
 class InsertOnlineRotation(Pass):
@@ -40,6 +40,7 @@ class InsertOnlineRotation(Pass):
             else:
                 node = gs.Node("MatMul", name, inputs=[x, full], outputs=[rotated])
             ctx.add(node)
+            ctx.record(ONLINE_ROTATED, rotated.name)
             down.inputs[0] = rotated
             ctx.fold(consumed(layer.down), self.rotation)
         kind = f"block Hadamard b={self.block}" if self.block else f"full rotation of size {m}"

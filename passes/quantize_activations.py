@@ -19,7 +19,8 @@ from perq_onnx.errors import PerqError
 from perq_onnx.functions import BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, QDQ_TYPES, emit_activation_qdq
 from perq_onnx.graph import constant_shape, producer
 
-from .base import ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, ONLINE_ROTATION, Context, Pass, PassResult
+from .base import (ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, ONLINE_ROTATION, QUANTIZED_ACTIVATION, Context, Pass,
+                   PassResult)
 
 
 class GraphEmitter:
@@ -72,11 +73,13 @@ class QuantizeActivations(Pass):
                 rotation = producer(x)
                 if self.fused and kind == "down_proj" and rotation is not None and rotation.op == BLOCK_HADAMARD:
                     self._fuse(ctx, rotation)
+                    ctx.record(QUANTIZED_ACTIVATION, x.name)
                     records.append({"layer": layer.index, "linear": kind, "input": rotation.inputs[0].name,
                                     "output": x.name, "fused": True})
                     continue
                 y = emit_activation_qdq(GraphEmitter(ctx, prefix), x, self.bits, self.symmetric,
                                         output=f"{prefix}/output", dtype=input_dtype(ctx, linears[0], x))
+                ctx.record(QUANTIZED_ACTIVATION, y.name)
                 for lin in linears:
                     ctx.node(lin.name).inputs[0] = y
                 records.append({"layer": layer.index, "linear": kind, "input": x.name, "output": y.name})

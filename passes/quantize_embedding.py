@@ -11,10 +11,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import Context, Pass, PassResult
+from .base import EMBEDDING_FLOAT, EMBEDDING_QUANTIZED, Context, Pass, PassResult
 
 
 class QuantizeEmbedding(Pass):
+    requires = (EMBEDDING_FLOAT,)
+    ensures = (EMBEDDING_QUANTIZED,)
+
     def run(self, ctx: Context) -> PassResult:
         gather = ctx.node(ctx.structure.embedding)
         original = ctx.constant(gather.name, 0)

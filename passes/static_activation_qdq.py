@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .base import ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, Context, Pass, PassResult
+from .base import ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, QUANTIZED_ACTIVATION, Context, Pass, PassResult
 from .quantize_activations import input_dtype
 
 
@@ -37,6 +37,7 @@ class StaticActivationQDQ(Pass):
             y = gs.Variable(f"{prefix}/y", dtype=dtype)
             ctx.add(gs.Node("QuantizeLinear", f"{prefix}/quantize", {}, [x, s, zp], [q]))
             ctx.add(gs.Node("DequantizeLinear", f"{prefix}/y", {}, [q, s, zp], [y]))
+            ctx.record(QUANTIZED_ACTIVATION, y.name)
             for lin in linears:
                 ctx.node(lin.name).inputs[0] = y
         ctx.min_opset = max(ctx.min_opset or 0, 21)

@@ -6,7 +6,7 @@
     plan       every rotation and permutation, validated against the structure (plan.py)
     apply      the float rewrites as passes with checked contracts (passes/):
                fold gammas -> R1 residual -> R2 heads -> P3 MLP permutation -> R3 online rotation
-    lower      the target's quantization passes and op form (targets.py)
+    lower      the target's quantization passes and op form (targets/: one file per target)
     save       streamed to a staging directory, checked (onnx.checker, onnxruntime), renamed
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .passes.rotate_residual import RotateResidual
 from .plan import ModelShape, Plan, make_plan
 from .runtime import session
 from .settings import ResidualRotation, Settings
-from .targets import target
+from .targets import Target, target
 from .weights import WeightStore, input_files
 
 
@@ -214,14 +214,19 @@ def _no_interruptions():
             signal.raise_signal(number)
 
 
-def verify_written(path: pathlib.Path, session_config: dict | None = None) -> None:
-    """The written model passes onnx.checker (full check) and loads in onnxruntime (with the
-    session settings its target deploys it with)."""
+def verify_written(path: pathlib.Path, tgt: Target) -> None:
+    """The written model passes onnx.checker (full check), its target's own checker, and loads
+    in onnxruntime (with the session settings its target deploys it with)."""
     try:
         check_model_file(path)  # onnx.checker, full; onnxruntime's own ops as a custom domain
     except Exception as exc:  # checker raises several types
         raise InternalError(f"the output fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    session(path, config=session_config)
+    violations = tgt.check_output(path)
+    if violations:
+        v = violations[0]
+        raise InternalError(f"the {tgt.name} output breaks its target's rule [{v.rule}] at node '{v.node}': "
+                            f"{v.reason} ({len(violations)} violation(s))")
+    session(path, config=tgt.session_config())
 
 
 def optimize(model_path, output_path, settings: Settings, stats: dict | None = None, progress: bool = True,
@@ -268,12 +273,12 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
             plan = make_plan(settings, ModelShape.of(structure), stats)
             report.permutations = plan.permutations
         with report.phase("apply"):
-            results = PassManager(float_passes(plan) + tgt.passes(settings), progress).run(ctx)
+            results = PassManager(float_passes(plan), progress).run(ctx)
+        with report.phase("lower"):
+            results += tgt.lower(ctx, settings, progress)
         for p, result in results:
             report.summaries.append(f"{p.name}: {result.summary}")
             report.metrics.update(result.metrics)
-        with report.phase("lower"):
-            tgt.lower(ctx)
         with report.phase("save"):
             ctx.metadata["perq.options"] = json.dumps(settings.to_json())
             ctx.metadata["perq.target"] = tgt.name
@@ -282,7 +287,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
             staged.parent.mkdir()
             files = ctx.store.write_model(model, ctx.graph, staged)
             del model
-            verify_written(staged, tgt.session_config())
+            verify_written(staged, tgt)
             moves = _copy_sidecar_files(model_path.parent, output_path.parent, pathlib.Path(tmp) / "out")
             moves += [(f, output_path.parent / f.name) for f in files[1:]] + [(files[0], output_path)]
             with _no_interruptions():  # sidecars and external data first, the model file last

@@ -74,7 +74,7 @@ def rewrite(path, tmp_path, passes, name="out.onnx"):
     """Run passes on the model at path; write the result as the pipeline does. (ctx, results, out)"""
     ctx = new_context(path, tmp_path)
     results = PassManager(passes, progress=False).run(ctx)
-    Simulate().lower(ctx)
+    Simulate().finalize(ctx)
     model = export_structure(ctx.graph, ctx.functions.values(), ctx.min_opset, ctx.metadata)
     out = tmp_path / name
     ctx.store.write_model(model, ctx.graph, out)

@@ -1,0 +1,98 @@
+"""What every deployment target has in common: filling in its defaults, and lowering.
+
+A ``Target`` owns everything that differs between runtimes: its defaults and limits (weight
+blocks, activation bits, rounding, clip rule, code range), the passes that turn the rewritten
+float graph into its quantized op form (``lower``: weights, activations, embedding, how the
+``perq`` run-time ops appear), the session settings its runtime needs, and the checker its
+output must pass (``check_output``). The float rewrites (R1, R2, P3, R3) are the same for every
+target and run before ``lower``. Adding a target is one new file in this package plus its line
+in ``TARGETS`` (``__init__.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from ..errors import PerqError
+from ..passes.base import Context, Pass, PassManager, PassResult, register_functions
+from ..passes.quantize_weights import QuantizeWeights
+from ..rounding import WeightQuant
+from ..settings import Clip, Rounding, Settings
+
+OPSET = 21  # int4 and blocked DequantizeLinear
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    default_w_groups: tuple[int, ...] = ()   # the first that divides every linear's input wins
+    default_a_bits: int = 16
+    default_rounding: Rounding = Rounding.GPTQ
+    default_w_clip: Clip = Clip.ACT
+    full_range: bool = True                  # symmetric codes use all 16 levels (negative scales)
+
+    # ------------------------------------------------------------------------------ settings
+    def resolve(self, settings: Settings, in_features: dict[str, int]) -> Settings:
+        """Settings with the target's defaults filled in and checked against what it supports and
+        against the model's linears (in_features: a linear's name -> its input channels)."""
+        group = settings.w_group
+        if group is None and self.default_w_groups and settings.weights_quantized:
+            group = next((g for g in self.default_w_groups if all(n % g == 0 for n in in_features.values())), None)
+            if group is None:
+                raise PerqError(f"the {self.name} target's weight blocks ({', '.join(map(str, self.default_w_groups))}) "
+                                f"divide no common input size of this model ({sorted(set(in_features.values()))})")
+        settings = dataclasses.replace(
+            settings, w_group=group, a_bits=settings.a_bits if settings.a_bits is not None else self.default_a_bits,
+            rounding=settings.rounding or self.default_rounding, w_clip=settings.w_clip or self.default_w_clip)
+        if settings.weights_quantized and group is not None:
+            bad = next((name for name, n in in_features.items() if n % group), None)
+            if bad is not None:
+                raise PerqError(f"--w-group {group} does not divide the {in_features[bad]} input channels of "
+                                f"node '{bad}'")
+        self.check(settings)
+        return settings.validate()
+
+    def check(self, settings: Settings) -> None:
+        """Refuse settings this target cannot express (a PerqError naming the option)."""
+
+    # ------------------------------------------------------------------------------ lowering
+    def passes(self, settings: Settings) -> list[Pass]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def lower(self, ctx: Context, settings: Settings, progress: bool = True) -> list[tuple[Pass, PassResult]]:
+        """Turn the rewritten float graph into this target's op form: its quantization passes,
+        then the op form of what remains (``finalize``)."""
+        results = PassManager(self.passes(settings), progress).run(ctx)
+        self.finalize(ctx)
+        return results
+
+    def finalize(self, ctx: Context) -> None:
+        """Give every perq op left in the graph its model-local function body, set the opset the
+        graph's types need, and record the session settings in the model's metadata."""
+        if register_functions(ctx) or ctx.min_opset:
+            ctx.min_opset = max(ctx.min_opset or 0, OPSET)
+        if self.session_config():
+            ctx.metadata["perq.ort.session_config"] = json.dumps(self.session_config())
+
+    def session_config(self) -> dict[str, str]:
+        """onnxruntime session config entries the output must run with (recorded in metadata)."""
+        return {}
+
+    def check_output(self, model) -> list:
+        """Violations of the target's documented form in a written model (a path or ModelProto);
+        the pipeline refuses to publish an output with any."""
+        return []
+
+    # ------------------------------------------------------------------------------ helpers
+    def weight_form(self, settings: Settings) -> WeightQuant:
+        return WeightQuant(settings.w_bits, settings.w_group, True, str(settings.w_clip), self.full_range)
+
+    def quantize_weights(self, settings: Settings, lm_head: bool) -> QuantizeWeights:
+        """The weight pass; lm_head (no Hessian collected for it) gets round-to-nearest with the
+        weight-error clip rule where the form's rule needs activations."""
+        form = self.weight_form(settings)
+        head = None
+        if lm_head and not settings.float_embeddings:
+            head = dataclasses.replace(form, clip="mse" if form.clip == "act" else form.clip)
+        return QuantizeWeights(form, settings.rounding, lm_head=head)
