@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from perq_onnx.rounding import WeightQuant, gptq, relative_error, rtn
-from perq_onnx.settings import Rounding
+from perq_onnx.settings import GPTQConfig, Rounding
 
 from .base import WEIGHTS_FLOAT, WEIGHTS_QUANTIZED, Context, Pass, PassResult
 
@@ -44,8 +44,9 @@ class QuantizeWeights(Pass):
     requires = (WEIGHTS_FLOAT,)
     ensures = (WEIGHTS_QUANTIZED,)
 
-    def __init__(self, form: WeightQuant, rounding: Rounding = Rounding.RTN, lm_head: WeightQuant | None = None):
-        self.form, self.rounding, self.lm_head = form, rounding, lm_head
+    def __init__(self, form: WeightQuant, rounding: Rounding = Rounding.RTN, lm_head: WeightQuant | None = None,
+                 gptq: GPTQConfig = GPTQConfig()):
+        self.form, self.rounding, self.lm_head, self.gptq = form, rounding, lm_head, gptq
 
     @property
     def needs_hessians(self) -> bool:
@@ -75,7 +76,7 @@ class QuantizeWeights(Pass):
         dtype = np.dtype(original.dtype)  # scales and the dequantized weight keep the graph's type
         w = np.asarray(original, dtype=np.float32)
         if rounding is Rounding.GPTQ:
-            q = gptq(w, hessian, form)
+            q = gptq(w, hessian, form, act_order=self.gptq.act_order, damp=self.gptq.damp, block=self.gptq.block)
         else:
             q = rtn(w, form, hessian)
         name = lin.name + ".weight"

@@ -22,16 +22,17 @@ def _add_calibration_args(p):
 
 
 def settings_from(args):
-    from .settings import Clip, OnlineRotation, Permute, ResidualRotation, Rounding, Settings, TargetName
-    return Settings(
-        online=OnlineRotation.parse(args.block), permute=Permute(args.permute),
-        residual_rotation=ResidualRotation(args.residual_rotation) if args.residual_rotation else None,
-        residual_block=args.residual_block,
-        head_rotation=not args.no_head_rotation, quantize=not args.no_quant, target=TargetName(args.target),
-        w_bits=args.w_bits, w_group=args.w_group, a_bits=args.a_bits, a_symmetric=args.a_symmetric,
-        float_embeddings=args.float_embeddings, rounding=Rounding(args.rounding) if args.rounding else None, w_clip=Clip(args.w_clip) if args.w_clip else None, fused_ops=args.fused_ops, random_orthogonal=args.random_orthogonal, seed=args.seed,
-        calib_data=args.calib_data, tokenizer=args.tokenizer, calib_samples=args.calib_samples,
-        seq_len=args.seq_len, threads=args.threads).validate()
+    """Settings from the parsed `optimize` options (argparse's names are Settings' option names)."""
+    from .settings import OPTIONS, Settings
+    derived = dict(head_rotation=not args.no_head_rotation, quantize=not args.no_quant,
+                   gptq_act_order=not args.gptq_no_act_order)
+    options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "seed")
+               if key not in derived}
+    options.update(derived)
+    if args.block is None:  # the format's scale block, else 16
+        from .settings import NumberFormat
+        options["block"] = str(NumberFormat(args.format).block or 16)
+    return Settings.parse(**options)
 
 
 def cmd_optimize(args) -> int:
@@ -118,7 +119,7 @@ def cmd_build_ops(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .settings import Clip, Permute, ResidualRotation, Rounding, TargetName
+    from .settings import Clip, NumberFormat, Permute, ResidualRotation, Rounding, TargetName
     p = argparse.ArgumentParser(prog="perq-onnx", description="PeRQ low-bit quantization of ONNX decoder LLMs")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     sub = p.add_subparsers(dest="command", required=True)
@@ -126,8 +127,8 @@ def parser() -> argparse.ArgumentParser:
     o = sub.add_parser("optimize", help="rotate, permute and quantize a model")
     o.add_argument("model", help="ONNX file, or the recipe name 'smollm2'")
     o.add_argument("-o", "--output", required=True, help="output ONNX file (written atomically)")
-    o.add_argument("--block", default="16", help="online rotation at down_proj: block size (power of two), "
-                                                  "'full' (full-vector) or 'none' (default 16)")
+    o.add_argument("--block", help="online rotation at down_proj: block size (power of two), 'full' "
+                                   "(full-vector) or 'none' (default: the --format's scale block, else 16)")
     o.add_argument("--permute", default="massdiff", choices=Permute.values())
     o.add_argument("--residual-rotation", choices=ResidualRotation.values(),
                    help="R1: default full where it is exact, none on post-norm models (Gemma 2/3, OLMo2); "
@@ -149,6 +150,12 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--a-bits", type=int, choices=[4, 8, 16],
                    help="activation bits (default: 4 for simulate; ort leaves activations to onnxruntime)")
     o.add_argument("--a-symmetric", action="store_true", help="symmetric activation quantization (default asymmetric)")
+    o.add_argument("--format", default="int", choices=NumberFormat.values(),
+                   help="4-bit number format of weights and activations: int (--w-bits/--a-bits), or microscaling "
+                        "FP4: nvfp4 (E2M1, E4M3 scale per 16, fp32 tensor scale) or mxfp4 (E2M1, E8M0 scale per 32)")
+    o.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
+    o.add_argument("--gptq-block", type=int, default=128, help="GPTQ lazy-update block in rows (default 128)")
+    o.add_argument("--gptq-no-act-order", action="store_true", help="GPTQ in natural row order (default: act order)")
     o.add_argument("--fused-ops", action="store_true", help="emit perq.BlockHadamardQuantize (rotation + activation QDQ)")
     o.add_argument("--random-orthogonal", action="store_true",
                    help="use a seeded random orthogonal matrix where no Hadamard construction exists")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import pathlib
@@ -98,7 +97,7 @@ def float_passes(plan: Plan) -> list[Pass]:
     if plan.heads is not None:
         passes.append(RotateHeads(plan.heads))
     if plan.mlp_permutations:
-        passes.append(PermuteMLP(plan.mlp_permutations, str(plan.settings.permute)))
+        passes.append(PermuteMLP(plan.mlp_permutations, str(plan.settings.rotation.permute)))
     if plan.online is not None:
         passes.append(InsertOnlineRotation(plan.online, plan.online_block))
     return passes
@@ -108,32 +107,32 @@ def _fit_residual_rotation(settings: Settings, structure: DecoderStructure, repo
     """Resolve an unset residual rotation: full where R1 is exact; where the structure says it is
     not (output norms with per-channel gammas: Gemma 2/3, OLMo2; see post_norms.py), none, with one
     line in the report (R2, P3 and R3 still apply). An explicit full/block there is a PerqError."""
-    blocker, asked = structure.residual_blocker, settings.residual_rotation
+    blocker, asked = structure.residual_blocker, settings.rotation.residual
     if blocker is None or asked is ResidualRotation.NONE:
-        return dataclasses.replace(settings, residual_rotation=settings.residual).validate()
+        return settings.replace(residual_rotation=settings.rotation.residual_or_full)
     if asked is not None:
         raise PerqError(f"--residual-rotation {asked}: R1 would not be exact on this model: {blocker} "
                         "(leave --residual-rotation unset or give 'none' to skip it)")
     note = f"residual rotation skipped (R1 would not be exact): {blocker}"
     print(f"perq-onnx: {note}")
     report.summaries.append(note)
-    return dataclasses.replace(settings, residual_rotation=ResidualRotation.NONE).validate()
+    return settings.replace(residual_rotation=ResidualRotation.NONE)
 
 
 def calibration_batches(model_path, settings: Settings, vocab: int | None = None) -> np.ndarray:
     """Token windows for calibration: from --calib-data, else sampled by the model itself."""
-    if settings.calib_data:
-        tok_dir = settings.tokenizer or pathlib.Path(model_path).parent
+    c = settings.calibration
+    if c.data:
+        tok_dir = c.tokenizer or pathlib.Path(model_path).parent
         tokenizer = calibration.load_tokenizer(tok_dir)
-        tokens = calibration.tokenize_file(settings.calib_data, tokenizer)
+        tokens = calibration.tokenize_file(c.data, tokenizer)
         if vocab is not None:
-            calibration.check_ids(tokens, vocab, f"tokenizer in {tok_dir} on {settings.calib_data}",
+            calibration.check_ids(tokens, vocab, f"tokenizer in {tok_dir} on {c.data}",
                                   tokenizer_vocab=len(tokenizer))
-        return calibration.windows(tokens, settings.seq_len or 512, settings.calib_samples or 32, "calibration text")
+        return calibration.windows(tokens, c.seq_len or 512, c.samples or 32, "calibration text")
     print("perq-onnx: no --calib-data given: data-free calibration on sequences the model samples "
           f"itself (seed {settings.seed})")
-    return calibration.generate(model_path, settings.calib_samples or 8, settings.seq_len or 128,
-                                settings.seed, settings.threads)
+    return calibration.generate(model_path, c.samples or 8, c.seq_len or 128, settings.seed, c.threads)
 
 
 def stat_points(structure: DecoderStructure) -> dict[str, tuple[str, ...]]:
@@ -245,7 +244,6 @@ def optimize(model_path, output_path, settings: Settings, stats: dict | None = N
 def _optimize(model_path, output_path, settings, stats, progress, batches) -> Report:
     start = time.perf_counter()
     tgt = target(settings)
-    settings = settings.validate()
     model_path, output_path = pathlib.Path(model_path), pathlib.Path(output_path)
     if not model_path.is_file():
         raise PerqError(f"{model_path}: no such file")
@@ -261,11 +259,11 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
     output_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=f".{output_path.name}.") as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))
-        if settings.needs_calibration(stats is not None):
+        if settings.needs_calibration(stats is not None) or tgt.needs_calibration(settings):
             with report.phase("calibrate"):
                 if batches is None:
                     batches = calibration_batches(model_path, settings, structure.vocab_size)
-                ctx.calibrator = Calibrator(batches, settings.threads, progress)
+                ctx.calibrator = Calibrator(batches, settings.calibration.threads, progress)
                 if stats is None and settings.needs_statistics:
                     stats = collect_stats(ctx)
         report.stats = stats or {}

@@ -67,7 +67,7 @@ def _full_rotation(n: int, settings: Settings, what: str, node: str) -> Transfor
 
 
 def _orthogonal(n: int, settings: Settings, what: str, node: str) -> np.ndarray:
-    seed = settings.seed if settings.random_orthogonal else None
+    seed = settings.seed if settings.rotation.random_orthogonal else None
     try:
         return orthogonal(n, seed)
     except PerqError as exc:
@@ -81,41 +81,41 @@ def _mass(stats: dict | None, key: str, n: int) -> np.ndarray:
 
 
 def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) -> Plan:
-    s = settings.validate()
-    b = s.online.block
+    s, r = settings, settings.rotation
+    b = r.online.block
     if b is not None and shape.intermediate % b:
         raise PerqError(f"--block {b} does not divide the MLP intermediate size {shape.intermediate} "
                         f"(node '{shape.names.get('intermediate', 'down_proj')}')")
     if s.needs_statistics and stats is None:
-        raise PerqError(f"--permute {s.permute} needs calibration statistics")
+        raise PerqError(f"--permute {r.permute} needs calibration statistics")
 
     residual, described = None, "none"
-    if s.residual is ResidualRotation.FULL:
+    if r.residual_or_full is ResidualRotation.FULL:
         residual = _full_rotation(shape.hidden, s, "the residual rotation", shape.names.get("hidden", ""))
         described = f"full {shape.hidden}"
-    elif s.residual is ResidualRotation.BLOCK:
-        rb = s.residual_block_size
+    elif r.residual_or_full is ResidualRotation.BLOCK:
+        rb = r.residual_block_size
         if shape.hidden % rb:
             raise PerqError(f"residual block size {rb} does not divide the hidden size {shape.hidden} "
                             f"(node '{shape.names.get('hidden', 'lm_head')}')")
-        p = permutation.permutation(str(s.permute), _mass(stats, "residual", shape.hidden), rb, s.seed)
+        p = permutation.permutation(str(r.permute), _mass(stats, "residual", shape.hidden), rb, s.seed)
         residual = Chain(Permutation(p), BlockDiagonal(hadamard(rb)))
-        described = f"{s.permute} + block {rb}"
+        described = f"{r.permute} + block {rb}"
 
     heads = None
-    if s.head_rotation:
+    if r.heads:
         heads = BlockDiagonal(_orthogonal(shape.head_dim, s, "the per-head rotation", shape.names.get("head_dim", "")))
 
     perms = {}
-    if b is not None and s.permute is not Permute.NONE:
+    if b is not None and r.permute is not Permute.NONE:
         for i in range(shape.layers):
             mass = _mass(stats, f"layers.{i}.mlp", shape.intermediate)
-            perms[i] = permutation.permutation(str(s.permute), mass, b, s.seed + i)
+            perms[i] = permutation.permutation(str(r.permute), mass, b, s.seed + i)
 
     online = None
     if b is not None:
         online = BlockDiagonal(hadamard(b))
-    elif s.online.full:
+    elif r.online.full:
         online = _full_rotation(shape.intermediate, s, "the full online rotation",
                                 shape.names.get("intermediate", ""))
     return Plan(s, residual, described, heads, perms, online, b)

@@ -15,7 +15,8 @@ from perq_onnx import permutation, transforms
 from perq_onnx.errors import PerqError
 from perq_onnx.hadamard import hadamard, random_orthogonal
 from perq_onnx.plan import ModelShape, make_plan
-from perq_onnx.settings import Settings
+from perq_onnx.settings import (OPTIONS, ActivationConfig, CalibrationConfig, RotationConfig, Settings,
+                                WeightConfig)
 from perq_onnx.transforms import (BlockDiagonal, Chain, Dense, Diagonal, Kron, Permutation, fold_consumed,
                                   fold_produced)
 
@@ -150,9 +151,22 @@ def test_statistics_required(permute):
 def test_settings_validation(values, message):
     with pytest.raises(PerqError, match=message):
         Settings.parse(**values)
-    if "block" not in values and "permute" not in values:  # validate() on a constructed Settings too
+    if "block" not in values and "permute" not in values:  # a directly built configuration is checked too
         with pytest.raises(PerqError, match=message):
-            make_plan(Settings(**values), SHAPE, stats())
+            built_directly(values)
+
+
+def built_directly(values: dict) -> Settings:
+    """Settings built from its concern objects (not through parse): each checks itself."""
+    kinds = {"rotation": RotationConfig, "calibration": CalibrationConfig, "weights": WeightConfig,
+             "activations": ActivationConfig}
+    parts: dict = {}
+    for key, value in values.items():
+        if key in OPTIONS:
+            concern, name = OPTIONS[key]
+            parts.setdefault(concern, {})[name] = value
+    top = {k: v for k, v in values.items() if k not in OPTIONS}
+    return Settings(**{c: kinds[c](**kw) for c, kw in parts.items()}, **top)
 
 
 def test_valid_edge_settings_are_accepted():

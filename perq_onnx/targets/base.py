@@ -18,7 +18,7 @@ from ..errors import PerqError
 from ..passes.base import Context, Pass, PassManager, PassResult, register_functions
 from ..passes.quantize_weights import QuantizeWeights
 from ..rounding import WeightQuant
-from ..settings import Clip, Rounding, Settings
+from ..settings import Clip, NumberFormat, Rounding, Settings
 
 OPSET = 21  # int4 and blocked DequantizeLinear
 
@@ -31,30 +31,40 @@ class Target:
     default_rounding: Rounding = Rounding.GPTQ
     default_w_clip: Clip = Clip.ACT
     full_range: bool = True                  # symmetric codes use all 16 levels (negative scales)
+    formats: tuple[NumberFormat, ...] = (NumberFormat.INT,)  # the number formats it can express
 
     # ------------------------------------------------------------------------------ settings
     def resolve(self, settings: Settings, in_features: dict[str, int]) -> Settings:
         """Settings with the target's defaults filled in and checked against what it supports and
         against the model's linears (in_features: a linear's name -> its input channels)."""
-        group = settings.w_group
+        w = settings.weights
+        if settings.quantize and w.format not in self.formats:
+            raise PerqError(f"--format {w.format}: the {self.name} target expresses "
+                            f"{', '.join(map(str, self.formats))} only")
+        group = w.group
         if group is None and self.default_w_groups and settings.weights_quantized:
             group = next((g for g in self.default_w_groups if all(n % g == 0 for n in in_features.values())), None)
             if group is None:
                 raise PerqError(f"the {self.name} target's weight blocks ({', '.join(map(str, self.default_w_groups))}) "
                                 f"divide no common input size of this model ({sorted(set(in_features.values()))})")
-        settings = dataclasses.replace(
-            settings, w_group=group, a_bits=settings.a_bits if settings.a_bits is not None else self.default_a_bits,
-            rounding=settings.rounding or self.default_rounding, w_clip=settings.w_clip or self.default_w_clip)
+        a_bits = settings.activations.bits
+        settings = settings.replace(w_group=group, a_bits=a_bits if a_bits is not None else self.default_a_bits,
+                                    rounding=w.rounding or self.default_rounding, w_clip=w.clip or self.default_w_clip)
         if settings.weights_quantized and group is not None:
             bad = next((name for name, n in in_features.items() if n % group), None)
             if bad is not None:
                 raise PerqError(f"--w-group {group} does not divide the {in_features[bad]} input channels of "
                                 f"node '{bad}'")
         self.check(settings)
-        return settings.validate()
+        return settings
 
     def check(self, settings: Settings) -> None:
         """Refuse settings this target cannot express (a PerqError naming the option)."""
+
+    def needs_calibration(self, settings: Settings) -> bool:
+        """Whether lowering needs calibration data beyond what the settings ask for (static
+        activation scales)."""
+        return False
 
     # ------------------------------------------------------------------------------ lowering
     def passes(self, settings: Settings) -> list[Pass]:  # pragma: no cover - interface
@@ -86,7 +96,8 @@ class Target:
 
     # ------------------------------------------------------------------------------ helpers
     def weight_form(self, settings: Settings) -> WeightQuant:
-        return WeightQuant(settings.w_bits, settings.w_group, True, str(settings.w_clip), self.full_range)
+        w = settings.weights
+        return WeightQuant(w.bits, w.group, True, str(w.clip), self.full_range)
 
     def quantize_weights(self, settings: Settings, lm_head: bool) -> QuantizeWeights:
         """The weight pass; lm_head (no Hessian collected for it) gets round-to-nearest with the
@@ -95,4 +106,4 @@ class Target:
         head = None
         if lm_head and not settings.float_embeddings:
             head = dataclasses.replace(form, clip="mse" if form.clip == "act" else form.clip)
-        return QuantizeWeights(form, settings.rounding, lm_head=head)
+        return QuantizeWeights(form, settings.weights.rounding, lm_head=head, gptq=settings.weights.gptq)

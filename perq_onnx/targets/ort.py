@@ -30,12 +30,12 @@ class Ort(Target):
     default_w_groups: tuple[int, ...] = (32,)
 
     def check(self, settings: Settings) -> None:
-        if settings.quantize and settings.a_bits != 16:
-            raise PerqError(f"--a-bits {settings.a_bits}: the ort target leaves activations float in the graph "
+        if settings.quantize and settings.activations.bits != 16:
+            raise PerqError(f"--a-bits {settings.activations.bits}: the ort target leaves activations float in the graph "
                             "(onnxruntime's MatMulNBits quantizes them to int8 inside the kernel); "
                             "use --target simulate for quantized activations in the graph")
-        if settings.quantize and settings.w_bits != 4:
-            raise PerqError(f"--w-bits {settings.w_bits}: the ort target emits INT4 weights (MatMulNBits)")
+        if settings.quantize and settings.weights.bits != 4:
+            raise PerqError(f"--w-bits {settings.weights.bits}: the ort target emits INT4 weights (MatMulNBits)")
 
     def passes(self, settings: Settings) -> list[Pass]:
         if not settings.quantize:

@@ -28,5 +28,6 @@ class Simulate(Target):
         if settings.weights_quantized:
             passes.append(self.quantize_weights(settings, lm_head=False))
         if settings.activations_quantized:
-            passes.append(QuantizeActivations(settings.a_bits, settings.a_symmetric, settings.fused_ops))
+            a = settings.activations
+            passes.append(QuantizeActivations(a.bits, a.symmetric, a.fused))
         return passes

@@ -27,27 +27,31 @@ class TensorRT(Target):
     full_range: bool = False  # positive scales
 
     def check(self, settings: Settings) -> None:
-        if settings.quantize and settings.w_bits != 4:
-            raise PerqError(f"--w-bits {settings.w_bits}: the tensorrt target emits INT4 weight-only blocks")
-        if settings.quantize and settings.w_group not in rules.INT4_BLOCK_SIZES:
-            raise PerqError(f"--w-group {settings.w_group}: TensorRT's INT4 blocks are "
+        w, a = settings.weights, settings.activations
+        if settings.quantize and w.bits != 4:
+            raise PerqError(f"--w-bits {w.bits}: the tensorrt target emits INT4 weight-only blocks")
+        if settings.quantize and w.group not in rules.INT4_BLOCK_SIZES:
+            raise PerqError(f"--w-group {w.group}: TensorRT's INT4 blocks are "
                             f"{' or '.join(map(str, rules.INT4_BLOCK_SIZES))} input rows")
-        if settings.quantize and settings.a_bits not in (8, 16):
-            raise PerqError(f"--a-bits {settings.a_bits}: TensorRT's INT4 is weight-only; activations are "
+        if settings.quantize and a.bits not in (8, 16):
+            raise PerqError(f"--a-bits {a.bits}: TensorRT's INT4 is weight-only; activations are "
                             "float (16) or INT8 static Q/DQ (8)")
-        if settings.fused_ops:
+        if a.fused:
             raise PerqError("--fused-ops emits a perq op that TensorRT cannot load; drop it for --target tensorrt")
 
     def passes(self, settings: Settings) -> list[Pass]:
         passes: list[Pass] = []
-        if settings.online.block is not None:
+        if settings.rotation.online.block is not None:
             passes.append(InlineBlockHadamard())
         if not settings.quantize:
             return passes
         passes.append(self.quantize_weights(settings, lm_head=True))
-        if settings.a_bits == 8:
+        if settings.activations.bits == 8:
             passes.append(StaticActivationQDQ())
         return passes
+
+    def needs_calibration(self, settings: Settings) -> bool:
+        return settings.quantize and settings.activations.bits == 8  # static per-tensor scales
 
     def check_output(self, model) -> list:
         return rules.check_tensorrt(model)
