@@ -68,6 +68,8 @@ Sources, by rule id (paraphrased; "TRT" = NVIDIA TensorRT documentation, 10.x / 
     DequantizeLinear nodes (TensorRT has no other consumer for a quantized activation), and each
     Q -> DQ pair uses the same scale and quantized type.
 
+NVFP4 (FP4 E2M1 weights and activations with E4M3 block scales): the rules of ``check_fp4.py``.
+
 Not checked: nodes inside If/Loop/Scan subgraphs; values of scales too large to read cheaply;
 external data of an in-memory ModelProto (no base directory to read it from).
 """
@@ -75,17 +77,19 @@ from __future__ import annotations
 
 import math
 import pathlib
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, NodeProto, TensorProto, numpy_helper
-from onnx.external_data_helper import load_external_data_for_tensor
+from onnx import NodeProto, TensorProto
+
+from . import check_fp4
+from .check_fp4 import is_dynamic_quantize, is_fp4_dq, is_scale_dq
+from .check_graph import (DEFAULT_DOMAINS, MODEL, FlatGraph, Violation, attribute, gemm_k_axis, is_qdq,  # noqa: F401
+                          type_name)
 
 MIN_OPSET = 21
 MAX_OPSET = 25
-DEFAULT_DOMAINS = ("", "ai.onnx")
 UNSUPPORTED_OPS = {"DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "ConvInteger",
                    "QLinearConv"}
 QUANT_TYPES = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN,
@@ -94,163 +98,13 @@ FOUR_BIT = {TensorProto.INT4, TensorProto.UINT4}
 SCALE_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 GEMMS = {"MatMul", "Gemm"}
 INT4_BLOCK_SIZES = (64, 128)
-MAX_VALUE_ELEMENTS = 1 << 20
-MODEL = "<model>"
-_MAX_INLINE_DEPTH = 16
-
-
-@dataclass(frozen=True)
-class Violation:
-    node: str      # node name (or MODEL for model-level rules)
-    rule: str      # short rule id, e.g. "int4-block-size"
-    reason: str    # one sentence in the user's terms
-
-
-def _type_name(t: int | None) -> str:
-    return "unknown" if t is None else TensorProto.DataType.Name(t)
-
-
-def _attr(node: NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-# ---------------------------------------------------------------------------------------------
-# The flattened graph: local functions inlined, tensors indexed, constants readable on demand.
-# ---------------------------------------------------------------------------------------------
-
-def _inline(nodes, functions, scope: str, depth: int) -> list[tuple[str, NodeProto]]:
-    out = []
-    for i, node in enumerate(nodes):
-        name = f"{scope}{node.name or f'{node.op_type}_{i}'}"
-        fn = functions.get((node.domain, node.op_type))
-        if fn is None or depth >= _MAX_INLINE_DEPTH:
-            out.append((name, node))
-            continue
-        rename = dict(zip(fn.input, node.input))
-        rename.update(zip(fn.output, node.output))
-        given = {a.name: a for a in node.attribute}
-        defaults = {a.name: a for a in fn.attribute_proto}
-
-        def local(x, rename=rename, name=name):
-            return "" if x == "" else rename.get(x, f"{name}/{x}")
-
-        body = []
-        for b in fn.node:
-            nb = NodeProto()
-            nb.CopyFrom(b)
-            del nb.input[:], nb.output[:]
-            nb.input.extend(local(x) for x in b.input)
-            nb.output.extend(local(x) for x in b.output)
-            attrs = []
-            for a in b.attribute:
-                if a.ref_attr_name:
-                    src = given.get(a.ref_attr_name) or defaults.get(a.ref_attr_name)
-                    if src is None:
-                        continue
-                    a2 = AttributeProto()
-                    a2.CopyFrom(src)
-                    a2.name = a.name
-                    attrs.append(a2)
-                else:
-                    attrs.append(a)
-            del nb.attribute[:]
-            nb.attribute.extend(attrs)
-            body.append(nb)
-        out.extend(_inline(body, functions, f"{name}/", depth + 1))
-    return out
-
-
-class _Graph:
-    def __init__(self, model: onnx.ModelProto, base_dir: pathlib.Path | None):
-        self.model = model
-        self.base_dir = base_dir
-        functions = {(f.domain, f.name): f for f in model.functions}
-        self.nodes = _inline(model.graph.node, functions, "", 0)
-        self.init = {t.name: t for t in model.graph.initializer}
-        self.producer: dict[str, tuple[str, NodeProto]] = {}
-        self.consumers: dict[str, list[tuple[str, NodeProto, int]]] = {}
-        for name, node in self.nodes:
-            for o in node.output:
-                self.producer[o] = (name, node)
-            for k, x in enumerate(node.input):
-                if x:
-                    self.consumers.setdefault(x, []).append((name, node, k))
-        self.graph_outputs = {o.name for o in model.graph.output}
-        self.elem_type = {}
-        for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-            if vi.type.HasField("tensor_type"):
-                self.elem_type[vi.name] = vi.type.tensor_type.elem_type
-
-    def constant(self, x: str) -> TensorProto | None:
-        """The TensorProto behind a build-time constant (initializer or Constant node)."""
-        if x in self.init:
-            return self.init[x]
-        prod = self.producer.get(x)
-        if prod is None or prod[1].op_type != "Constant" or prod[1].domain not in DEFAULT_DOMAINS:
-            return None
-        for a in prod[1].attribute:
-            if a.name == "value":
-                return a.t
-            if a.name in ("value_float", "value_floats", "value_int", "value_ints"):
-                return numpy_helper.from_array(np.asarray(onnx.helper.get_attribute_value(a),
-                    np.float32 if "float" in a.name else np.int64), x)
-        return None
-
-    def is_constant(self, x: str) -> bool:
-        return self.constant(x) is not None
-
-    def dtype(self, x: str) -> int | None:
-        t = self.constant(x)
-        if t is not None:
-            return t.data_type
-        prod = self.producer.get(x)
-        if prod is not None and prod[1].op_type == "QuantizeLinear":
-            return self.quant_type(prod[1])
-        return self.elem_type.get(x) or None
-
-    def dims(self, x: str) -> list[int] | None:
-        t = self.constant(x)
-        return None if t is None else list(t.dims)
-
-    def value(self, x: str, max_elements: int | None = MAX_VALUE_ELEMENTS) -> np.ndarray | None:
-        """Values of a constant, read only if it has at most max_elements elements."""
-        t = self.constant(x)
-        if t is None:
-            return None
-        if max_elements is not None and math.prod(t.dims) > max_elements:
-            return None
-        if t.data_location == TensorProto.EXTERNAL:
-            if self.base_dir is None:
-                return None
-            loaded = TensorProto()
-            loaded.CopyFrom(t)
-            try:
-                load_external_data_for_tensor(loaded, str(self.base_dir))
-            except (OSError, ValueError):
-                return None
-            t = loaded
-        return numpy_helper.to_array(t)
-
-    def quant_type(self, node: NodeProto) -> int | None:
-        """The low-precision type of a Q (its output) or DQ (its input)."""
-        if node.op_type == "DequantizeLinear":
-            return self.dtype(node.input[0])
-        out = _attr(node, "output_dtype", 0)
-        if out:
-            return out
-        if len(node.input) > 2 and node.input[2]:
-            return self.dtype(node.input[2])
-        return TensorProto.UINT8  # ONNX default when neither is given
 
 
 # ---------------------------------------------------------------------------------------------
 # Rules. Model rules: (g) -> violations. Node rules: (g, name, node) -> violations.
 # ---------------------------------------------------------------------------------------------
 
-def rule_opset_version(g: _Graph) -> Iterator[Violation]:
+def rule_opset_version(g: FlatGraph) -> Iterator[Violation]:
     versions = [o.version for o in g.model.opset_import if o.domain in DEFAULT_DOMAINS]
     if not versions:
         yield Violation(MODEL, "opset-version", "The model imports no ai.onnx opset.")
@@ -265,7 +119,7 @@ def rule_opset_version(g: _Graph) -> Iterator[Violation]:
 
 
 def rule_custom_domain(g, name, node):
-    if node.domain not in DEFAULT_DOMAINS:
+    if node.domain not in DEFAULT_DOMAINS and not is_dynamic_quantize(node):
         hint = (" (an onnxruntime contrib op)" if node.domain == "com.microsoft" else "")
         yield Violation(name, "custom-domain",
                         f"{node.domain}.{node.op_type}{hint} is not a standard ONNX operator and "
@@ -279,23 +133,18 @@ def rule_unsupported_op(g, name, node):
                         f"TensorRT's ONNX parser does not support {node.op_type}.")
 
 
-def _qdq(node) -> bool:
-    return node.domain in DEFAULT_DOMAINS and node.op_type in ("QuantizeLinear",
-                                                               "DequantizeLinear")
-
-
 def rule_quant_dtype(g, name, node):
-    if not _qdq(node):
+    if not is_qdq(node):
         return
     qt = g.quant_type(node)
     if qt is not None and qt not in QUANT_TYPES:
         yield Violation(name, "quant-dtype",
-                        f"{node.op_type} uses {_type_name(qt)}; TensorRT quantizes only to signed "
+                        f"{node.op_type} uses {type_name(qt)}; TensorRT quantizes only to signed "
                         f"INT8, signed INT4, FP8 E4M3 or FP4 E2M1.")
 
 
 def rule_zero_point(g, name, node):
-    if not _qdq(node) or len(node.input) < 3 or not node.input[2]:
+    if not is_qdq(node) or len(node.input) < 3 or not node.input[2]:
         return
     zp = node.input[2]
     if not g.is_constant(zp):
@@ -311,24 +160,24 @@ def rule_zero_point(g, name, node):
 
 
 def rule_scale_static(g, name, node):
-    if _qdq(node) and not g.is_constant(node.input[1]):
+    if is_qdq(node) and not g.is_constant(node.input[1]) and not is_fp4_dq(g, node):  # FP4: check_fp4
         yield Violation(name, "scale-static",
                         f"The scale '{node.input[1]}' is computed at run time; TensorRT needs a "
                         f"build-time constant scale.")
 
 
 def rule_scale_dtype(g, name, node):
-    if not _qdq(node):
+    if not is_qdq(node):
         return
     st = g.dtype(node.input[1])
     if st is not None and st not in SCALE_TYPES:
         yield Violation(name, "scale-dtype",
-                        f"The scale '{node.input[1]}' is {_type_name(st)}; TensorRT scales are "
+                        f"The scale '{node.input[1]}' is {type_name(st)}; TensorRT scales are "
                         f"FLOAT, FLOAT16 or BFLOAT16.")
 
 
 def rule_scale_positive(g, name, node):
-    if not _qdq(node):
+    if not is_qdq(node):
         return
     v = g.value(node.input[1])
     if v is not None and not np.all(v.astype(np.float32) > 0):
@@ -338,22 +187,10 @@ def rule_scale_positive(g, name, node):
 
 
 def rule_int4_activation(g, name, node):
-    if _qdq(node) and g.quant_type(node) in FOUR_BIT and not g.is_constant(node.input[0]):
+    if is_qdq(node) and g.quant_type(node) in FOUR_BIT and not g.is_constant(node.input[0]):
         yield Violation(name, "int4-activation",
                         f"{node.op_type} puts the activation '{node.input[0]}' through a 4-bit "
                         f"type; TensorRT supports INT4 for constant weights only.")
-
-
-def _gemm_k_axis(node: NodeProto, index: int, rank: int) -> int | None:
-    """The input-feature (K) axis of a GEMM operand, or None if index is not an operand."""
-    if node.op_type == "MatMul":
-        return {0: rank - 1, 1: rank - 2}.get(index)
-    if node.op_type == "Gemm":
-        if index == 0:
-            return 0 if _attr(node, "transA", 0) else 1
-        if index == 1:
-            return 1 if _attr(node, "transB", 0) else 0
-    return None
 
 
 def rule_int4_block(g, name, node):
@@ -363,8 +200,8 @@ def rule_int4_block(g, name, node):
         return
     w_dims = g.dims(node.input[0])
     rank = len(w_dims)
-    block = _attr(node, "block_size", 0)
-    axis = _attr(node, "axis", 1)
+    block = attribute(node, "block_size", 0)
+    axis = attribute(node, "axis", 1)
     axis = axis + rank if axis < 0 else axis
     if block not in INT4_BLOCK_SIZES:
         what = "no block_size (per-tensor/per-channel)" if not block else f"block_size {block}"
@@ -374,7 +211,7 @@ def rule_int4_block(g, name, node):
         return
     for _, user, k in g.consumers.get(node.output[0], []):
         if user.op_type in GEMMS and user.domain in DEFAULT_DOMAINS:
-            k_axis = _gemm_k_axis(user, k, rank)
+            k_axis = gemm_k_axis(user, k, rank)
             if k_axis is not None and axis != k_axis:
                 yield Violation(name, "int4-block-axis",
                                 f"The INT4 weight '{node.input[0]}' is blocked along axis {axis}, "
@@ -394,13 +231,13 @@ def rule_int4_block(g, name, node):
 
 
 def rule_dq_feeds_gemm(g, name, node):
-    if node.op_type != "DequantizeLinear" or node.domain not in DEFAULT_DOMAINS:
+    if node.op_type != "DequantizeLinear" or node.domain not in DEFAULT_DOMAINS or is_scale_dq(g, node):
         return
     out = node.output[0]
     users = g.consumers.get(out, [])
     bad = sorted({f"{u.op_type} '{uname}'" for uname, u, k in users
                   if not (u.op_type in GEMMS and u.domain in DEFAULT_DOMAINS
-                          and _gemm_k_axis(u, k, 2) is not None)})
+                          and gemm_k_axis(u, k, 2) is not None)})
     if out in g.graph_outputs:
         bad.append("the graph output")
     if not users and out not in g.graph_outputs:
@@ -413,7 +250,7 @@ def rule_dq_feeds_gemm(g, name, node):
 
 
 def rule_activation_per_tensor(g, name, node):
-    if not _qdq(node) or g.is_constant(node.input[0]) or g.quant_type(node) in FOUR_BIT:
+    if not is_qdq(node) or g.is_constant(node.input[0]) or g.quant_type(node) in FOUR_BIT:
         return
     dims = g.dims(node.input[1])
     if dims is not None and math.prod(dims) != 1:
@@ -438,7 +275,7 @@ def rule_q_pairs(g, name, node):
                             f"share one scale.")
 
 
-def _same_constant(g: _Graph, a: str, b: str) -> bool:
+def _same_constant(g: FlatGraph, a: str, b: str) -> bool:
     if a == b:
         return True
     va, vb = g.value(a), g.value(b)
@@ -447,8 +284,8 @@ def _same_constant(g: _Graph, a: str, b: str) -> bool:
     return va.shape == vb.shape and np.array_equal(va.astype(np.float32), vb.astype(np.float32))
 
 
-MODEL_RULES: list[Callable[[_Graph], Iterator[Violation]]] = [rule_opset_version]
-NODE_RULES: list[Callable[[_Graph, str, NodeProto], Iterator[Violation]]] = [
+MODEL_RULES: list[Callable[[FlatGraph], Iterator[Violation]]] = [rule_opset_version, *check_fp4.MODEL_RULES]
+NODE_RULES: list[Callable[[FlatGraph, str, NodeProto], Iterator[Violation]]] = [
     rule_custom_domain,
     rule_unsupported_op,
     rule_quant_dtype,
@@ -461,6 +298,7 @@ NODE_RULES: list[Callable[[_Graph, str, NodeProto], Iterator[Violation]]] = [
     rule_dq_feeds_gemm,
     rule_activation_per_tensor,
     rule_q_pairs,
+    *check_fp4.NODE_RULES,
 ]
 
 
@@ -471,7 +309,7 @@ def check_tensorrt(model: onnx.ModelProto | str | pathlib.Path) -> list[Violatio
         path = pathlib.Path(model)
         base_dir = path.parent
         model = onnx.load(str(path), load_external_data=False)
-    g = _Graph(model, base_dir)
+    g = FlatGraph(model, base_dir)
     found: list[Violation] = []
     for rule in MODEL_RULES:
         found.extend(rule(g))
