@@ -13,7 +13,7 @@ import onnx
 from tqdm import tqdm
 
 from .errors import PerqError
-from .runtime import logits, make_feeds, session
+from .runtime import logits, make_feeds, session, vocab_size
 
 
 def load_tokenizer(directory):
@@ -32,12 +32,28 @@ def load_tokenizer(directory):
 
 def tokenize_file(path, tokenizer) -> np.ndarray:
     """All tokens of a text file: lines joined with newlines, no special tokens."""
+    return tokenize_text(read_text(path), tokenizer, f"text file {path}")
+
+
+def read_text(path) -> str:
+    """A text file's contents; a named pipe or /dev/stdin is read like a file (once)."""
     path = pathlib.Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PerqError(f"text file {path} does not exist")
-    text = "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines())
+    if path.is_dir():
+        raise PerqError(f"text file {path} is a directory")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError as exc:
+        raise PerqError(f"text file {path}: {exc.strerror or exc}") from None
+
+
+def tokenize_text(text: str, tokenizer, what: str) -> np.ndarray:
+    """All tokens of a text: lines joined with newlines, no special tokens."""
+    text = "\n".join(text.splitlines())
     if not text.strip():
-        raise PerqError(f"text file {path} is empty")
+        raise PerqError(f"{what} is empty")
     return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
 
 
@@ -60,6 +76,8 @@ def check_ids(tokens: np.ndarray, vocab: int, what: str, tokenizer_vocab: int | 
 def windows(tokens: np.ndarray, seq_len: int, count: int | None, what: str, vocab: int | None = None) -> np.ndarray:
     """The first `count` non-overlapping windows of seq_len tokens, as [count, seq_len] (with
     `vocab`, every id must index the model's embedding: see check_ids)."""
+    if seq_len < 1 or (count is not None and count < 1):
+        raise PerqError(f"{what}: windows of {seq_len} tokens, {count} of them: both must be positive")
     available = len(tokens) // seq_len
     if available == 0:
         raise PerqError(f"{what} has {len(tokens)} tokens, fewer than one window of --seq-len {seq_len}")
@@ -88,20 +106,41 @@ def _sample(rng, last: np.ndarray, vocab: int) -> np.ndarray:
     return np.array([rng.choice(vocab, p=row) for row in p], dtype=np.int64)[:, None]
 
 
+# Data-free sampling costs one decoder step per token with a KV cache and a re-run of the whole
+# prefix per token without one; both are bounded so that a large --seq-len cannot run for hours.
+DATA_FREE_MAX_TOKENS = 65536          # count x seq_len, sampled with a KV cache
+DATA_FREE_MAX_POSITIONS = 1_048_576   # count x seq_len^2 / 2 positions re-run without a cache
+
+
+def check_data_free_cost(count: int, seq_len: int, cached: bool) -> None:
+    """Refuse data-free sampling beyond the bounds above, naming them and the way out."""
+    if cached and count * seq_len > DATA_FREE_MAX_TOKENS:
+        raise PerqError(f"data-free calibration of {count} x {seq_len} tokens: at most {DATA_FREE_MAX_TOKENS} "
+                        "sampled tokens (--calib-samples x --seq-len); give --calib-data FILE for more")
+    positions = count * seq_len * (seq_len - 1) // 2
+    if not cached and positions > DATA_FREE_MAX_POSITIONS:
+        longest = int((2 * DATA_FREE_MAX_POSITIONS / max(count, 1)) ** 0.5)
+        raise PerqError(f"data-free calibration with --seq-len {seq_len} on a model without a KV cache re-runs the "
+                        f"whole prefix for every token ({positions:,} positions, at most "
+                        f"{DATA_FREE_MAX_POSITIONS:,}): use --seq-len {longest} or less with --calib-samples "
+                        f"{count}, a model exported with past key values, or --calib-data FILE")
+
+
 def generate(model_path, count: int, seq_len: int, seed: int = 0, threads=None, incremental: bool = True) -> np.ndarray:
     """Data-free calibration: `count` sequences sampled from the model itself, all in one batch,
     starting from random tokens of a seeded generator.
 
     With a KV cache (past_key_values.* inputs, present.* outputs) and `incremental`, each step
     feeds only the new token and the cache (linear cost in seq_len); otherwise each step re-runs
-    the whole prefix (quadratic; seq_len is bounded by --seq-len's maximum, settings.MAX_SEQ_LEN).
+    the whole prefix (quadratic). check_data_free_cost bounds both.
     Both draw the same random numbers in the same order, so they give the same ids up to the
     rounding differences of the two ways of computing the logits."""
     sess = session(model_path, threads)
-    rng = np.random.default_rng(seed)
-    vocab = logits(sess, np.zeros((1, 1), np.int64)).shape[-1]
-    ids = rng.integers(0, vocab, size=(count, 1))
     cache = _cache_names(sess) if incremental else None
+    check_data_free_cost(count, seq_len, cache is not None)
+    rng = np.random.default_rng(seed)
+    vocab = vocab_size(sess)
+    ids = rng.integers(0, vocab, size=(count, 1))
     steps = tqdm(range(seq_len - 1), desc="data-free calibration: sampling", unit="tok", leave=False)
     if cache is None:
         for _ in steps:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import sys
@@ -35,32 +36,91 @@ def settings_from(args):
     return Settings.parse(**options)
 
 
+def _outputs(args, model: pathlib.Path) -> list:
+    """The files `optimize` will write, named by option: -o with its external data file (and the
+    tokenizer/config files copied beside it when its folder differs from the model's), --report."""
+    from .pipeline import SIDECAR_FILES
+    from .publish import Output
+    out = Output.model(args.output)
+    if pathlib.Path(args.output).parent.resolve() != model.parent.resolve():
+        out = Output(out.option, out.path, out.companions + tuple(out.path.parent / n for n in SIDECAR_FILES))
+    return [out] + ([Output("--report", pathlib.Path(args.report))] if args.report is not None else [])
+
+
+def _inputs(model: pathlib.Path, *others) -> list[pathlib.Path]:
+    """The files a run reads, which no output may replace: the model (checked: see inputs.py),
+    its external data, its tokenizer and config files, and the other files named."""
+    from .inputs import check_model
+    from .pipeline import SIDECAR_FILES
+    files = [model, *sorted(check_model(model) - {model.resolve()})]
+    files += [model.parent / n for n in SIDECAR_FILES if (model.parent / n).is_file()]
+    return files + [pathlib.Path(o) for o in others if o]
+
+
 def cmd_optimize(args) -> int:
     import json
     from .pipeline import optimize
+    from .publish import check_outputs, write_text
     settings = settings_from(args)
-    report = optimize(_model(args.model), args.output, settings)
+    model = _model(args.model)
+    check_outputs(_outputs(args, model), _inputs(model, args.calib_data))  # before any work
+    report = optimize(model, args.output, settings)
     for line in report.summaries:
         print(f"  {line}")
     for phase in report.phases:
-        print(f"  phase {phase.name:<10} {phase.seconds:7.1f} s, peak RSS {phase.peak_rss_bytes / 2**20:8.0f} MiB")
+        print(f"  phase {phase.name:<10} {phase.seconds:7.1f} s, peak RSS {phase.peak_rss_bytes / 2**20:8.0f} MiB "
+              f"in the phase, {phase.process_peak_rss_bytes / 2**20:8.0f} MiB so far")
     size = sum(p.stat().st_size for p in (pathlib.Path(args.output), pathlib.Path(args.output + ".data"))
                if p.is_file())
-    print(f"wrote {args.output} ({size / 2**20:.1f} MiB) in {report.seconds:.1f} s")
-    if args.report:
-        pathlib.Path(args.report).write_text(json.dumps(report.to_json(), indent=1))
+    print(f"wrote {args.output} ({size / 2**20:.1f} MiB) in {report.seconds:.1f} s, peak RSS "
+          f"{report.peak_rss_bytes / 2**20:.0f} MiB (the process's maximum resident set size)")
+    if args.report is not None:
+        write_text(args.report, json.dumps(report.to_json(), indent=1))
     return 0
+
+
+def _describe_output(path: pathlib.Path, model) -> bool:
+    """Print what a perq-onnx output is (its metadata: target, options; the ops it uses); False
+    when the model is not one."""
+    import collections
+    import json
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "perq.target" not in meta:
+        return False
+    print(f"{path}: a perq-onnx output, target {meta['perq.target']}")
+    try:
+        options = json.loads(meta.get("perq.options", "{}"))
+    except ValueError:
+        options = {}
+    if options:
+        print("options: " + ", ".join(f"{k}={v}" for k, v in options.items() if v is not None))
+    ops = collections.Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph.node)
+    print("ops: " + ", ".join(f"{op} x{n}" if d == "ai.onnx" else f"{d}.{op} x{n}"
+                              for (d, op), n in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))))
+    if model.functions:
+        print("model-local functions: " + ", ".join(sorted({f"{f.domain}.{f.name}" for f in model.functions})))
+    if "perq.ort.session_config" in meta:
+        print(f"onnxruntime session settings: {meta['perq.ort.session_config']}")
+    return True
 
 
 def cmd_inspect(args) -> int:
     from .analysis import AnalysisError, analyze
     from .graph import load_graph
+    from .inputs import check_model, load_skeleton
     path = _model(args.model)
-    graph = load_graph(path)
+    check_model(path)
+    output = _describe_output(path, load_skeleton(path))
     try:
-        structure = analyze(graph)
-    except AnalysisError as exc:
-        print(f"{path}: refused at node '{exc.node}': {exc.reason}")
+        structure = analyze(load_graph(path))
+    except (AnalysisError, PerqError) as exc:
+        reason = f"at node '{exc.node}': {exc.reason}" if isinstance(exc, AnalysisError) else str(exc)
+        if output:  # rewritten and lowered: its structure is the target's, not a source decoder's
+            print(f"decoder structure: not analysed (already rewritten for its target): {reason}")
+            return 0
+        if isinstance(exc, PerqError):
+            raise
+        print(f"{path}: refused {reason}")
         return 1
     s = structure
     layer = s.layers[0]
@@ -76,26 +136,76 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _at_least(option: str, value, low: int) -> None:
+    if value is not None and value < low:
+        raise PerqError(f"{option} {value}: must be at least {low}")
+
+
+def _is_perq_output(path) -> bool:
+    from .inputs import load_skeleton
+    return any(p.key == "perq.target" for p in load_skeleton(path).metadata_props)
+
+
 def cmd_eval(args) -> int:
     from .calibration import load_tokenizer, tokenize_file, windows
     from .evaluate import perplexity
+    _at_least("--seq-len", args.seq_len, 2)  # one prediction needs two tokens
+    _at_least("--max-windows", args.max_windows, 1)
     path = _model(args.model)
+    _inputs(path)
+    reference = _model(args.reference) if args.reference else None
+    if reference is not None:
+        _inputs(reference)
     tokenizer = load_tokenizer(args.tokenizer or path.parent)
     wins = windows(tokenize_file(args.text, tokenizer), args.seq_len, args.max_windows, str(args.text))
     result = perplexity(path, wins, args.threads)
     print(f"perplexity {result.ppl:.4f} over {result.tokens} predicted tokens "
           f"({result.windows} windows x {args.seq_len}) in {result.seconds:.1f} s")
+    if reference is not None:
+        ref = perplexity(reference, wins, args.threads)
+        print(f"reference perplexity {ref.ppl:.4f} ({reference}, the same windows): "
+              f"{result.ppl / ref.ppl:.3f}x the reference")
+    elif _is_perq_output(path):
+        print("(no float baseline: give --reference FLOAT_MODEL to print its perplexity on the same windows)")
     return 0
+
+
+def _has_tokenizer(directory: pathlib.Path) -> bool:
+    return any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _verify_ids(args, a: pathlib.Path):
+    """The token ids verify compares on, and a line saying what they are: windows of --text;
+    else, with a tokenizer (--tokenizer or beside model a), windows of a built-in English sample;
+    else (or with --random-tokens) random ids."""
+    from .calibration import load_tokenizer, tokenize_file, tokenize_text, windows
+    from .evaluate import SAMPLE_TEXT
+    tok_dir = pathlib.Path(args.tokenizer) if args.tokenizer else a.parent
+    if args.text:
+        tokens = tokenize_file(args.text, load_tokenizer(tok_dir))
+        ids = windows(tokens, args.seq_len, args.batch, str(args.text))
+        return ids, f"{len(ids)} windows x {args.seq_len} tokens of {args.text}"
+    if args.random_tokens or not (args.tokenizer or _has_tokenizer(tok_dir)):
+        why = "as asked" if args.random_tokens else f"no tokenizer in {tok_dir}; --text FILE compares on text"
+        return None, f"{args.batch} x {args.seq_len} random token ids ({why})"
+    tokens = tokenize_text(SAMPLE_TEXT, load_tokenizer(tok_dir), "the built-in sample text")
+    if len(tokens) < args.seq_len:
+        return None, (f"{args.batch} x {args.seq_len} random token ids (the built-in sample text has only "
+                      f"{len(tokens)} tokens; --text FILE compares on your text)")
+    ids = windows(tokens, args.seq_len, args.batch, "the built-in sample text")
+    return ids, (f"{len(ids)} windows x {args.seq_len} tokens of the built-in English sample text "
+                 f"(tokenizer in {tok_dir}; --text FILE for your own, --random-tokens for random ids)")
 
 
 def cmd_verify(args) -> int:
     from .evaluate import compare_logits
-    ids = None
-    if args.text:
-        from .calibration import load_tokenizer, tokenize_file, windows
-        tokenizer = load_tokenizer(args.tokenizer or _model(args.a).parent)
-        ids = windows(tokenize_file(args.text, tokenizer), args.seq_len, args.batch, str(args.text))
-    d = compare_logits(_model(args.a), _model(args.b), args.batch, args.seq_len, args.seed, args.threads, ids)
+    _at_least("--batch", args.batch, 1)
+    _at_least("--seq-len", args.seq_len, 1)
+    a, b = _model(args.a), _model(args.b)
+    _inputs(a), _inputs(b)
+    ids, source = _verify_ids(args, a)
+    d = compare_logits(a, b, args.batch, args.seq_len, args.seed, args.threads, ids)
+    print(f"compared on {source}")
     print(f"top-1 agreement {d.top1:.2%}, KL(a||b) {d.kl:.4f} nats/token, logit cosine {d.cosine:.5f}")
     if args.tolerance is None:
         return 0
@@ -107,7 +217,10 @@ def cmd_verify(args) -> int:
 
 def cmd_check(args) -> int:
     from .check import check_tensorrt, summary
-    violations = check_tensorrt(_model(args.model))
+    from .inputs import check_model
+    path = _model(args.model)
+    check_model(path)
+    violations = check_tensorrt(path)
     print(summary(violations))
     return 1 if violations else 0
 
@@ -176,15 +289,20 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-windows", type=int)
+    e.add_argument("--reference", help="also the perplexity of this model (e.g. the float model the evaluated one "
+                                       "was made from) on the same windows")
     e.set_defaults(func=cmd_eval)
 
-    v = sub.add_parser("verify", help="compare two models' logits on the same random tokens")
+    v = sub.add_parser("verify", help="compare two models' logits on the same tokens (text when there is a "
+                                      "tokenizer, else random)")
     v.add_argument("a")
     v.add_argument("b")
     v.add_argument("--tolerance", type=float,
                    help="fail (exit 1) when max |logit difference| / max |logit| exceeds this (exact rewrites: 1e-4)")
-    v.add_argument("--text", help="compare on windows of this text file (default: random tokens)")
-    v.add_argument("--tokenizer")
+    v.add_argument("--text", help="compare on windows of this text file (default: a built-in English sample "
+                                  "when a tokenizer is found, else random tokens)")
+    v.add_argument("--tokenizer", help="tokenizer directory (default: model a's directory)")
+    v.add_argument("--random-tokens", action="store_true", help="compare on random token ids")
     v.add_argument("--batch", type=int, default=2)
     v.add_argument("--seq-len", type=int, default=16)
     v.add_argument("--seed", type=int, default=0)
@@ -200,18 +318,94 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary files are removed on the way out
+class _Tolerant:
+    """A text stream that never fails the run: once its reader is gone (EPIPE) or the stream is
+    closed, what is written is dropped (the file descriptor then points at /dev/null, so that
+    the interpreter's final flush is quiet too)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _gone(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        self._stream = open(os.devnull, "w")
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # EPIPE, EBADF, write to a closed file
+            self._gone()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self._gone()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _robust_streams():
+    """Standard streams that cannot end the run: descriptors 0-2 open (a closed one is opened on
+    /dev/null first, so no file the run opens takes its number and receives log lines), and
+    stdout/stderr wrapped in _Tolerant."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:
+                os.close(opened)
+    saved = sys.stdout, sys.stderr
+    sys.stdout = _Tolerant(sys.stdout or open(os.devnull, "w"))
+    sys.stderr = _Tolerant(sys.stderr or open(os.devnull, "w"))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def _signals_unwind():
+    """Every terminating signal unwinds like Ctrl-C (publish.Interrupted) while a command runs;
+    the previous handlers come back afterwards (embedded use)."""
+    import signal
+    from .publish import TERMINATING, install_handlers
+    saved = {}
+    for sig in TERMINATING:
+        with contextlib.suppress(ValueError, OSError):
+            saved[sig] = signal.getsignal(sig)
+    install_handlers()
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler)
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
-    import signal
+    with _robust_streams():
+        args = parser().parse_args(argv)
+        with _signals_unwind():
+            return _run(args)
+
+
+def _run(args) -> int:
+    from .publish import Interrupted
     try:
-        signal.signal(signal.SIGTERM, _terminate)
-    except ValueError:  # not the main thread (embedded use)
-        pass
-    try:
+        if args.threads is not None:
+            from .runtime import check_threads
+            check_threads(args.threads)
         return args.func(args)
     except PerqError as exc:
         print(f"perq-onnx: error: {exc}", file=sys.stderr)
@@ -221,10 +415,11 @@ def main(argv=None) -> int:
             raise
         print(f"perq-onnx: internal error (a bug in perq-onnx): {exc}", file=sys.stderr)
         return 3
-    except BrokenPipeError:  # output piped into head & co.
-        return 0
+    except Interrupted as exc:
+        print(f"perq-onnx: interrupted ({exc.name}); no partial output left behind", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        print("perq-onnx: interrupted", file=sys.stderr)
+        print("perq-onnx: interrupted; no partial output left behind", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug: one line unless asked for the traceback
         if os.environ.get("PERQ_DEBUG"):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import calibration
+from . import calibration, publish
 from .analysis import DecoderStructure, analyze
 from .calibration import Calibrator
 from .errors import InternalError, PerqError
@@ -45,7 +45,8 @@ from .weights import WeightStore, input_files
 class Phase:
     name: str
     seconds: float
-    peak_rss_bytes: int
+    peak_rss_bytes: int            # this phase's peak resident set size (sampled, see _RssSampler)
+    process_peak_rss_bytes: int    # the process's peak so far (VmHWM: /usr/bin/time's max RSS at exit)
 
 
 @dataclass
@@ -59,23 +60,33 @@ class Report:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Time a phase and record its peak resident memory (the kernel's high-water mark is
-        reset at the start of each phase where Linux allows it)."""
-        _reset_peak_rss()
+        """Time a phase and record its peak resident memory (sampled while it runs) and the
+        process's peak so far. The kernel's high-water mark is never reset: resetting it
+        (/proc/self/clear_refs) would also reset what /usr/bin/time and getrusage report."""
+        sampler = _RssSampler()
         start = time.perf_counter()
-        yield
-        self.phases.append(Phase(name, time.perf_counter() - start, _peak_rss()))
+        try:
+            yield
+        finally:
+            peak = sampler.stop()
+        self.phases.append(Phase(name, time.perf_counter() - start, peak, _peak_rss()))
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        """The process's peak resident set size (what /usr/bin/time reports as max RSS)."""
+        return max([p.process_peak_rss_bytes for p in self.phases] or [_peak_rss()])
 
     def to_json(self) -> dict:
-        return {"summaries": self.summaries, "seconds": self.seconds,
+        return {"summaries": self.summaries, "seconds": self.seconds, "peak_rss_bytes": self.peak_rss_bytes,
                 "phases": [vars(p) for p in self.phases],
                 "permutations": {k: v.tolist() for k, v in self.permutations.items()},
                 "metrics": self.metrics}
 
 
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):
-        pathlib.Path("/proc/self/clear_refs").write_text("5")
+def _current_rss() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return 0
 
 
 def _peak_rss() -> int:
@@ -85,6 +96,28 @@ def _peak_rss() -> int:
                 return int(line.split()[1]) * 1024
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _RssSampler:
+    """The peak resident set size over a phase, from /proc/self/statm read every `interval`
+    seconds by a daemon thread (a spike shorter than that can be missed)."""
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+        self.peak = _current_rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._done.wait(interval):
+            self.peak = max(self.peak, _current_rss())
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss())
+        return self.peak
 
 
 # ----------------------------------------------------------------------------------- stages
@@ -175,42 +208,7 @@ def _copy_sidecar_files(src: pathlib.Path, dst: pathlib.Path, staging: pathlib.P
 
 
 def _check_paths(model_path: pathlib.Path, output_path: pathlib.Path, graph) -> None:
-    if output_path.resolve() == model_path.resolve():
-        raise PerqError("the output path is the input model; perq-onnx never overwrites its input")
-    if output_path.is_dir():
-        raise PerqError(f"-o {output_path}: is a directory; give a file name such as {output_path / 'model.onnx'}")
-    parent = output_path.parent
-    for p in [parent, *parent.parents]:
-        if p.exists():
-            if not p.is_dir():
-                raise PerqError(f"-o {output_path}: {p} is a file, not a directory")
-            break
-    ours = {output_path.resolve(), (output_path.parent / (output_path.name + ".data")).resolve()}
-    inputs = {model_path.resolve()} | input_files(graph)
-    clash = ours & inputs
-    if clash:
-        raise PerqError(f"-o {output_path}: would overwrite {sorted(clash)[0]}, which belongs to the input model")
-
-
-@contextlib.contextmanager
-def _no_interruptions():
-    """Hold SIGINT/SIGTERM for the few renames that publish an output, so that an interrupt
-    never leaves a model without its data or sidecar files (delivered right after)."""
-    import signal
-    held = {}
-    received = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            held[sig] = signal.signal(sig, lambda number, frame: received.append(number))
-        except ValueError:  # not the main thread: nothing to hold
-            pass
-    try:
-        yield
-    finally:
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
-        for number in received:
-            signal.raise_signal(number)
+    publish.check_outputs([publish.Output.model(output_path)], [model_path, *sorted(input_files(graph))])
 
 
 def verify_written(path: pathlib.Path, tgt: Target) -> None:
@@ -256,8 +254,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
     linears = [lin for layer in structure.layers for lin in layer.linears().values()] + [structure.lm_head]
     settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears})
     settings = _fit_residual_rotation(settings, structure, report)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=f".{output_path.name}.") as tmp:
+    with publish.staging(output_path.parent) as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))
         if settings.needs_calibration(stats is not None) or tgt.needs_calibration(settings):
             with report.phase("calibrate"):
@@ -288,8 +285,6 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
             verify_written(staged, tgt)
             moves = _copy_sidecar_files(model_path.parent, output_path.parent, pathlib.Path(tmp) / "out")
             moves += [(f, output_path.parent / f.name) for f in files[1:]] + [(files[0], output_path)]
-            with _no_interruptions():  # sidecars and external data first, the model file last
-                for src, dst in moves:
-                    os.replace(src, dst)
+            publish.move(moves)  # sidecars and external data first, the model file last
     report.seconds = time.perf_counter() - start
     return report

@@ -23,6 +23,28 @@ def deploy_config(model) -> dict[str, str]:
     return json.loads(value) if value else {}
 
 
+MAX_THREADS_PER_CPU = 4
+MAX_THREADS_CAP = 1024
+
+
+def max_threads() -> int:
+    """The largest --threads accepted: 4 per CPU of this machine, at most 1024 (onnxruntime
+    starts one thread per intra-op thread; beyond the CPUs they only compete)."""
+    return min(MAX_THREADS_CAP, MAX_THREADS_PER_CPU * (os.cpu_count() or 1))
+
+
+def check_threads(threads: int | None) -> int | None:
+    """--threads as given, or a one-line PerqError naming the bound."""
+    if threads is None:
+        return None
+    if threads < 1:
+        raise PerqError(f"--threads {threads}: must be a positive integer")
+    if threads > max_threads():
+        raise PerqError(f"--threads {threads}: at most {max_threads()} ({MAX_THREADS_PER_CPU} per CPU, this machine has "
+                        f"{os.cpu_count()}; never more than {MAX_THREADS_CAP})")
+    return threads
+
+
 def session_options(threads: int | None = None, config: dict | None = None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     # DQ(int4) + MatMul fuses to MatMulNBits; accuracy level 0 keeps float activations (exact QDQ)
@@ -30,7 +52,7 @@ def session_options(threads: int | None = None, config: dict | None = None) -> o
     for key, value in {"session.qdq_matmulnbits_accuracy_level": "0", **(config or {})}.items():
         opts.add_session_config_entry(key, value)
     opts.log_severity_level = 3
-    if threads:
+    if check_threads(threads):
         opts.intra_op_num_threads = threads
     return opts
 
@@ -79,3 +101,8 @@ def make_feeds(sess: ort.InferenceSession, ids: np.ndarray) -> dict[str, np.ndar
 
 def logits(sess: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:
     return sess.run(["logits"], make_feeds(sess, ids))[0]
+
+
+def vocab_size(sess: ort.InferenceSession) -> int:
+    """The number of logits per position (the model's vocabulary), from one one-token run."""
+    return int(logits(sess, np.zeros((1, 1), np.int64)).shape[-1])

@@ -13,7 +13,8 @@ second copy of the model.
 .onnx when the model is small, else into ``<name>.data`` beside it (4 KiB aligned, so
 onnxruntime can map it). ``WeightStore.session_path`` writes the graph as rewritten so far into
 the staging directory so that onnxruntime can run it (the input's external data files are
-hard-linked or copied beside it: onnxruntime only reads external data below the model's folder).
+hard-linked or copied beside it, each under its own name: onnxruntime only reads external data
+below the model's folder).
 """
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
-from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+from onnx.external_data_helper import uses_external_data
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import PerqError
+from .inputs import external_extent
 
 EMBED_LIMIT = 1_800_000_000   # bytes of initializers above which outputs use external data
 ALIGN = 4096
@@ -59,7 +61,11 @@ class FileValues(LazyValues):
     def raw_bytes(self) -> bytes:
         with open(self.path, "rb") as f:
             f.seek(self.offset)
-            return f.read(self.length)
+            data = f.read(self.length)
+        if len(data) != self.length:  # the file shrank after it was mapped
+            raise PerqError(f"{self.path}: truncated: tensor '{self.tensor.name}' needs bytes "
+                            f"{self.offset}..{self.offset + self.length}, the file ends at {self.offset + len(data)}")
+        return data
 
 
 def read(tensor: gs.Constant) -> np.ndarray:
@@ -92,12 +98,8 @@ def map_external(graph: gs.Graph, base: pathlib.Path) -> None:
                 or not uses_external_data(tensor._values.tensor):
             return None
         proto = tensor._values.tensor
-        info = ExternalDataInfo(proto)
-        path = (base / info.location).resolve()
-        if not path.is_file():
-            raise PerqError(f"tensor '{proto.name}': external data file {path} does not exist")
-        length = info.length if info.length else path.stat().st_size - (info.offset or 0)
-        return FileValues(proto, path, info.offset or 0, length)
+        path, offset, length = external_extent(proto, base)
+        return FileValues(proto, path, offset, length)
 
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant) and (values := mapped(tensor)) is not None:
@@ -129,6 +131,7 @@ class WeightStore:
         self.scratch = self.staging / SCRATCH
         self.scratch.touch()
         self._names: set[str] = set()
+        self._linked: dict[pathlib.Path, str] = {}  # input data file -> its name below staging
 
     def _append(self, data) -> int:
         with open(self.scratch, "ab") as f:
@@ -223,14 +226,16 @@ class WeightStore:
             values = constants[init.name]._values if init.name in constants else None
             if not isinstance(values, FileValues) or values.path == self.scratch:
                 continue
-            target = self.staging / "input" / values.path.name
-            if not target.exists():
+            name = self._linked.get(values.path)
+            if name is None:  # one name per input file: two files may share a base name
+                name = self._linked[values.path] = f"input/{len(self._linked)}-{values.path.name}"
+                target = self.staging / name
                 target.parent.mkdir(exist_ok=True)
                 try:
                     os.link(values.path, target)
                 except OSError:
                     shutil.copyfile(values.path, target)
-            _externalize(init, f"input/{values.path.name}", values.offset, values.length)
+            _externalize(init, name, values.offset, values.length)
         path = self.staging / "session.onnx"
         onnx.save_model(model, str(path))
         return path
