@@ -64,75 +64,46 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import PerqError
+from .formats import Format, FormatError, IntFormat, Quantized
 
+__all__ = ["CLIPS", "Quantized", "RoundingError", "WeightQuant", "gptq", "relative_error", "rtn"]
 CLIPS = ("absmax", "mse", "act")
-_COARSE = np.round(np.arange(0.20, 1.0001, 0.05), 4)  # clipping ratios tried first
-_FINE = np.round(np.arange(-0.02, 0.0201, 0.005), 4)  # offsets around the coarse winner
 _SUB_BLOCK = 16  # GPTQ rows updated one by one before a lazy update of the rest of the block
 _TILE = 1 << 16  # weights per step of the scale search (keeps its temporaries in cache)
 
 
-class RoundingError(PerqError, ValueError):
+class RoundingError(FormatError):
     """An invalid quantizer form or input; a ValueError as well as perq-onnx's own error."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class WeightQuant:
-    """The quantizer's form (see the module docstring for the meaning of each field)."""
-    bits: int = 4
-    group: int | None = None
-    symmetric: bool = True
-    clip: str = "mse"
-    full_range: bool = False
+    """The quantizer's form: a number format (perq_onnx.formats) and the clip rule choosing its
+    scales. ``WeightQuant(bits, group, symmetric, clip, full_range)`` is the INT format of those
+    fields (see the module docstring); ``WeightQuant(format=NVFP4(), clip="mse")`` any format.
+    ``bits``, ``group``, ``symmetric``, ``full_range``, ``code_range`` and ``group_size`` are the
+    format's."""
+    format: Format
+    clip: str
 
-    def __post_init__(self):
-        if self.bits not in (4, 8):
-            raise RoundingError(f"weight bits must be 4 or 8, got {self.bits!r}")
-        if self.group is not None and (not isinstance(self.group, (int, np.integer))
-                                       or self.group <= 0):
-            raise RoundingError(f"group must be a positive number of rows or None, "
-                                f"got {self.group!r}")
-        if self.clip not in CLIPS:
-            raise RoundingError(f"clip must be one of {', '.join(CLIPS)}; got {self.clip!r}")
-        if self.full_range and not self.symmetric:
-            raise RoundingError("full_range applies to symmetric forms (asymmetric ones use every code)")
+    def __init__(self, bits: int = 4, group: int | None = None, symmetric: bool = True, clip: str = "mse",
+                 full_range: bool = False, *, format: Format | None = None):
+        if format is None:
+            format = IntFormat(bits, group, symmetric, full_range)
+        if clip not in CLIPS:
+            raise RoundingError(f"clip must be one of {', '.join(CLIPS)}; got {clip!r}")
+        object.__setattr__(self, "format", format)
+        object.__setattr__(self, "clip", clip)
 
-    @property
-    def code_range(self) -> tuple[int, int]:
-        if self.symmetric:
-            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
-        return 0, (1 << self.bits) - 1
+    bits = property(lambda self: self.format.bits)
+    group = property(lambda self: self.format.group)
+    symmetric = property(lambda self: self.format.symmetric)
+    full_range = property(lambda self: self.format.full_range)
+    code_range = property(lambda self: self.format.code_range)
 
     def group_size(self, rows: int) -> int:
         """Rows per scale for a weight with ``rows`` input rows; raises if the group won't fit."""
-        if self.group is None:
-            return rows
-        if rows % self.group:
-            raise RoundingError(f"group size {self.group} does not divide the {rows} input rows "
-                                "of the weight")
-        return self.group
-
-
-@dataclass
-class Quantized:
-    """Integer codes ``[in, out]`` with float32 scales per output channel ``[out]`` or per group
-    of contiguous rows ``[in / g, out]``; ``zero_point`` (shaped like ``scale``) only when
-    asymmetric. ``dequantize()`` gives ``(codes - zero_point) * scale`` as float32 ``[in, out]``."""
-    codes: np.ndarray
-    scale: np.ndarray
-    zero_point: np.ndarray | None = None
-
-    def _per_row(self, a: np.ndarray) -> np.ndarray:
-        if a.ndim == 1:
-            return a[None, :]
-        return np.repeat(a, self.codes.shape[0] // a.shape[0], axis=0)
-
-    def dequantize(self) -> np.ndarray:
-        values = self.codes.astype(np.float32)
-        if self.zero_point is not None:
-            values -= self._per_row(self.zero_point).astype(np.float32)
-        return values * self._per_row(self.scale)
+        return self.format.group_size(rows)
 
 
 # -- checks --------------------------------------------------------------------------------------
@@ -158,88 +129,32 @@ def _check_hessian(hessian, rows: int) -> np.ndarray:
     return h
 
 
-# -- one quantizer grid --------------------------------------------------------------------------
+# -- the clip search -----------------------------------------------------------------------------
 
-def _params(alpha, lo, hi, form: WeightQuant):
-    """Scale (float32 values, held in float64) and zero point for the clipped range
-    alpha * [lo, hi]. Symmetric forms pass hi = max|w| (full range: the signed extreme)."""
-    qmin, qmax = form.code_range
-    if form.symmetric:
-        scale, zero = alpha * hi / (qmin if form.full_range else qmax), None
-    else:
-        scale = alpha * (hi - lo) / qmax
-    scale = np.where(scale != 0, scale, 1.0).astype(np.float32).astype(np.float64)
-    if not form.symmetric:
-        zero = np.clip(np.rint(-alpha * lo / scale), qmin, qmax)
-    return scale, zero
-
-
-def _round(w, scale, zero, form: WeightQuant):
-    """Codes (as float64) of w against a grid; scale/zero broadcast against w."""
-    qmin, qmax = form.code_range
-    codes = np.rint(w / scale)
-    if zero is not None:
-        codes += zero
-    return np.clip(codes, qmin, qmax, out=codes)
-
-
-def _dequant(codes, scale, zero):
-    return (codes - zero) * scale if zero is not None else codes * scale
-
-
-def _fit(wg: np.ndarray, form: WeightQuant, row_weight=None):
-    """Scale and zero point ``[G, out]`` for grouped weights ``wg [G, g, out]`` under the form's
-    clip rule; ``row_weight [G, g, 1]`` weights each row's squared error (clip="act")."""
-    if form.symmetric:
-        if form.full_range:  # the signed extreme
-            hi = np.take_along_axis(wg, np.abs(wg).argmax(axis=1)[:, None], axis=1)[:, 0]
-        else:
-            hi = np.abs(wg).max(axis=1)
-        lo = None
-    else:
-        lo, hi = np.minimum(wg.min(axis=1), 0.0), np.maximum(wg.max(axis=1), 0.0)
-    if form.clip == "absmax":
-        return _params(1.0, lo, hi, form)
-
-    best = np.ones_like(hi)
+def _fit(wg: np.ndarray, fmt: Format, clip: str, row_weight=None):
+    """Scale and zero point ``[G, out]`` (stored values, as float64) for grouped weights
+    ``wg [G, g, out]`` under the clip rule: the format's ratios ``clip_coarse``, then
+    ``clip_fine`` offsets around each winner; ``row_weight [G, g, 1]`` weights each row's squared
+    error (clip="act")."""
+    extremes = fmt.extremes(wg)
+    if clip == "absmax":
+        return fmt.grid(1.0, extremes)
+    coarse_alphas, fine = np.asarray(fmt.clip_coarse), np.asarray(fmt.clip_fine)
+    best = np.ones((wg.shape[0], wg.shape[2]))
     step = max(1, _TILE // (wg.shape[0] * wg.shape[1]))  # output columns per cache-sized tile
-    for c in range(0, hi.shape[1], step):
+    for c in range(0, wg.shape[2], step):
         cols = slice(c, c + step)
-        w, tile_hi = np.ascontiguousarray(wg[:, :, cols]), hi[:, cols]
-        tile_lo = None if lo is None else lo[:, cols]
-
-        def error(alpha):
-            scale, zero = _params(alpha, tile_lo, tile_hi, form)
-            scaled = w / scale[:, None]
-            diff = np.rint(scaled)
-            if zero is not None:
-                diff += zero[:, None]
-            np.clip(diff, *form.code_range, out=diff)
-            if zero is not None:
-                diff -= zero[:, None]
-            diff -= scaled  # error in steps: (q - z) - w / s
-            diff *= diff
-            if row_weight is not None:
-                diff *= row_weight
-            return diff.sum(axis=1) * scale * scale
-
-        errs = np.stack([error(a) for a in _COARSE])
-        coarse = _COARSE[np.argmin(errs, axis=0)]
-        alphas = np.clip(coarse[None] + _FINE[:, None, None], 0.01, 1.0)
-        errs = np.stack([error(a) for a in alphas])
+        w = np.ascontiguousarray(wg[:, :, cols])
+        tile = tuple(None if x is None else x[:, cols] for x in extremes)
+        errs = np.stack([fmt.clip_error(w, tile, a, row_weight) for a in coarse_alphas])
+        coarse = coarse_alphas[np.argmin(errs, axis=0)]
+        if not fine.size:
+            best[:, cols] = coarse
+            continue
+        alphas = np.clip(coarse[None] + fine[:, None, None], 0.01, 1.0)
+        errs = np.stack([fmt.clip_error(w, tile, a, row_weight) for a in alphas])
         best[:, cols] = np.take_along_axis(alphas, np.argmin(errs, axis=0)[None], axis=0)[0]
-    return _params(best, lo, hi, form)
-
-
-def _package(codes, scale, zero, form: WeightQuant, per_channel: bool) -> Quantized:
-    codes = codes.astype(np.int8 if form.symmetric else np.uint8)
-    scale = scale.astype(np.float32)
-    if zero is not None:
-        zero = zero.astype(np.uint8)
-    if per_channel:
-        scale = scale[0]
-        zero = zero[0] if zero is not None else None
-    return Quantized(codes=codes, scale=scale, zero_point=zero)
+    return fmt.grid(best, extremes)
 
 
 def _row_weights(diag: np.ndarray) -> np.ndarray:
@@ -253,16 +168,17 @@ def rtn(w, form: WeightQuant, hessian=None) -> Quantized:
     """Round to nearest, the scales chosen by the form's clip rule (``hessian`` only for "act")."""
     w = _check_weight(w)
     rows, cols = w.shape
-    g = form.group_size(rows)
+    fmt = form.format.bind(w)  # NVFP4: the tensor scale from the whole weight
+    g = fmt.group_size(rows)
     row_weight = None
     if form.clip == "act":
         if hessian is None:
             raise RoundingError('clip="act" needs the Hessian (X^T X) of the layer input')
         row_weight = _row_weights(np.diag(_check_hessian(hessian, rows))).reshape(rows // g, g, 1)
     wg = w.astype(np.float64).reshape(rows // g, g, cols)
-    scale, zero = _fit(wg, form, row_weight)
-    codes = _round(wg, scale[:, None], None if zero is None else zero[:, None], form)
-    return _package(codes.reshape(rows, cols), scale, zero, form, form.group is None)
+    scale, zero = _fit(wg, fmt, form.clip, row_weight)
+    codes = fmt.round(wg, scale[:, None], None if zero is None else zero[:, None])
+    return fmt.package(codes.reshape(rows, cols), scale, zero, per_channel=fmt.group is None)
 
 
 def _invert_lower_inplace(lower: np.ndarray) -> None:
@@ -300,7 +216,8 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
     """GPTQ rounding of ``w [in, out]`` against the input Hessian ``hessian [in, in]``."""
     w = _check_weight(w)
     rows, cols = w.shape
-    g = form.group_size(rows)
+    fmt = form.format.bind(w)  # NVFP4: the tensor scale from the whole original weight
+    g = fmt.group_size(rows)
     h = _check_hessian(hessian, rows)
     if damp < 0 or block < 1:
         raise RoundingError(f"need damp >= 0 and block >= 1, got damp={damp}, block={block}")
@@ -328,14 +245,14 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
     work = w.astype(np.float64)[order]  # rows in processing order, updated as we go
     n_groups = rows // g
     scale = np.empty((n_groups, cols))
-    zero = None if form.symmetric else np.empty((n_groups, cols))
+    zero = np.empty((n_groups, cols)) if fmt.has_zero_point else None
     fitted = np.zeros(n_groups, dtype=bool)
-    if form.group is None:
-        scale[0], z = _fit(w.astype(np.float64)[None], form, weights_of(slice(None)))
+    if fmt.group is None:
+        scale[0], z = _fit(w.astype(np.float64)[None], fmt, form.clip, weights_of(slice(None)))
         if zero is not None:
             zero[0] = z
         fitted[0] = True
-    codes = np.empty((rows, cols), np.int8 if form.symmetric else np.uint8)
+    codes = np.empty((rows, cols), fmt.code_dtype)
 
     for start in range(0, rows, block):
         stop = min(start + block, rows)
@@ -350,21 +267,21 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
                     # the group's rows as they are now: work[] plus this block's pending updates
                     members = position[k * g:(k + 1) * g]
                     now = work[members] - u[start:p, members].T @ errors[:i]
-                    scale[k], z = _fit(now[None], form, weights_of(slice(k * g, (k + 1) * g)))
+                    scale[k], z = _fit(now[None], fmt, form.clip, weights_of(slice(k * g, (k + 1) * g)))
                     if zero is not None:
                         zero[k] = z
                     fitted[k] = True
                 z = None if zero is None else zero[k]
-                q = _round(current[i], scale[k], z, form)
+                q = fmt.round(current[i], scale[k], z)
                 codes[p] = q
-                errors[i] = (current[i] - _dequant(q, scale[k], z)) / u[p, p]
+                errors[i] = (current[i] - fmt.values(q, scale[k], z)) / u[p, p]
                 current[i + 1:sub_stop] -= np.outer(u[p, p + 1:start + sub_stop], errors[i])
             done, rest = slice(start + sub, start + sub_stop), slice(start + sub_stop, stop)
             current[sub_stop:] -= u[done, rest].T @ errors[sub:sub_stop]
         work[stop:] -= u[start:stop, stop:].T @ errors
 
     codes = codes[position]  # back to the original row order
-    return _package(codes, scale, zero, form, form.group is None)
+    return fmt.package(codes, scale, zero, per_channel=fmt.group is None)
 
 
 def relative_error(w, q: Quantized, hessian=None) -> float:
