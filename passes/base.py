@@ -23,7 +23,8 @@ from perq_onnx.calibration import Calibrator, with_outputs
 from perq_onnx.errors import InternalError, PerqError
 from perq_onnx.functions import DOMAIN, function_for
 from perq_onnx.fused_ops import fused_gamma_input
-from perq_onnx.graph import constant_shape, constant_value, export_structure, producer
+from perq_onnx.graph import export_structure
+from perq_onnx.shapes import constant_shape, constant_value, producer
 from perq_onnx.transforms import Transform, fold_consumed, fold_produced
 from perq_onnx.weights import WeightStore
 

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from perq_onnx.errors import PerqError
 from perq_onnx.functions import BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, QDQ_TYPES, emit_activation_qdq
-from perq_onnx.graph import constant_shape, producer
+from perq_onnx.shapes import constant_shape, producer
 
 from .base import (ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, ONLINE_ROTATION, QUANTIZED_ACTIVATION, Context, Pass,
                    PassResult)

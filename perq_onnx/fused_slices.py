@@ -3,7 +3,8 @@
 Phi-3 computes q, k and v with one ``qkv_proj`` ([hidden, (heads + 2 kv_heads) * head_dim]) and
 gate and up with one ``gate_up_proj`` ([hidden, 2 * intermediate]); optimum's export cuts the
 MatMul output with Slices on the last axis (qkv: constant bounds; gate_up: ``chunk(2)`` bounds
-computed from the output's Shape, (n + 1) // 2; a Split of the last axis is read the same way).
+computed from the output's Shape, (n + 1) // 2, evaluated by shapes.shape_value; a Split of the
+last axis is read the same way).
 ``split_fused`` reads those Slices and returns
 one ``Linear`` record per column range -- the fused MatMul's name, the Slice's output, the range's
 width, ``columns=(start, stop)`` and ``fused`` the whole linear -- so that the rest of the analysis
@@ -35,44 +36,11 @@ from dataclasses import replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .analysis import AnalysisError, Linear
-from .graph import GraphView, constant_value, producer
+from .graph import GraphView
+from .records import AnalysisError, Linear
+from .shapes import shape_value
 
 INT64_MAX = np.iinfo(np.int64).max
-
-
-def _static_ints(tensor: gs.Tensor, shapes: dict[str, list], depth: int = 12) -> np.ndarray | None:
-    """The value of a small integer tensor computed from constants and the Shape of tensors whose
-    shape is given in `shapes` (unknown dimensions are NaN), as a flat float64 array; None when it
-    depends on anything else. Enough for optimum's ``chunk`` bounds: Shape -> Gather(-1) ->
-    Add/Div/Mul -> (Unsqueeze)."""
-    value = constant_value(tensor)
-    if value is not None:
-        return np.asarray(value, dtype=np.float64).reshape(-1) if np.issubdtype(value.dtype, np.integer) else None
-    node = producer(tensor)
-    if node is None or depth == 0:
-        return None
-    if node.op == "Shape":
-        shape = shapes.get(node.inputs[0].name)
-        if shape is None:
-            return None
-        dims = np.array([d if isinstance(d, (int, np.integer)) and d >= 0 else np.nan for d in shape], np.float64)
-        start, end = node.attrs.get("start", 0), node.attrs.get("end", len(dims))
-        return dims[start:end]
-    args = [_static_ints(t, shapes, depth - 1) for t in node.inputs]
-    if node.op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
-        return args[0]
-    if any(a is None for a in args):
-        return None
-    if node.op == "Gather" and node.attrs.get("axis", 0) == 0 and not np.isnan(args[1]).any():
-        return np.atleast_1d(np.take(args[0], args[1].astype(np.int64)))
-    if node.op == "Concat":
-        return np.concatenate(args)
-    ops = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply,
-           "Div": lambda a, b: np.trunc(a / b)}  # integer Div truncates
-    if node.op in ops and len(args) == 2:
-        return ops[node.op](args[0], args[1])
-    return None
 
 
 def _slice_columns(node: gs.Node, source: gs.Tensor, rank: int | None, width: int) -> tuple[int, int] | None:
@@ -83,9 +51,9 @@ def _slice_columns(node: gs.Node, source: gs.Tensor, rank: int | None, width: in
         return None
     shape = list(source.shape) if source.shape is not None else [np.nan] * (rank or 1)
     shapes = {source.name: shape[:-1] + [width]}
-    starts, ends = (_static_ints(t, shapes) for t in node.inputs[1:3])
-    axes = _static_ints(node.inputs[3], shapes) if len(node.inputs) > 3 and node.inputs[3].name else None
-    steps = _static_ints(node.inputs[4], shapes) if len(node.inputs) > 4 and node.inputs[4].name else None
+    starts, ends = (shape_value(t, shapes) for t in node.inputs[1:3])
+    axes = shape_value(node.inputs[3], shapes) if len(node.inputs) > 3 and node.inputs[3].name else None
+    steps = shape_value(node.inputs[4], shapes) if len(node.inputs) > 4 and node.inputs[4].name else None
     if starts is None or ends is None or starts.size != 1 or ends.size != 1 or np.isnan(starts).any() \
             or np.isnan(ends).any():
         return None
@@ -114,7 +82,7 @@ def _split_columns(node: gs.Node, source: gs.Tensor, rank: int | None, width: in
         return None
     n = len(node.outputs)
     if len(node.inputs) > 1 and node.inputs[1].name:
-        sizes = _static_ints(node.inputs[1], {})
+        sizes = shape_value(node.inputs[1], {})
         if sizes is None or sizes.size != n or np.isnan(sizes).any() or sizes.sum() != width:
             return None
         sizes = [int(v) for v in sizes]

@@ -26,8 +26,7 @@ from . import calibration, publish
 from .analysis import DecoderStructure, analyze
 from .calibration import Calibrator
 from .errors import InternalError, PerqError
-from .graph import export_structure, load_graph
-from .fused_ops import check_model_file
+from .graph import check_model_file, export_structure, load_graph
 from .passes.base import Context, Pass, PassManager
 from .passes.fold_norm_gammas import FoldNormGammas
 from .passes.online_rotation import InsertOnlineRotation

@@ -37,7 +37,10 @@ from dataclasses import replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import constant_value, producer
+from .matching import linear_producing, lossless_cast, only_reader
+from .norms import match_rmsnorm
+from .records import AnalysisError, RMSNorm
+from .shapes import constant_value, producer
 
 
 def _ancestors(tensor: gs.Tensor, depth: int) -> list[gs.Tensor]:
@@ -55,22 +58,20 @@ def _ancestors(tensor: gs.Tensor, depth: int) -> list[gs.Tensor]:
     return out
 
 
-def normed_writer(tensor: gs.Tensor, add: gs.Node):
+def normed_writer(tensor: gs.Tensor, add: gs.Node, graph_float: int):
     """(linear, its output RMSNorm, tensors a residual rotation would change) when tensor, added to
     the residual stream by `add`, is an RMSNorm of a linear layer's output (possibly through
     lossless Casts on either side of the norm); None otherwise. The norm must be the only reader
     of the linear's output and `add` the only reader of the norm's output."""
-    from . import analysis as a
-
     out = tensor
     casts_after = []
-    while (p := producer(out)) is not None and a._lossless_cast(p):
+    while (p := producer(out)) is not None and lossless_cast(p, graph_float):
         casts_after.append(out)
         out = p.inputs[0]
     if producer(out) is None or producer(out).op not in ("Mul", "Div"):
         return None
     for y in _ancestors(out, 8):
-        lin = a._linear_producing(y)
+        lin = linear_producing(y)
         if lin is None:
             continue
         chain = [y]  # the linear's output, then lossless Casts (the norm computes in float32)
@@ -78,27 +79,27 @@ def normed_writer(tensor: gs.Tensor, add: gs.Node):
             x = chain[-1]
             if not any(c.op in ("Pow", "Mul") for c in x.outputs):
                 nxt = [c for c in x.outputs if c.op != "Shape"]
-                if len(nxt) == 1 and a._lossless_cast(nxt[0]):
+                if len(nxt) == 1 and lossless_cast(nxt[0], graph_float):
                     chain.append(nxt[0].outputs[0])
                     continue
                 break
             try:
-                norm, inside = a.match_rmsnorm(x, readers=False)
-            except a.AnalysisError:
+                norm, inside = match_rmsnorm(x, graph_float, readers=False)
+            except AnalysisError:
                 break
             output = norm.gamma and producer(out) is not None and producer(out).name == norm.gamma
             if not (output or out.name == norm.normalized):
                 break
             for t, cast_out in zip(chain[:-1], chain[1:]):
-                a._only_reader(t, producer(cast_out), "the output of a linear layer writing to the residual stream")
+                only_reader(t, producer(cast_out), "the output of a linear layer writing to the residual stream")
             others = [c for c in x.outputs if c.op != "Shape" and c.name not in norm.nodes]
             if others:
-                raise a.AnalysisError(others[0], f"reads the input of the output norm after '{lin.name}' "
+                raise AnalysisError(others[0], f"reads the input of the output norm after '{lin.name}' "
                                                  f"('{x.name}'), which a residual rotation changes")
             for t in [out, *casts_after]:
                 readers = [c for c in t.outputs if c.op != "Shape"]
                 if len(readers) != 1 or (t is tensor and readers[0] is not add):
-                    raise a.AnalysisError(readers[0] if readers else add,
+                    raise AnalysisError(readers[0] if readers else add,
                                           f"reads the output of the output norm after '{lin.name}' besides "
                                           "the residual Add")
             changed = {t.name for t in chain} | inside | {t.name for t in casts_after} | {tensor.name}
@@ -106,9 +107,8 @@ def normed_writer(tensor: gs.Tensor, add: gs.Node):
     return None
 
 
-def direct_readers_norm(t: gs.Tensor, readers: list):
+def direct_readers_norm(t: gs.Tensor, readers: list) -> RMSNorm:
     """The identity 'norm' of linears reading residual tensor t directly (see the docstring)."""
-    from .analysis import RMSNorm
     return RMSNorm(t.name, t.name, None, frozenset(), tuple(readers))
 
 

@@ -76,10 +76,10 @@ def test_structure(family, arch):
         assert s.residual_blocker is None and kinds[0] == "residual"
         assert all(layer.attn_output_norm is None and layer.mlp_output_norm is None for layer in s.layers)
     if arch == "olmo2":  # no pre-norms: q/k/v and gate/up read the residual stream directly
-        assert all(not layer.input_norm.nodes and not layer.post_norm.nodes for layer in s.layers)
+        assert all(not layer.input_norm.nodes and not layer.mlp_norm.nodes for layer in s.layers)
         assert all(len(layer.input_norm.readers) == 3 for layer in s.layers)
     else:
-        assert all(layer.input_norm.gamma and layer.post_norm.gamma for layer in s.layers)
+        assert all(layer.input_norm.gamma and layer.mlp_norm.gamma for layer in s.layers)
     assert kinds.count("mlp") == 2 and kinds.count("heads") == 2
 
 

@@ -69,7 +69,7 @@ def test_phi3_regions_fold_into_fused_slices(exported):
     assert list(layer.linears()) == ["qkv", "o", "gate_up", "down"]
     assert layer.linears()["qkv"].shape == (128, 256) and layer.linears()["gate_up"].shape == (128, 512)
     # R1 reads the whole fused weights (rows), once each
-    readers = [r.name for r in layer.input_norm.readers + layer.post_norm.readers]
+    readers = [r.name for r in layer.input_norm.readers + layer.mlp_norm.readers]
     assert readers == [qkv, gate_up]
     heads = [(f.node, f.axis, f.start, f.stop) for f in s.heads_region(layer).folds]
     assert heads == [(qkv, 1, 192, 256), (f"{ATTN}/o_proj/MatMul", 0, 0, 128)]

@@ -186,6 +186,6 @@ def test_bf16_refused(fp16_models, tmp_path):
 def test_fp32_graph_still_refuses_fp16_round_trip():
     """In a float32 graph a Cast to float16 is below the graph's precision: still refused (the
     mutation suite's cast_fp16_in_mlp / cast_bf16_on_residual cover the CLI path)."""
-    from perq_onnx.analysis import LOSSLESS_CASTS
+    from perq_onnx.matching import LOSSLESS_CASTS
     assert TensorProto.FLOAT16 not in LOSSLESS_CASTS[TensorProto.FLOAT]
     assert TensorProto.BFLOAT16 not in LOSSLESS_CASTS[TensorProto.FLOAT16]
