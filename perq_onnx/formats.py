@@ -299,7 +299,8 @@ class FP4Format(Format):
 
     def round(self, w, scale, zero=None):
         s = self.effective(scale)
-        codes = e2m1_round(np.asarray(w, F32) / np.where(s == 0, F32(1), s))
+        with np.errstate(over="ignore"):  # overflow to inf saturates at 6
+            codes = e2m1_round(np.asarray(w, F32) / np.where(s == 0, F32(1), s))
         return np.where(s == 0, F32(0), codes)
 
     def values(self, codes, scale, zero=None):
@@ -357,7 +358,8 @@ class NVFP4(FP4Format):
         return F32(self.tensor_scale)
 
     def block_scale(self, amax):
-        raw = np.asarray(amax, F32) / F32(E2M1_MAX) / self._tensor_scale()
+        with np.errstate(over="ignore"):  # overflow to inf saturates at 448
+            raw = np.asarray(amax, F32) / F32(E2M1_MAX) / self._tensor_scale()
         return e4m3_round(raw).astype(np.float64)
 
     def effective(self, scale):
