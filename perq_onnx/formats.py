@@ -7,14 +7,24 @@ of one output column, so a group's scales have shape ``[in / g, out]`` (per outp
 
 Formats
 -------
-* ``IntFormat(bits, group, symmetric, full_range)``: INT-n codes, float32 scales, symmetric
-  (narrow ``max|w| / qmax`` or ``full_range``: signed scale, all 2^n codes) or asymmetric (uint
-  codes and an integer zero point); rounding.py's module docstring states the rules.
+* ``IntFormat(bits, group, symmetric, full_range)``: INT-n, per output channel (``group=None``)
+  or per group of rows. Symmetric: zero point 0, int8 codes in ``[-2^(b-1), 2^(b-1) - 1]``,
+  ``w ~ code * scale`` with ``scale = alpha * max|w| / (2^(b-1) - 1)``: 2^b - 1 levels, the code
+  -2^(b-1) unused. ``full_range`` uses all 2^b levels: ``scale = alpha * m / -2^(b-1)`` where ``m``
+  is the group's largest-magnitude weight *with its sign*, so ``m`` maps to code -2^(b-1) and the
+  step is 2^(b-1) / (2^(b-1) - 1) times finer (8/7 at 4 bits; a weight of the opposite sign and the
+  same magnitude is clipped by one step). The scale is then negative for a group whose extreme is
+  positive: onnxruntime's DequantizeLinear and MatMulNBits accept that (its own quantizer does
+  the same), TensorRT documents positive scales, so its target keeps the narrow form.
+  Asymmetric: uint8 codes in ``[0, 2^b - 1]``, an integer zero point per scale and
+  ``w ~ (code - zero) * scale``, where the range ``[min(w, 0), max(w, 0)]`` is shrunk by ``alpha``
+  before it is split into ``2^b - 1`` steps. Scales are float32, and codes are always rounded against the float32 scale,
+  so ``Quantized.dequantize()`` is exactly what the quantizer measured.
 * ``NVFP4(tensor_scale)``: E2M1 values (0, 0.5, 1, 1.5, 2, 3, 4, 6 and negatives), one E4M3
   (float8_e4m3fn) scale per 16 values, one float32 tensor scale. In float32, in this order::
 
       tensor_scale = amax(tensor) / 2688          (6 * 448; 1.0 where that is 0: an all-zero tensor)
-      raw   = (amax(block) / 6) / tensor_scale
+      raw   = (amax(block) / 6) / tensor_scale    (a clipped weight: alpha * amax(block))
       s8    = e4m3(min(raw, 448))                 RNE, subnormals kept, saturating at 448
       s     = float32(s8) * tensor_scale          = DequantizeLinear(s8, tensor_scale)
       y     = x / (s == 0 ? 1 : s)
@@ -27,6 +37,8 @@ Formats
   ``E = floor(log2(max(amax(block), 2^-125))) - 2`` (emax of E2M1 is 2), computed exactly from the
   float's exponent; ``y = x / X``, ``code = e2m1(y)``, ``value = code * X``. The floor at 2^-125
   gives E >= -127, E8M0's smallest: a zero block gets X = 2^-127 and codes 0 (never NaN).
+  In ONNX the exponent is ``Floor(Log(a) / ln 2)``, corrected by one either way by comparing a
+  with exact powers of two gathered from a table; X is gathered from a table too.
 
 ``e2m1(y)``: round half to even onto the E2M1 grid, saturating at +-6: with step 0.5 / 1 / 2 for
 ``|y| < 2`` / ``< 4`` / ``>= 4``, ``clip(round_half_even(y / step) * step, -6, 6)``.
@@ -136,7 +148,8 @@ class Quantized:
 # -- formats -------------------------------------------------------------------------------------
 
 class Format:
-    """A number format's hooks (see the module docstring). Subclasses are frozen dataclasses."""
+    """A number format's hooks (module docstring); subclasses (frozen dataclasses) define
+    ``extremes``, ``grid``, ``round``, ``values`` and ``package``."""
     name = "format"
     bits = 4
     group: int | None = None
@@ -169,21 +182,6 @@ class Format:
         if row_weight is not None:
             diff *= row_weight
         return diff.sum(axis=1)
-
-    def extremes(self, wg) -> tuple:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def grid(self, alpha, extremes):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def round(self, w, scale, zero=None):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def values(self, codes, scale, zero=None):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def package(self, codes, scale, zero, per_channel: bool) -> Quantized:  # pragma: no cover
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -496,8 +494,3 @@ def emit_fp4_weight(e, codes, scale, fmt: FP4Format, shape: tuple[int, int], out
                                         "block_scale_rows")], "scaled")
     return e.op("Reshape", [scaled, e.const(np.array([rows, cols], np.int64), "weight_shape")], "weight",
                 output=output)
-
-
-__all__ = ["CLIP_COARSE", "CLIP_FINE", "FP4Format", "Format", "FormatError", "IntFormat", "MXFP4", "NVFP4",
-           "Quantized", "e2m1_bit_values", "e2m1_round", "e4m3_round", "e8m0_values", "emit_fp4_activation_qdq",
-           "emit_fp4_weight", "format_for", "mx_exponent", "nvfp4_tensor_scale"]

@@ -7,25 +7,20 @@ are rows. A quantization group is a run of ``g`` consecutive rows within one out
 per-group scale has shape ``[in / g, out]`` and a per-channel scale (``group=None``) has shape
 ``[out]``. The Hessian is ``H = X^T X`` over calibration tokens, shape ``[in, in]``.
 
-Symmetric forms have zero point 0, int8 codes in ``[-2^(b-1), 2^(b-1) - 1]`` and
-``w ~ code * scale`` with ``scale = alpha * max|w| / (2^(b-1) - 1)``: 2^b - 1 levels, the code
--2^(b-1) unused. ``full_range`` uses all 2^b levels: ``scale = alpha * m / -2^(b-1)`` where ``m``
-is the group's largest-magnitude weight *with its sign*, so ``m`` maps to code -2^(b-1) and the
-step is 2^(b-1) / (2^(b-1) - 1) times finer (8/7 at 4 bits; a weight of the opposite sign and the
-same magnitude is clipped by one step). The scale is then negative for a group whose extreme is
-positive: onnxruntime's DequantizeLinear and MatMulNBits accept that (its own quantizer does
-the same), TensorRT documents positive scales, so its target keeps the narrow form. Asymmetric forms have uint8
-codes in ``[0, 2^b - 1]``, an integer zero point per scale and ``w ~ (code - zero) * scale``,
-where the range ``[min(w, 0), max(w, 0)]`` is shrunk by ``alpha`` before it is split into
-``2^b - 1`` steps. Scales are float32, and codes are always rounded against the float32 scale,
-so ``Quantized.dequantize()`` is exactly what the quantizer measured.
+Every rule about codes and scales belongs to the weight's number format (perq_onnx/formats.py:
+INT-n symmetric or asymmetric, NVFP4, MXFP4); this module only chooses each group's clipping
+ratio ``alpha`` and rounds, through the format's hooks (``grid(alpha, extremes)``, ``round``,
+``values``). A ``WeightQuant`` is a format plus a clip rule. NVFP4's tensor scale is fixed from
+the whole original weight (``format.bind(w)``) before any group is fitted.
 
-Clipping (how ``alpha`` in (0, 1] is chosen, independently for every group and column)
--------------------------------------------------------------------------------------
+Clipping (how ``alpha`` is chosen, independently for every group and column)
+---------------------------------------------------------------------------
 * ``absmax``: ``alpha = 1``; nothing is clipped.
-* ``mse``: grid search minimising ``sum_i (w_i - q(w_i))^2`` over the group: a coarse grid
-  0.20, 0.25, ..., 1.00, then steps of 0.005 within +-0.02 of the coarse winner. ``alpha = 1`` is
-  on the grid, so the result is never worse than ``absmax`` on that objective.
+* ``mse``: grid search minimising ``sum_i (w_i - q(w_i))^2`` over the group, over the format's
+  ratios: INT and NVFP4 a coarse grid 0.20, 0.25, ..., 1.00, then steps of 0.005 within +-0.02 of
+  the coarse winner; MXFP4, whose scale is a power of two, the spec's exponent (alpha 1), one
+  below (0.5) and one above (2). ``alpha = 1`` is always tried, so the result is never worse than
+  ``absmax`` on that objective.
 * ``act`` (activation-aware): the same search, but each row's squared error is weighted by
   ``H_ii``: ``sum_i H_ii (w_i - q(w_i))^2``. That is the output error ``tr(E^T H E)`` with the
   off-diagonal correlations of ``H`` ignored, which keeps groups and columns independent. A floor
@@ -53,6 +48,8 @@ process), the rounding error ``e = (w_i - q_i) / U_ii`` is fed back as
   when the first of its rows is processed, from the group's rows as they are at that moment (all
   updates so far applied, pending lazy ones included); without act-order that is the usual "fit
   when the group starts". Per-channel scales are fitted once from the original weights.
+* Rows are rounded onto the format's grid (INT codes, or E2M1 values times the group's E4M3 or
+  E8M0 scale), and the fed-back error is against the format's dequantized value.
 * The clip rule is the form's, applied to the group's rows as updated. ``act`` weights each row
   by ``H_ii`` as in RTN: GPTQ's updates cannot undo a row's own rounding error through rows it
   is not correlated with, so a dominant input (a massive activation) still needs its group's

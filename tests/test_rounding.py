@@ -1,9 +1,12 @@
 """perq_onnx.rounding: RTN with absmax / MSE / activation-aware clipping, and GPTQ."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from perq_onnx.formats import MXFP4, NVFP4, IntFormat, nvfp4_tensor_scale
 from perq_onnx.rounding import Quantized, WeightQuant, gptq, relative_error, rtn
 
 ROWS, COLS = 256, 48
@@ -269,6 +272,102 @@ def test_act_order_with_groups_keeps_contiguous_groups():
     span = np.abs(q.codes.reshape(ROWS // 32, 32, COLS)).max(axis=1)
     assert np.median(span) >= 6
     assert output_error(w, q, h) < 0.8 * output_error(w, rtn(w, form), h)
+
+
+# -- FP4 formats ---------------------------------------------------------------------------------
+
+FP4 = [NVFP4(), MXFP4()]
+
+
+def fp4_weights(rows=ROWS, cols=COLS, seed=11):
+    """Heavy-tailed weights with a zero block and one tiny column (E4M3-subnormal NVFP4 scales)."""
+    w = (np.random.default_rng(seed).standard_t(4, size=(rows, cols)) * 0.02).astype(np.float32)
+    w[:32, 0] = 0
+    w[:, 1] *= 1e-5
+    return w
+
+
+@pytest.mark.parametrize("fmt", FP4, ids=lambda f: f.name)
+def test_fp4_rtn_absmax_is_the_format_reference(fmt):
+    w = fp4_weights()
+    q = rtn(w, WeightQuant(format=fmt, clip="absmax"))
+    ref = fmt.bind(w).quantize(w, axis=0)  # the numpy reference, blocks along the input rows
+    assert q.codes.dtype == ref.codes.dtype and q.scale.dtype == ref.scale.dtype
+    assert q.scale.shape == (ROWS // fmt.group, COLS)
+    np.testing.assert_array_equal(q.codes.astype(np.float32), ref.codes.astype(np.float32))
+    np.testing.assert_array_equal(q.scale.astype(np.float32), ref.scale.astype(np.float32))
+    deq = q.dequantize()
+    assert deq.dtype == np.float32 and np.all(np.isfinite(deq)) and not np.any(deq[:32, 0])
+    np.testing.assert_array_equal(deq, fmt.bind(w).qdq(w, axis=0))
+    if isinstance(fmt, NVFP4):
+        assert q.format.tensor_scale == nvfp4_tensor_scale(np.abs(w).max())
+
+
+@pytest.mark.parametrize("fmt", FP4, ids=lambda f: f.name)
+def test_fp4_mse_clip_never_worse_than_absmax(fmt):
+    w = fp4_weights()
+    err = {c: ((w - rtn(w, WeightQuant(format=fmt, clip=c)).dequantize()) ** 2).sum(axis=0)
+           for c in ("absmax", "mse")}
+    assert np.all(err["mse"] <= err["absmax"] * (1 + 1e-6))
+    assert err["mse"].sum() < 0.97 * err["absmax"].sum()
+
+
+def test_mxfp4_clip_search_picks_power_of_two_scales():
+    w = fp4_weights()
+    q = rtn(w, WeightQuant(format=MXFP4(), clip="mse"))
+    exponents = np.log2(q.scale.astype(np.float64))
+    np.testing.assert_array_equal(exponents, np.round(exponents))
+    spec = np.log2(rtn(w, WeightQuant(format=MXFP4(), clip="absmax")).scale.astype(np.float64))
+    assert set(np.unique(exponents - spec)) <= {-1.0, 0.0, 1.0}
+
+
+@pytest.mark.parametrize("fmt", FP4, ids=lambda f: f.name)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_fp4_gptq_beats_rtn_on_correlated_inputs(fmt, act_order):
+    h, w = correlated_hessian(), weights()
+    form = WeightQuant(format=fmt, clip="mse")
+    q = gptq(w, h, form, act_order=act_order)
+    assert q.codes.dtype == fmt.code_dtype and q.scale.dtype == fmt.scale_dtype
+    assert np.all(np.isfinite(q.dequantize()))
+    ratio = output_error(w, q, h) / output_error(w, rtn(w, form), h)
+    assert ratio < 0.3, ratio
+    if isinstance(fmt, NVFP4):  # the tensor scale is the original weight's, fixed before GPTQ
+        assert q.format.tensor_scale == nvfp4_tensor_scale(np.abs(w).max())
+
+
+@pytest.mark.parametrize("fmt", FP4, ids=lambda f: f.name)
+def test_fp4_gptq_on_identity_hessian_is_rtn(fmt):
+    w = fp4_weights()
+    form = WeightQuant(format=fmt, clip="mse")
+    a, b = gptq(w, np.eye(ROWS), form), rtn(w, form)
+    np.testing.assert_array_equal(a.dequantize(), b.dequantize())
+
+
+def test_fp4_act_clip_protects_a_dominant_input():
+    rng = np.random.default_rng(6)
+    w = rng.standard_t(3, size=(ROWS, COLS))
+    diag = np.ones(ROWS)
+    diag[::16] = 100.0
+
+    def weighted(clip):
+        q = rtn(w, WeightQuant(format=NVFP4(), clip=clip), hessian=np.diag(diag))
+        return float(np.sum(diag[:, None] * (w - q.dequantize()) ** 2))
+    assert weighted("act") < 0.95 * weighted("mse")
+
+
+def test_formats_through_weight_quant():
+    """WeightQuant(bits, group, ...) is the INT format; format= takes any; asymmetric INT keeps
+    its zero points in Quantized."""
+    assert WeightQuant(4, 32, False, "mse").format == IntFormat(4, 32, False)
+    form = WeightQuant(format=IntFormat(4, 64, symmetric=False), clip="absmax")
+    assert (form.bits, form.group, form.symmetric, form.clip) == (4, 64, False, "absmax")
+    w = weights() + 0.01
+    q = rtn(w, form)
+    assert q.zero_point is not None and q.zero_point.shape == (ROWS // 64, COLS)
+    np.testing.assert_array_equal(q.codes, rtn(w, WeightQuant(4, 64, False, "absmax")).codes)
+    assert dataclasses.replace(WeightQuant(format=MXFP4(), clip="act"), clip="mse").format == MXFP4()
+    with pytest.raises(ValueError, match="group size 16 does not divide the 24 input rows"):
+        rtn(np.ones((24, 4)), WeightQuant(format=NVFP4()))
 
 
 # -- invalid forms -------------------------------------------------------------------------------
