@@ -49,7 +49,9 @@ process), the rounding error ``e = (w_i - q_i) / U_ii`` is fed back as
   updates so far applied, pending lazy ones included); without act-order that is the usual "fit
   when the group starts". Per-channel scales are fitted once from the original weights.
 * Rows are rounded onto the format's grid (INT codes, or E2M1 values times the group's E4M3 or
-  E8M0 scale), and the fed-back error is against the format's dequantized value.
+  E8M0 scale), and the fed-back error is against the format's dequantized value. NVFP4's tensor
+  scale is the original weight's: a group whose updated rows outgrow it gets the E4M3 scale 448
+  and its largest values saturate at 6 steps.
 * The clip rule is the form's, applied to the group's rows as updated. ``act`` weights each row
   by ``H_ii`` as in RTN: GPTQ's updates cannot undo a row's own rounding error through rows it
   is not correlated with, so a dominant input (a massive activation) still needs its group's
