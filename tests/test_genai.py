@@ -1,0 +1,168 @@
+"""The onnxruntime-genai form (perq_onnx/genai.py) on tiny random-weight exports.
+
+* float rewrite (R1+R2+P3+R3, --no-quant) -> genai form: the logits of the prompt and of greedy
+  decode steps through the KV cache equal the original optimum model's (1e-4 relative);
+* ort target (INT4 GPTQ blocks, INT8 embedding) -> genai form with MatMulNBits at accuracy level 0:
+  equal to the ort output run with float activations;
+* onnxruntime-genai (``og.Model`` + ``og.Generator``) generates the same greedy tokens as an
+  onnxruntime loop over the optimum model;
+* refusals: rope scaling, a model type it does not build, a non-empty output folder.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from perq_onnx import pipeline
+from perq_onnx.genai import GenaiError, ModelConfig, genai_from_model
+from perq_onnx.settings import Settings
+
+TOL = 1e-4
+
+
+def _options(level: str = "0") -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+    return opts
+
+
+def greedy_logits(path, ids: np.ndarray, steps: int) -> list[np.ndarray]:
+    """Logits of the prompt, then of `steps` greedy tokens fed one at a time through the KV cache
+    (the feeds an optimum with-past export and the genai form both accept)."""
+    sess = ort.InferenceSession(str(path), _options(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    inputs = {i.name: i for i in sess.get_inputs()}
+    batch, length = ids.shape
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if "position_ids" in inputs:
+        feeds["position_ids"] = np.broadcast_to(np.arange(length), ids.shape).copy()
+    for name, i in inputs.items():
+        if name.startswith("past_key_values"):
+            feeds[name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+    out = dict(zip(names, sess.run(names, feeds)))
+    result = [out["logits"]]
+    for _ in range(steps):
+        token = out["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        feeds = {"input_ids": token, "attention_mask": np.ones((batch, length + 1), np.int64)}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.full((batch, 1), length, np.int64)
+        feeds.update({n.replace("present", "past_key_values", 1): out[n] for n in names if n.startswith("present")})
+        out = dict(zip(names, sess.run(names, feeds)))
+        result.append(out["logits"])
+        length += 1
+    return result
+
+
+def _relative(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.abs(x - y).max() / np.abs(x).max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def rewritten(tiny_models, tmp_path_factory):
+    """(source, float rewrite, ort output) of tiny with-past exports, made once per arch."""
+    root = tmp_path_factory.mktemp("genai")
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            src = tiny_models(arch, past=True, tied=False)
+            nq, q = root / arch / "noquant" / "model.onnx", root / arch / "ort" / "model.onnx"
+            pipeline.optimize(src, nq, Settings.parse(target="ort", quantize=False, calib_samples=4, seq_len=32),
+                              progress=False)
+            pipeline.optimize(src, q, Settings.parse(target="ort", calib_samples=4, seq_len=32), progress=False)
+            cache[arch] = (src, nq, q)
+        return cache[arch]
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_float_rewrite_matches_optimum(rewritten, tmp_path, arch):
+    src, nq, _ = rewritten(arch)
+    folder = genai_from_model(nq, src, tmp_path / "genai", accuracy_level=0)
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "config.json", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    ids = np.random.default_rng(1).integers(0, 512, size=(1, 24))
+    assert _relative(greedy_logits(src, ids, 4), greedy_logits(folder / "model.onnx", ids, 4)) < TOL
+
+
+@pytest.mark.slow
+def test_fused_graph_form(rewritten, tmp_path):
+    """The fused ops onnxruntime-genai's own builder writes; no perq domain, no unfused attention."""
+    import onnx
+    src, nq, _ = rewritten("llama")
+    folder = genai_from_model(nq, src, tmp_path / "genai", check=False)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    layers = 2
+    assert ops.count("GroupQueryAttention") == layers
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert ops.count("SimplifiedLayerNormalization") == 1
+    assert "Softmax" not in ops and not any(n.domain == "perq" for n in model.graph.node)
+    assert [i.name for i in model.graph.input][:2] == ["input_ids", "attention_mask"]
+    assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    config = json.loads((folder / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["num_key_value_heads"] == 2 and config["model"]["type"] == "llama"
+
+
+@pytest.mark.slow
+def test_int4_ort_output_as_matmulnbits(rewritten, tmp_path):
+    import onnx
+    src, _, q = rewritten("llama")
+    folder = genai_from_model(q, src, tmp_path / "genai", accuracy_level=0)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * 5 + 1  # qkv, o, gate, up, down; lm_head
+    ids = np.random.default_rng(2).integers(0, 512, size=(1, 20))
+    assert _relative(greedy_logits(q, ids, 3), greedy_logits(folder / "model.onnx", ids, 3)) < TOL
+
+
+@pytest.mark.slow
+def test_onnxruntime_genai_generates_the_same_tokens(rewritten, tmp_path):
+    og = pytest.importorskip("onnxruntime_genai")
+    src, nq, _ = rewritten("llama")
+    folder = genai_from_model(nq, src, tmp_path / "genai")
+    model = og.Model(str(folder))
+    prompt = np.asarray(og.Tokenizer(model).encode("The capital of France is"), dtype=np.int64)
+    new = 12
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    logits = greedy_logits(src, prompt[None], new - 1)
+    expected = [int(x[0, -1].argmax()) for x in logits]
+    assert tokens == expected
+
+
+@pytest.mark.slow
+def test_refusals(rewritten, tmp_path):
+    src, nq, _ = rewritten("llama")
+    config = json.loads((src.parent / "config.json").read_text())
+    for change, words in [({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+                          ({"model_type": "gemma"}, "model_type")]:
+        bad = tmp_path / f"config-{words}.json"
+        bad.write_text(json.dumps({**config, **change}))
+        with pytest.raises(GenaiError, match=words):
+            genai_from_model(nq, src, tmp_path / "out", config_json=bad)
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(GenaiError, match="not empty"):
+        genai_from_model(nq, src, tmp_path / "full")
+
+
+def test_config_refuses_short_sliding_window(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "mistral", "sliding_window": 16, "max_position_embeddings": 256}))
+    with pytest.raises(GenaiError, match="sliding_window"):
+        ModelConfig.read(path)
+    path.write_text(json.dumps({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 256,
+                                "rope_theta": 5e5}))
+    assert ModelConfig.read(path).rope_theta == 5e5
