@@ -170,7 +170,7 @@ class PassManager:
 
 # ------------------------------------------------------------------------------ conditions
 
-def _decoder_linears(ctx: Context):
+def decoder_linears(ctx: Context):
     for layer in ctx.structure.layers:
         yield from layer.linears().values()
 
@@ -197,7 +197,7 @@ def _gammas_folded(ctx: Context) -> str | None:
 
 
 def _weights_float(ctx: Context) -> str | None:
-    for lin in _decoder_linears(ctx):
+    for lin in decoder_linears(ctx):
         meta = constant_shape(ctx.node(lin.name).inputs[1])
         if meta is None or not np.issubdtype(meta[1], np.floating):
             return f"'{lin.name}' does not read a float constant weight"
@@ -205,10 +205,9 @@ def _weights_float(ctx: Context) -> str | None:
 
 
 def _weights_quantized(ctx: Context) -> str | None:
-    for lin in _decoder_linears(ctx):
-        p = producer(ctx.node(lin.name).inputs[1])
-        if p is None or p.op != "DequantizeLinear":
-            return f"'{lin.name}' does not read a DequantizeLinear weight"
+    for lin in decoder_linears(ctx):
+        if ctx.node(lin.name).inputs[1].name not in ctx.recorded(QUANTIZED_WEIGHT):
+            return f"'{lin.name}' does not read a quantized weight"
     return None
 
 
@@ -221,6 +220,7 @@ def _down_input_is_original(ctx: Context) -> str | None:
 
 # kinds of tensors that passes record as inserted (Context.record)
 ONLINE_ROTATED = "online rotation output"
+QUANTIZED_WEIGHT = "dequantized weight"
 QUANTIZED_ACTIVATION = "quantized activation"
 
 
@@ -237,14 +237,14 @@ def online_rotation_node(down: Linear) -> str:
 
 
 def _linear_inputs_unquantized(ctx: Context) -> str | None:
-    for lin in _decoder_linears(ctx):
+    for lin in decoder_linears(ctx):
         if ctx.node(lin.name).inputs[0].name in ctx.recorded(QUANTIZED_ACTIVATION):
             return f"'{lin.name}' already reads a quantized activation"
     return None
 
 
 def _linear_inputs_quantized(ctx: Context) -> str | None:
-    for lin in _decoder_linears(ctx):
+    for lin in decoder_linears(ctx):
         if ctx.node(lin.name).inputs[0].name not in ctx.recorded(QUANTIZED_ACTIVATION):
             return f"'{lin.name}' does not read a quantized activation"
     return None

@@ -1,9 +1,19 @@
-"""INT-n weight quantization as standard QDQ: int4/int8 initializer -> DequantizeLinear -> MatMul.
+"""Weight quantization: each decoder linear's weight rounded to the target's number format and
+put back in the graph in the target's weight form.
 
-The form (bits, per output channel or per group of g input rows, clip rule) is the target's;
-the rounding is round-to-nearest or GPTQ (perq_onnx/rounding.py). Symmetric and zero-point free
-(what TensorRT and MatMulNBits want): per channel, scale [out] with axis 1; per group, scale
-[in/g, out] with axis 0 and block_size g. GPTQ and activation-aware clipping need the Hessian
+The form (format: INT-n per output channel or per group of g input rows, NVFP4, MXFP4; clip rule)
+is the target's; the rounding is round-to-nearest or GPTQ (perq_onnx/rounding.py). How the codes
+appear is the ``WeightForm`` the target picks:
+
+* ``int_dequantize``: int4/int8 initializer -> DequantizeLinear -> MatMul, symmetric and zero-point
+  free (what TensorRT and MatMulNBits want): per channel, scale [out] with axis 1; per group, scale
+  [in/g, out] with axis 0 and block_size g.
+* ``fp4_lookup``: FP4 codes as UINT4 E2M1 bit patterns decoded with standard ops that onnxruntime
+  runs (formats.emit_fp4_weight: table Gather times the block scale), bit-exact to the reference.
+(TensorRT's NVFP4 form is made from ``fp4_lookup`` by passes/tensorrt_fp4_weights.py, once the
+graph no longer needs to run in onnxruntime for calibration.)
+
+GPTQ and activation-aware clipping need the Hessian
 X^T X of each linear's input: it is collected on the graph *as rotated and permuted so far*, a
 few layers per calibration run so that the Hessians held at once stay under HESSIAN_BUDGET.
 lm_head and embeddings stay float. ``metrics`` reports each weight's relative error
@@ -13,13 +23,16 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
+from perq_onnx.formats import FP4Format, Quantized, emit_fp4_weight
 from perq_onnx.rounding import WeightQuant, gptq, relative_error, rtn
 from perq_onnx.settings import GPTQConfig, Rounding
 
-from .base import WEIGHTS_FLOAT, WEIGHTS_QUANTIZED, Context, Pass, PassResult
+from .base import QUANTIZED_WEIGHT, WEIGHTS_FLOAT, WEIGHTS_QUANTIZED, Context, Pass, PassResult
+from .quantize_activations import GraphEmitter
 
 WEIGHT_TYPES = {4: ml_dtypes.int4, 8: np.int8}
 HESSIAN_BUDGET = 1 << 30  # bytes of float64 Hessians collected per calibration run
@@ -45,8 +58,9 @@ class QuantizeWeights(Pass):
     ensures = (WEIGHTS_QUANTIZED,)
 
     def __init__(self, form: WeightQuant, rounding: Rounding = Rounding.RTN, lm_head: WeightQuant | None = None,
-                 gptq: GPTQConfig = GPTQConfig()):
+                 gptq: GPTQConfig = GPTQConfig(), emit=None):
         self.form, self.rounding, self.lm_head, self.gptq = form, rounding, lm_head, gptq
+        self.emit = emit or int_dequantize  # the weight form (functions below)
 
     @property
     def needs_hessians(self) -> bool:
@@ -66,8 +80,10 @@ class QuantizeWeights(Pass):
         if self.lm_head is not None:  # round to nearest: its input statistics are not collected
             errors["lm_head"] = self._quantize(ctx, ctx.structure.lm_head, None, self.lm_head, Rounding.RTN)
         ctx.min_opset = max(ctx.min_opset or 0, 21)
-        gran = "per output channel" if self.form.group is None else f"per group of {self.form.group}"
-        return PassResult(f"INT{self.form.bits} weights ({gran}, {self.rounding}, {self.form.clip} scales) "
+        fmt = self.form.format
+        gran = "per output channel" if fmt.group is None else f"per group of {fmt.group}"
+        name = fmt.name.upper() if isinstance(fmt, FP4Format) else f"INT{fmt.bits}"
+        return PassResult(f"{name} weights ({gran}, {self.rounding}, {self.form.clip} scales) "
                           f"on {len(errors)} linears", {"weight_rel_error": errors})
 
     def _quantize(self, ctx: Context, lin, hessian, form: WeightQuant | None = None, rounding=None) -> float:
@@ -79,11 +95,30 @@ class QuantizeWeights(Pass):
             q = gptq(w, hessian, form, act_order=self.gptq.act_order, damp=self.gptq.damp, block=self.gptq.block)
         else:
             q = rtn(w, form, hessian)
-        name = lin.name + ".weight"
-        codes = ctx.store.constant(name + ".quantized", q.codes.astype(WEIGHT_TYPES[form.bits]))
-        scale = ctx.store.constant(name + ".scale", q.scale.astype(dtype))
-        attrs = {"axis": 1} if form.group is None else {"axis": 0, "block_size": form.group}
-        deq = gs.Variable(name + ".dequantized", dtype=dtype)
-        ctx.add(gs.Node("DequantizeLinear", lin.name + "/weight_dq", attrs, [codes, scale], [deq]))
-        ctx.node(lin.name).inputs[1] = deq
+        weight = self.emit(ctx, lin.name, q, dtype)
+        ctx.record(QUANTIZED_WEIGHT, weight.name)
+        ctx.node(lin.name).inputs[1] = weight
         return relative_error(w, q)
+
+
+# --------------------------------------------------------------------------- weight forms
+# (ctx, linear name, quantized weight, the graph's float type) -> the tensor the MatMul reads
+
+def int_dequantize(ctx: Context, name: str, q: Quantized, dtype: np.dtype) -> gs.Variable:
+    form = q.format
+    codes = ctx.store.constant(f"{name}.weight.quantized", q.codes.astype(WEIGHT_TYPES[form.bits]))
+    scale = ctx.store.constant(f"{name}.weight.scale", q.scale.astype(dtype))
+    attrs = {"axis": 1} if form.group is None else {"axis": 0, "block_size": form.group}
+    deq = gs.Variable(f"{name}.weight.dequantized", dtype=dtype)
+    ctx.add(gs.Node("DequantizeLinear", f"{name}/weight_dq", attrs, [codes, scale], [deq]))
+    return deq
+
+
+def fp4_lookup(ctx: Context, name: str, q: Quantized, dtype: np.dtype) -> gs.Variable:
+    codes, scale = q.format.storage(q)
+    e = GraphEmitter(ctx, f"{name}/weight_fp4")
+    w = emit_fp4_weight(e, ctx.store.constant(f"{name}.weight.e2m1", codes),
+                        ctx.store.constant(f"{name}.weight.block_scale", scale), q.format, q.codes.shape)
+    if dtype != np.float32:
+        w = e.op("Cast", [w], "to_graph_type", to=onnx.helper.np_dtype_to_tensor_dtype(dtype))
+    return w

@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
 from .errors import PerqError
-from .frontend import canonicalize, default_opset, name_nodes, stash_schemaless
+from .frontend import TARGET_OPSET, canonicalize, default_opset, name_nodes, stash_schemaless
 from .weights import map_external
 
 
@@ -49,6 +49,9 @@ def load_graph(path) -> gs.Graph:
     return graph
 
 
+RAISABLE_OPSET = 23  # export may declare up to this opset: 22/23 added types only to the ops decoders use
+
+
 def export_structure(graph: gs.Graph, functions=(), min_opset: int | None = None,
                      metadata: dict[str, str] | None = None) -> onnx.ModelProto:
     """The graph as a ModelProto whose initializers still point where their bytes live (see
@@ -59,7 +62,11 @@ def export_structure(graph: gs.Graph, functions=(), min_opset: int | None = None
     version = default_opset(model)
     if min_opset is not None and (version is None or version < min_opset):
         # load_graph converted the model to TARGET_OPSET; a raise here means a graph made otherwise
-        raise PerqError(f"the graph is at opset {version} but its rewrite needs opset {min_opset}")
+        if version is None or version < TARGET_OPSET or min_opset > RAISABLE_OPSET:
+            raise PerqError(f"the graph is at opset {version} but its rewrite needs opset {min_opset}")
+        for opset in model.opset_import:  # 22 and 23 only added types (bfloat16, float4) to these ops
+            if opset.domain in ("", "ai.onnx"):
+                opset.version = version = min_opset
     for fn in functions:
         fn = _at_opset(fn, version)
         model.functions.append(fn)

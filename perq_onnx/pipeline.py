@@ -210,9 +210,10 @@ def _check_paths(model_path: pathlib.Path, output_path: pathlib.Path, graph) -> 
     publish.check_outputs([publish.Output.model(output_path)], [model_path, *sorted(input_files(graph))])
 
 
-def verify_written(path: pathlib.Path, tgt: Target) -> None:
+def verify_written(path: pathlib.Path, tgt: Target, settings: Settings) -> None:
     """The written model passes onnx.checker (full check), its target's own checker, and loads
-    in onnxruntime (with the session settings its target deploys it with)."""
+    in onnxruntime (with the session settings its target deploys it with) where onnxruntime can
+    run the target's form."""
     try:
         check_model_file(path)  # onnx.checker, full; onnxruntime's own ops as a custom domain
     except Exception as exc:  # checker raises several types
@@ -222,7 +223,8 @@ def verify_written(path: pathlib.Path, tgt: Target) -> None:
         v = violations[0]
         raise InternalError(f"the {tgt.name} output breaks its target's rule [{v.rule}] at node '{v.node}': "
                             f"{v.reason} ({len(violations)} violation(s))")
-    session(path, config=tgt.session_config())
+    if tgt.runs_in_onnxruntime(settings):
+        session(path, config=tgt.session_config())
 
 
 def optimize(model_path, output_path, settings: Settings, stats: dict | None = None, progress: bool = True,
@@ -281,7 +283,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
             staged.parent.mkdir()
             files = ctx.store.write_model(model, ctx.graph, staged)
             del model
-            verify_written(staged, tgt)
+            verify_written(staged, tgt, settings)
             moves = _copy_sidecar_files(model_path.parent, output_path.parent, pathlib.Path(tmp) / "out")
             moves += [(f, output_path.parent / f.name) for f in files[1:]] + [(files[0], output_path)]
             publish.move(moves)  # sidecars and external data first, the model file last

@@ -261,6 +261,9 @@ class Settings:
         if self.weights.format is not self.activations.format:
             raise PerqError(f"weights in {self.weights.format} but activations in {self.activations.format}: "
                             "--format sets both")
+        if self.activations.fused and self.activations.format is not NumberFormat.INT:
+            raise PerqError(f"--fused-ops fuses the online rotation with INT activation quantization; "
+                            f"not with --format {self.activations.format}")
         if self.activations.fused and not (self.rotation.online.block and self.quantize
                                            and (self.activations.bits or 4) < 16):
             raise PerqError("--fused-ops fuses the online block rotation with activation quantization: "

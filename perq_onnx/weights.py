@@ -35,7 +35,7 @@ from .inputs import external_extent
 EMBED_LIMIT = 1_800_000_000   # bytes of initializers above which outputs use external data
 ALIGN = 4096
 SCRATCH = "perq-scratch.bin"
-SUB_BYTE = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+SUB_BYTE = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.FLOAT4E2M1)
 
 
 class FileValues(LazyValues):
@@ -120,7 +120,7 @@ def _raw(array: np.ndarray) -> tuple[onnx.TensorProto, memoryview | bytes]:
     proto.dims.extend(array.shape)
     if proto.data_type in SUB_BYTE:
         return proto, numpy_helper.from_array(array).raw_data
-    return proto, memoryview(array).cast("B")
+    return proto, memoryview(array.reshape(-1).view(np.uint8))
 
 
 class WeightStore:
@@ -177,7 +177,7 @@ class WeightStore:
                 and array.nbytes == values.length:
             with open(self.scratch, "r+b") as f:
                 f.seek(values.offset)
-                f.write(memoryview(array).cast("B"))
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))
             values.tensor.dims[:] = array.shape
             values.shape = tuple(array.shape)
             return old

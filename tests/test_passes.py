@@ -33,7 +33,7 @@ from perq_onnx.passes.base import GAMMAS_FOLDED, Context, Pass, PassManager, Pas
 from perq_onnx.passes.fold_norm_gammas import FoldNormGammas
 from perq_onnx.passes.online_rotation import InsertOnlineRotation
 from perq_onnx.passes.permute_mlp import PermuteMLP
-from perq_onnx.passes.quantize_activations import QuantizeActivations
+from perq_onnx.passes.quantize_activations import IntQDQ, QuantizeActivations
 from perq_onnx.passes.quantize_weights import QuantizeWeights
 from perq_onnx.passes.rotate_heads import RotateHeads
 from perq_onnx.passes.rotate_residual import RotateResidual
@@ -271,7 +271,7 @@ CONTRACTS = {
                  RotateHeads(BlockDiagonal(hadamard(HEAD_DIM)))],
         contract_error("RotateHeads", "precondition", "decoder weights are float constants")),
     "fused-without-online": (
-        lambda: [QuantizeActivations(4, fused=True)],
+        lambda: [QuantizeActivations(IntQDQ(4), fused=True)],
         contract_error("QuantizeActivations", "precondition", "online rotation at every down_proj")),
 }
 
@@ -289,7 +289,7 @@ def test_correct_order_of_the_same_passes_is_accepted(mha, tmp_path):
               RotateHeads(BlockDiagonal(hadamard(HEAD_DIM))),
               PermuteMLP({0: np.arange(INTERMEDIATE), 1: np.arange(INTERMEDIATE)}, "none"),
               InsertOnlineRotation(BlockDiagonal(hadamard(16)), 16),
-              QuantizeWeights(WeightQuant(4, None, True, "absmax")), QuantizeActivations(4, fused=True)]
+              QuantizeWeights(WeightQuant(4, None, True, "absmax")), QuantizeActivations(IntQDQ(4), fused=True)]
     assert len(PassManager(passes, progress=False).run(new_context(mha, tmp_path))) == len(passes)
 
 
@@ -314,7 +314,7 @@ def test_analysis_records_are_not_mutated(model, tmp_path):
               RotateHeads(BlockDiagonal(hadamard(HEAD_DIM))),
               PermuteMLP({0: np.arange(INTERMEDIATE)[::-1].copy(), 1: np.arange(INTERMEDIATE)}, "test"),
               InsertOnlineRotation(BlockDiagonal(hadamard(16)), 16),
-              QuantizeWeights(WeightQuant(4, 16, True, "absmax")), QuantizeActivations(4, fused=True)]
+              QuantizeWeights(WeightQuant(4, 16, True, "absmax")), QuantizeActivations(IntQDQ(4), fused=True)]
     PassManager(passes, progress=False).run(ctx)
     assert repr(ctx.structure) == before_repr
     assert dataclasses.astuple(ctx.structure) == before_tuple

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 
 from ..errors import PerqError
+from ..formats import format_for
 from ..passes.base import Context, Pass, PassManager, PassResult, register_functions
 from ..passes.quantize_weights import QuantizeWeights
 from ..rounding import WeightQuant
@@ -41,6 +42,14 @@ class Target:
         if settings.quantize and w.format not in self.formats:
             raise PerqError(f"--format {w.format}: the {self.name} target expresses "
                             f"{', '.join(map(str, self.formats))} only")
+        if settings.quantize and w.format is not NumberFormat.INT:  # its blocks are the format's
+            bad = next((name for name, n in in_features.items() if n % w.format.block), None)
+            if bad is not None:
+                raise PerqError(f"--format {w.format}: its blocks of {w.format.block} do not divide the "
+                                f"{in_features[bad]} input channels of node '{bad}'")
+            self.check(settings)
+            return settings.replace(a_bits=settings.activations.bits or 4,  # the format is W4A4 unless --a-bits 16
+                                    rounding=w.rounding or self.default_rounding, w_clip=w.clip or self.default_w_clip)
         group = w.group
         if group is None and self.default_w_groups and settings.weights_quantized:
             group = next((g for g in self.default_w_groups if all(n % g == 0 for n in in_features.values())), None)
@@ -89,6 +98,10 @@ class Target:
         """onnxruntime session config entries the output must run with (recorded in metadata)."""
         return {}
 
+    def runs_in_onnxruntime(self, settings: Settings) -> bool:
+        """Whether onnxruntime can load the output (the pipeline then loads it before publishing)."""
+        return True
+
     def check_output(self, model) -> list:
         """Violations of the target's documented form in a written model (a path or ModelProto);
         the pipeline refuses to publish an output with any."""
@@ -97,13 +110,16 @@ class Target:
     # ------------------------------------------------------------------------------ helpers
     def weight_form(self, settings: Settings) -> WeightQuant:
         w = settings.weights
+        if w.format is not NumberFormat.INT:
+            return WeightQuant(format=format_for(w.format), clip=str(w.clip))
         return WeightQuant(w.bits, w.group, True, str(w.clip), self.full_range)
 
-    def quantize_weights(self, settings: Settings, lm_head: bool) -> QuantizeWeights:
-        """The weight pass; lm_head (no Hessian collected for it) gets round-to-nearest with the
-        weight-error clip rule where the form's rule needs activations."""
+    def quantize_weights(self, settings: Settings, lm_head: bool, emit=None) -> QuantizeWeights:
+        """The weight pass in the weight form ``emit`` (passes/quantize_weights.py); lm_head (no
+        Hessian collected for it) gets round-to-nearest with the weight-error clip rule where the
+        form's rule needs activations."""
         form = self.weight_form(settings)
         head = None
         if lm_head and not settings.float_embeddings:
             head = dataclasses.replace(form, clip="mse" if form.clip == "act" else form.clip)
-        return QuantizeWeights(form, settings.weights.rounding, lm_head=head, gptq=settings.weights.gptq)
+        return QuantizeWeights(form, settings.weights.rounding, lm_head=head, gptq=settings.weights.gptq, emit=emit)

@@ -3,16 +3,22 @@
 INT-n weights per output channel (or per group) as int initializer -> DequantizeLinear -> MatMul,
 and INT-n activations as the dynamic per-token standard-op QDQ chain in front of every decoder
 linear (``--fused-ops``: the online rotation and the down_proj input quantizer as one
-``perq.BlockHadamardQuantize``); embedding and lm_head float. Rounds to nearest with weight-error
+``perq.BlockHadamardQuantize``); embedding and lm_head float. ``--format nvfp4|mxfp4``: weights
+and activations in microscaling FP4, simulated with standard ops that onnxruntime runs (it has no
+FP4 DequantizeLinear), bit-exact to formats.py's references: weights as E2M1 bit codes decoded by
+table lookup times their block scales, activations blocked over the channels (NVFP4's tensor
+scale from the calibrated absolute maximum of each linear input, its block scales dynamic). Rounds to nearest with weight-error
 scales by default (the paper's setting); ``--rounding gptq`` is available.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..formats import format_for
 from ..passes.base import Pass
-from ..passes.quantize_activations import QuantizeActivations
-from ..settings import Clip, Rounding, Settings
+from ..passes.quantize_activations import FP4QDQ, IntQDQ, QuantizeActivations
+from ..passes.quantize_weights import fp4_lookup
+from ..settings import Clip, NumberFormat, Rounding, Settings
 from .base import Target
 
 
@@ -22,12 +28,18 @@ class Simulate(Target):
     default_a_bits: int = 4
     default_rounding: Rounding = Rounding.RTN  # the paper's tables
     default_w_clip: Clip = Clip.MSE
+    formats: tuple[NumberFormat, ...] = (NumberFormat.INT, NumberFormat.NVFP4, NumberFormat.MXFP4)
+
+    def needs_calibration(self, settings: Settings) -> bool:
+        return settings.activations_quantized and settings.activations.format is NumberFormat.NVFP4
 
     def passes(self, settings: Settings) -> list[Pass]:
         passes: list[Pass] = []
+        fp4 = settings.weights.format is not NumberFormat.INT
         if settings.weights_quantized:
-            passes.append(self.quantize_weights(settings, lm_head=False))
+            passes.append(self.quantize_weights(settings, lm_head=False, emit=fp4_lookup if fp4 else None))
         if settings.activations_quantized:
             a = settings.activations
-            passes.append(QuantizeActivations(a.bits, a.symmetric, a.fused))
+            quantizer = FP4QDQ.of(format_for(a.format)) if fp4 else IntQDQ(a.bits, a.symmetric)
+            passes.append(QuantizeActivations(quantizer, a.fused))
         return passes
