@@ -23,6 +23,9 @@ from .errors import PerqError
 from .frontend import TARGET_OPSET, canonicalize, default_opset, name_nodes, stash_schemaless
 from .weights import map_external
 
+# graphsurgeon warns about every tensor type numpy lacks (float8, float4), which it keeps as they are
+gs.logger.severity = gs.logger.ERROR
+
 
 def load_graph(path) -> gs.Graph:
     """Import an ONNX file without loading its external data (mapped lazily instead), in the
