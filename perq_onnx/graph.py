@@ -18,13 +18,14 @@ import networkx as nx
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from .errors import PerqError
 from .frontend import TARGET_OPSET, canonicalize, default_opset, name_nodes, stash_schemaless
 from .weights import map_external
 
 # graphsurgeon warns about every tensor type numpy lacks (float8, float4), which it keeps as they are
-gs.logger.severity = gs.logger.ERROR
+G_LOGGER.severity = G_LOGGER.ERROR
 
 
 def load_graph(path) -> gs.Graph:
