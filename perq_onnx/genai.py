@@ -18,7 +18,7 @@ instead of pattern-rewriting optimum's unfused attention:
   block b) becomes ``com.microsoft.MatMulNBits`` (codes + 8 packed two per byte along K, scales
   [N, K/b], default zero point 8: (u - 8) * s == q * s also for perq's negative scales); a float
   weight stays a MatMul; biases stay an Add;
-* MLP: SiLU gating as Sigmoid/Mul/Mul; the online rotation R3 (``perq.BlockHadamard``, its
+* MLP: gate and up packed into one linear and split, SiLU gating as Sigmoid/Mul/Mul; the online rotation R3 (``perq.BlockHadamard``, its
   inlined Reshape-MatMul-Reshape, or a full-matrix MatMul) as standard ops, so no custom-op
   library is needed;
 * embedding: a float Gather, or perq's INT8 gather-then-dequantize form as it is.
@@ -337,7 +337,8 @@ class _Builder:
 
 
 def _pack(weights: list, biases: list):
-    """q, k, v as one linear (columns concatenated) when their forms agree, else None."""
+    """Linears reading one input (q, k, v; gate, up) as one, columns concatenated, when their
+    forms agree, else None."""
     if all(isinstance(w, np.ndarray) for w in weights):
         w = np.concatenate(weights, axis=1)
     elif all(isinstance(w, BlockInt4) for w in weights) and len({w.block for w in weights}) == 1:
@@ -436,8 +437,15 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
                             do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
                 pending = b.linear(attn, r.weight(layer.o), r.bias(layer.o), f"{p}.attn.o_proj")
                 continue
-            gate = b.linear(x, r.weight(layer.gate), r.bias(layer.gate), f"{p}.mlp.gate_proj")
-            up = b.linear(x, r.weight(layer.up), r.bias(layer.up), f"{p}.mlp.up_proj")
+            gate_up = [layer.gate, layer.up]
+            packed = _pack([r.weight(lin) for lin in gate_up], [r.bias(lin) for lin in gate_up])
+            if packed is not None:  # one linear (one activation quantization at accuracy level 4), then Split
+                both = b.linear(x, *packed, f"{p}.mlp.gate_up_proj")
+                sizes = b.const(f"{p}.mlp.gate_up_split", np.array([layer.gate.out_features] * 2, np.int64))
+                gate, up = b.op("Split", [both, sizes], f"{p}/mlp/gate_up/Split", outputs=2, axis=-1)
+            else:
+                gate, up = (b.linear(x, r.weight(lin), r.bias(lin), f"{p}.mlp.{n}_proj")
+                            for lin, n in zip(gate_up, ("gate", "up")))
             act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")], f"{p}/mlp/act_fn/Mul")
             act = b.op("Mul", [act, up], f"{p}/mlp/Mul")
             rotation, arg = r.online_rotation(layer)
@@ -550,6 +558,11 @@ def write_genai_folder(graph: gs.Graph, structure, folder, config_json, *, token
                 ort.InferenceSession(str(staging / "model.onnx"), opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises several types
                 raise GenaiError(f"onnxruntime cannot load the genai model: {str(exc).splitlines()[0]}") from None
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in staging.iterdir():  # mkdtemp and onnx's external data file are private (0700 / 0600)
+            f.chmod(0o666 & ~umask)
+        staging.chmod(0o777 & ~umask)
         if folder.exists():
             folder.rmdir()
         os.replace(staging, folder)

@@ -115,7 +115,7 @@ def test_int4_ort_output_as_matmulnbits(rewritten, tmp_path):
     src, _, q = rewritten("llama")
     folder = genai_from_model(q, src, tmp_path / "genai", accuracy_level=0)
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * 5 + 1  # qkv, o, gate, up, down; lm_head
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * 4 + 1  # qkv, o, gate_up, down; lm_head
     ids = np.random.default_rng(2).integers(0, 512, size=(1, 20))
     assert _relative(greedy_logits(q, ids, 3), greedy_logits(folder / "model.onnx", ids, 3)) < TOL
 
