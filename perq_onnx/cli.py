@@ -95,8 +95,10 @@ def _describe_output(path: pathlib.Path, model) -> bool:
     if options:
         print("options: " + ", ".join(f"{k}={v}" for k, v in options.items() if v is not None))
     ops = collections.Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph.node)
-    print("ops: " + ", ".join(f"{op} x{n}" if d == "ai.onnx" else f"{d}.{op} x{n}"
-                              for (d, op), n in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))))
+    shown = {k: n for k, n in ops.items() if k[0] != "ai.onnx" or "quant" in k[1].lower() or "MatMul" in k[1]}
+    print(f"{len(model.graph.node)} nodes; quantization, matmul and non-standard ops: "
+          + ", ".join(f"{op} x{n}" if d == "ai.onnx" else f"{d}.{op} x{n}"
+                      for (d, op), n in sorted(shown.items(), key=lambda kv: (-kv[1], kv[0]))))
     if model.functions:
         print("model-local functions: " + ", ".join(sorted({f"{f.domain}.{f.name}" for f in model.functions})))
     if "perq.ort.session_config" in meta:
@@ -163,6 +165,9 @@ def cmd_eval(args) -> int:
           f"({result.windows} windows x {args.seq_len}) in {result.seconds:.1f} s")
     if reference is not None:
         ref = perplexity(reference, wins, args.threads)
+        if ref.vocab != result.vocab:
+            raise PerqError(f"--reference {reference}: a vocabulary of {ref.vocab}, {path} has {result.vocab}; "
+                            "perplexities over different vocabularies do not compare")
         print(f"reference perplexity {ref.ppl:.4f} ({reference}, the same windows): "
               f"{result.ppl / ref.ppl:.3f}x the reference")
     elif _is_perq_output(path):

@@ -17,6 +17,7 @@ class Perplexity:
     tokens: int        # predicted tokens
     windows: int
     seconds: float
+    vocab: int = 0     # the model's vocabulary (logits per position)
 
 
 def window_nll(sess, window: np.ndarray) -> tuple[float, int]:
@@ -46,12 +47,12 @@ def perplexity(model, windows: np.ndarray, threads=None, progress=True, sess=Non
         raise PerqError(f"perplexity needs at least one window of at least 2 tokens (got {list(windows.shape)})")
     start = time.perf_counter()
     sess = sess or session(model, threads)
-    check_ids_fit(sess, windows, model)
+    vocab = check_ids_fit(sess, windows, model)
     nll, count = 0.0, 0
     for w in tqdm(windows, desc="perplexity", unit="win", disable=not progress, leave=False):
         s, n = window_nll(sess, w)
         nll, count = nll + s, count + n
-    return Perplexity(float(np.exp(nll / count)), count, len(windows), time.perf_counter() - start)
+    return Perplexity(float(np.exp(nll / count)), count, len(windows), time.perf_counter() - start, vocab)
 
 
 # What `verify` compares on when it is given no --text but finds a tokenizer: ordinary English

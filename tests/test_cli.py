@@ -25,7 +25,7 @@ def assert_clean_failure(result, out, match):
     assert match in lines[0], lines[0]
     assert "Traceback" not in result.stderr
     assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]  # no temp leftovers
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".perq")]  # no staging leftovers
 
 
 def not_a_decoder(path):
@@ -36,6 +36,7 @@ def not_a_decoder(path):
     onnx.save(helper.make_model(g), path)
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(tiny_models, tmp_path):
     model = tiny_models("llama")
     before = model.read_bytes()
@@ -63,6 +64,7 @@ def test_bad_inputs_give_one_line_errors(tiny_models, tmp_path):
     assert model.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_optimize_with_text_calibration_and_verify(tiny_models, tmp_path):
     model = tiny_models("mistral", past=True)
     text = tmp_path / "calib.txt"
@@ -86,6 +88,7 @@ def test_optimize_with_text_calibration_and_verify(tiny_models, tmp_path):
     assert r.returncode == 0 and "perplexity" in r.stdout, r.stderr
 
 
+@pytest.mark.slow
 def test_inspect_lists_regions(tiny_models, tmp_path):
     r = perq("inspect", tiny_models("qwen2"))
     assert r.returncode == 0, r.stderr
@@ -96,6 +99,7 @@ def test_inspect_lists_regions(tiny_models, tmp_path):
     assert r.returncode != 0 and "no decoder layers" in r.stderr
 
 
+@pytest.mark.slow
 def test_eval_perplexity(tiny_models, tmp_path):
     model = tiny_models("llama")
     text = tmp_path / "t.txt"
@@ -106,6 +110,7 @@ def test_eval_perplexity(tiny_models, tmp_path):
     assert 1.0 < ppl < 2000 and "3 windows x 32" in r.stdout
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_a_clean_error(tiny_models, tmp_path):
     """A file system that refuses the output (here a file-size limit) is a one-line user error
     and leaves nothing behind."""
@@ -122,8 +127,9 @@ def test_file_size_limit_is_a_clean_error(tiny_models, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_nothing_behind(tiny_models, tmp_path):
-    """SIGTERM while optimize works (its staging folder exists) ends it like Ctrl-C: exit 130, no
+    """SIGTERM while optimize works (its staging folder exists) ends it like Ctrl-C: exit 143, no
     output, no staging folder."""
     import signal
     import time
@@ -133,10 +139,10 @@ def test_sigterm_leaves_nothing_behind(tiny_models, tmp_path):
                           str(out), "--calib-samples", "4", "--seq-len", "64"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not any(tmp_path.glob(".out.onnx.*")) and p.poll() is None and time.monotonic() < deadline:
+    while not any(tmp_path.glob(".perq*")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert p.poll() is None, "optimize ended before it could be interrupted"
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=300)
-    assert p.returncode == 130 and "interrupted" in err
+    assert p.returncode == 128 + signal.SIGTERM and "interrupted (SIGTERM)" in err
     assert list(tmp_path.iterdir()) == []

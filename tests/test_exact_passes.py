@@ -16,6 +16,7 @@ from conftest import MODELS, model_id, random_ids, relative_difference
 TOL = 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS, ids=model_id)
 def test_no_quant_output_equals_input(tiny_models, tmp_path, model):
     path = tiny_models(*model)
@@ -35,6 +36,7 @@ def test_no_quant_output_equals_input(tiny_models, tmp_path, model):
     assert worst > 0.0  # the rewrite did change the weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", ["full", "none"])
 def test_full_and_no_online_rotation_exact(tiny_models, tmp_path, block):
     path = tiny_models("llama", past=True, tied=True)
@@ -43,6 +45,7 @@ def test_full_and_no_online_rotation_exact(tiny_models, tmp_path, block):
     assert relative_difference(path, out, random_ids()) < TOL
 
 
+@pytest.mark.slow
 def test_rewrite_really_permutes_and_rotates(tiny_models, tmp_path):
     """The exactness above is not vacuous: weights change, one BlockHadamard per layer appears,
     and the down_proj input seen by the online rotation is the calibrated permutation."""
@@ -60,6 +63,7 @@ def test_rewrite_really_permutes_and_rotates(tiny_models, tmp_path):
     assert not set(w_in) & {n for n in w_out if "MatMul" in n}  # every linear weight was rewritten
 
 
+@pytest.mark.slow
 def test_input_model_is_never_modified(tiny_models, tmp_path):
     path = tiny_models("qwen2", past=True)
     before = path.read_bytes()

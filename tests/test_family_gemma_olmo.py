@@ -38,6 +38,7 @@ def family(tmp_path_factory):
     return family_exporter(tmp_path_factory.mktemp("family"), {a: a != "olmo2" for a in FAMILY_ARCHS})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS, ids=_id)
 def test_no_quant_exact(family, tmp_path, model):
     arch, past = model
@@ -62,6 +63,7 @@ def test_no_quant_exact(family, tmp_path, model):
         out.unlink()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILY_ARCHS)
 def test_structure(family, arch):
     s = analyze(load_graph(family(arch)))
@@ -83,6 +85,7 @@ def test_structure(family, arch):
     assert kinds.count("mlp") == 2 and kinds.count("heads") == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["simulate", "ort"])
 @pytest.mark.parametrize("arch", FAMILY_ARCHS)
 def test_quantized_runs(family, tmp_path, arch, target):
@@ -99,6 +102,7 @@ def _output_norm_gammas(model: onnx.ModelProto, path) -> list[str]:
     return [n.gamma for layer in s.layers for n in (layer.attn_output_norm, layer.mlp_output_norm)]
 
 
+@pytest.mark.slow
 def test_uniform_output_gamma_allows_r1(family, tmp_path):
     """rms(yQ) = rms(y), so an output norm with a uniform gamma commutes with R1: applied, exact."""
     path = family("gemma2")
@@ -117,6 +121,7 @@ def test_uniform_output_gamma_allows_r1(family, tmp_path):
     assert 0.0 < relative_difference(uniform, out, random_ids()) < TOL
 
 
+@pytest.mark.slow
 def test_refused_in_one_line(family, tmp_path):
     """An output norm's result read by something besides the residual Add is refused, naming a node."""
     path = family("olmo2")
@@ -133,6 +138,7 @@ def test_refused_in_one_line(family, tmp_path):
     assert "\n" not in message and message.startswith("node '") and "output norm" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("residual", ["full", "block"])
 def test_explicit_residual_rotation_on_post_norms_is_an_error(family, tmp_path, capsys, residual):
     """Asking for R1 on a model where it is not exact is refused in one line naming the output norm
@@ -150,6 +156,7 @@ def test_explicit_residual_rotation_on_post_norms_is_an_error(family, tmp_path, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_residual_rotation_pass_refuses_post_norms(family, tmp_path):
     """Running R1 by hand on a structure it is not exact for fails its precondition, naming it."""
     from perq_onnx.passes.base import Context, PassManager
@@ -164,6 +171,7 @@ def test_residual_rotation_pass_refuses_post_norms(family, tmp_path):
         PassManager([FoldNormGammas(), RotateResidual(Permutation(np.arange(128)), "identity")], False).run(ctx)
 
 
+@pytest.mark.slow
 def test_gemma3_270m_recipe_exact(tmp_path):
     """The Gemma 3 270M recipe (skipped without its GGUF package): export, --no-quant rewrite
     (R1 skipped, R2/P3/R3 applied) and the same logits on a few tokens."""

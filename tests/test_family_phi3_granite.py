@@ -47,6 +47,7 @@ def _save(model: onnx.ModelProto, path) -> str:
 
 # ---------------------------------------------------------------------------- the exports
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", tiny.PHI3_GRANITE_ARCHS)
 def test_export_matches_torch(exported, arch):
     """The ONNX export computes what the transformers model does (multipliers included)."""
@@ -58,6 +59,7 @@ def test_export_matches_torch(exported, arch):
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.slow
 def test_phi3_regions_fold_into_fused_slices(exported):
     s = analyze(load_graph(exported("phi3")[0]))
     layer = s.layers[0]
@@ -77,6 +79,7 @@ def test_phi3_regions_fold_into_fused_slices(exported):
     assert mlp == [(gate_up, 1, 0, 256), (gate_up, 1, 256, 512), (f"{MLP}/down_proj/MatMul", 0, 0, 256)]
 
 
+@pytest.mark.slow
 def test_granite_multipliers_stay_in_place(exported):
     s = analyze(load_graph(exported("granite")[0]))
     assert len(s.writers) == 4 and len(s.readers()) == 11
@@ -93,6 +96,7 @@ SETTINGS = [dict(block="16", permute="massdiff", residual_rotation="full"),
             dict(block="full", permute="none", residual_rotation="full")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", MODELS, ids=_id)
 def test_no_quant_output_equals_input(exported, tmp_path, model):
     path, stats = exported(*model)
@@ -122,6 +126,7 @@ def _step(sess, ids, past=None, past_len=0):
     return out["logits"], {k.replace("present.", "past_key_values."): v for k, v in out.items() if k != "logits"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", tiny.PHI3_GRANITE_ARCHS)
 def test_kv_cache_decode_is_exact(exported, tmp_path, arch):
     """Prefill, then decode reading the cache back: the value cache is stored in the R2-rotated
@@ -142,6 +147,7 @@ def test_kv_cache_decode_is_exact(exported, tmp_path, arch):
     assert np.abs(v0 - v1).max() > 1e-3  # the cache really is in another basis
 
 
+@pytest.mark.slow
 def test_phi3_qkv_split_instead_of_slices_is_exact(exported, tmp_path):
     """The same fused qkv cut by one Split of the last axis (sizes 128, 64, 64) is read as the
     three projections and rewritten exactly."""
@@ -164,6 +170,7 @@ def test_phi3_qkv_split_instead_of_slices_is_exact(exported, tmp_path):
 
 # ------------------------------------------------------------------------------ quantized
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", tiny.PHI3_GRANITE_ARCHS)
 @pytest.mark.parametrize("target", ["simulate", "ort"])
 def test_quantized_output_runs(exported, tmp_path, arch, target):
@@ -194,6 +201,7 @@ def _refusal(model: onnx.ModelProto, tmp_path) -> AnalysisError:
     return info.value
 
 
+@pytest.mark.slow
 def test_phi3_fused_output_read_elsewhere_is_refused(exported, tmp_path, capsys):
     """A ReduceSum over qkv_proj's output (a graph output) would see R2 change the V columns."""
     model = onnx.load(exported("phi3")[0])
@@ -218,6 +226,7 @@ BAD_SLICES = {"overlapping": (f"{ATTN}/Slice_1", 2, "k_end", 224, f"{ATTN}/Slice
               "other-axis": (f"{MLP}/Slice_1", 3, "seq_axis", 1, f"{MLP}/Slice_1", "last axis")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_SLICES)
 def test_phi3_bad_slice_is_refused(exported, tmp_path, case):
     slice_name, index, init, value, refused, reason = BAD_SLICES[case]
@@ -227,6 +236,7 @@ def test_phi3_bad_slice_is_refused(exported, tmp_path, case):
     assert err.node == refused and reason in err.reason
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mul", ["/model/Mul", "/model/layers.0/Mul"], ids=["embedding", "residual"])
 def test_granite_per_channel_multiplier_is_refused(exported, tmp_path, mul):
     """A per-channel vector in place of Granite's scalar multiplier does not commute with R1."""

@@ -75,6 +75,7 @@ def _weight_types(path) -> dict[int, int]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fp16_no_quant_within_fp16_rounding(fp16_models, tmp_path, variant):
     path = fp16_models[variant]
@@ -98,6 +99,7 @@ def _qdq_constant_types(path) -> set[int]:
     return {t.data_type for t in model.graph.initializer if "/input_qdq/" in t.name and t.name.endswith(("/one", "/eps", "/qmax"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["ort-fp16", "optimum-fp16"])
 @pytest.mark.parametrize("extra", [{}, {"fused_ops": True, "a_symmetric": True}], ids=["chain", "fused"])
 def test_fp16_activation_quantization_valid(fp16_models, tmp_path, variant, extra):
@@ -116,6 +118,7 @@ def test_fp16_activation_quantization_valid(fp16_models, tmp_path, variant, extr
         assert "BlockHadamardQuantize" in {n.op_type for n in onnx.load(str(out)).graph.node}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["simulate", "ort", "tensorrt"])
 @pytest.mark.parametrize("variant", ["ort-fp16-keep-io", "optimum-fp16"])
 def test_fp16_quantized_valid(fp16_models, tmp_path, variant, target):
@@ -173,6 +176,7 @@ def _to_bf16(src, dst):
     onnx.save(model, str(dst))
 
 
+@pytest.mark.slow
 def test_bf16_refused(fp16_models, tmp_path):
     path = tmp_path / "bf16" / "model.onnx"
     _to_bf16(fp16_models["ort-fp16"], path)

@@ -50,6 +50,7 @@ def simulate_weights(path, model) -> dict[str, np.ndarray]:
     return {name: values[t] for name, t in weights.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
 def test_simulate_weights_and_activations_equal_the_numpy_reference(llama, tmp_path, fmt):
     out = tmp_path / "model.onnx"
@@ -87,6 +88,7 @@ def test_simulate_weights_and_activations_equal_the_numpy_reference(llama, tmp_p
         assert not np.array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_tensorrt_nvfp4_is_modelopts_form_with_the_simulate_weights(llama, tmp_path):
     sim_path, trt_path = tmp_path / "sim" / "model.onnx", tmp_path / "trt" / "model.onnx"
     sim = build(llama, sim_path, format="nvfp4")
@@ -111,6 +113,7 @@ def test_tensorrt_nvfp4_is_modelopts_form_with_the_simulate_weights(llama, tmp_p
         np.testing.assert_array_equal(decoded[name], expected[name])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, message", [
     (dict(format="nvfp4", target="ort"), "--format nvfp4: the ort target expresses int only"),
     (dict(format="mxfp4", target="tensorrt"), "--format mxfp4: the tensorrt target expresses int, nvfp4 only"),
@@ -121,6 +124,7 @@ def test_a_format_the_target_cannot_express_is_refused(options, message):
         target(settings).resolve(settings, {"/model/layers.0/mlp/down_proj/MatMul": 256})
 
 
+@pytest.mark.slow
 def test_a_layer_the_format_block_does_not_divide_is_named():
     settings = Settings.parse(format="mxfp4")
     with pytest.raises(PerqError, match=r"blocks of 32 do not divide the 48 input channels of node 'odd'"):

@@ -50,12 +50,14 @@ def _prompt(gen, model_dir):
     return enc["input_ids"]
 
 
+@pytest.mark.slow
 def test_sidecar_files_travel_with_the_output(outputs):
     _, ort_out, _ = outputs
     assert (ort_out.parent / "config.json").is_file() and (ort_out.parent / "tokenizer.json").is_file()
     assert deploy_config(ort_out) == {"session.qdq_matmulnbits_accuracy_level": "4"}
 
 
+@pytest.mark.slow
 def test_loop_and_optimum_agree_on_ort_output(gen, outputs):
     _, ort_out, _ = outputs
     ids = _prompt(gen, ort_out.parent)
@@ -68,6 +70,7 @@ def test_loop_and_optimum_agree_on_ort_output(gen, outputs):
     assert loop == opt
 
 
+@pytest.mark.slow
 def test_float_output_generates_like_the_input(gen, outputs):
     src, _, float_out = outputs
     ids = _prompt(gen, float_out.parent)

@@ -60,6 +60,7 @@ def _tied_for(arch: str) -> bool:
 # ---------------------------------------------------------------------------------------- tiny
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_export_matches_torch(arch, tiny_dir):
     tied = _tied_for(arch)
@@ -84,6 +85,7 @@ def test_tiny_export_matches_torch(arch, tiny_dir):
     assert np.abs(ref).max() > 0.1  # not a degenerate all-zero model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tiny_with_past_matches_torch(arch, tiny_dir):
     tied = _tied_for(arch)
@@ -110,6 +112,7 @@ def test_tiny_with_past_matches_torch(arch, tiny_dir):
     np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_tied_and_untied(tiny_dir):
     """tied=True makes lm_head the embedding (the export stores it once more, transposed)."""
     for tied in (True, False):
@@ -144,6 +147,7 @@ def test_tiny_weights_are_not_trivial():
     assert torch.equal(w, same.model.layers[0].self_attn.q_proj.weight)
 
 
+@pytest.mark.slow
 def test_tiny_tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
@@ -160,6 +164,7 @@ def test_tiny_tokenizer(tiny_dir):
     assert logits.shape == (1, len(ids), tiny.VOCAB) and np.isfinite(logits).all()
 
 
+@pytest.mark.slow
 def test_tiny_export_is_reused_and_checks_arch(tiny_dir):
     path = tiny.export_tiny("mistral", tiny_dir / "mistral-nopast", with_past=False, tied=False)
     mtime = path.stat().st_mtime_ns
@@ -170,6 +175,7 @@ def test_tiny_export_is_reused_and_checks_arch(tiny_dir):
         tiny.export_tiny("gpt2", tiny_dir / "gpt2", with_past=False, tied=False)
 
 
+@pytest.mark.slow
 def test_tiny_export_into_existing_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("kept")
     path = tiny.export_tiny("llama", tmp_path, with_past=False, tied=True)
@@ -181,12 +187,14 @@ def test_tiny_export_into_existing_dir(tmp_path):
 # ------------------------------------------------------------------------------------- resolve
 
 
+@pytest.mark.slow
 def test_resolve_onnx_path(tmp_path):
     f = tmp_path / "m.onnx"
     f.write_bytes(b"")
     assert resolve(str(f)) == f
 
 
+@pytest.mark.slow
 def test_resolve_errors(tmp_path):
     with pytest.raises(PerqError, match="smollm2") as e:
         resolve("llama-7b")
@@ -201,6 +209,7 @@ def test_resolve_errors(tmp_path):
 # ------------------------------------------------------------------------------------- smollm2
 
 
+@pytest.mark.slow
 def test_smollm2_missing_package(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
@@ -211,6 +220,7 @@ def test_smollm2_missing_package(monkeypatch):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_smollm2_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("PERQ_CACHE", str(tmp_path))
     assert smollm2.cache_dir() == tmp_path / "smollm2"
@@ -220,6 +230,7 @@ def test_smollm2_cache_root(monkeypatch, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_smollm2_recipe():
     """The README's default model. Quick when cached; the first run builds the cache (~1-2 min)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -253,6 +264,7 @@ def test_smollm2_recipe():
     assert tok.decode(int(logits[0, -1].argmax())).strip() == "Paris"
 
 
+@pytest.mark.slow
 def test_smollm2_with_past_recipe():
     path = smollm2.onnx_path(with_past=True)
     assert path.parent.name == "onnx-with-past" and path.is_file()
@@ -266,6 +278,7 @@ def test_smollm2_with_past_recipe():
 # -------------------------------------------------------------------------------- gemma3-270m
 
 
+@pytest.mark.slow
 def test_gemma3_270m_tokenizer():
     """The recipe's SentencePiece BPE (not transformers' Unigram conversion): whole words, <bos>
     added, ids within the vocabulary, decoding round-trips (skipped without the GGUF package)."""

@@ -132,6 +132,7 @@ def assert_refused(rc, lines, out_dir, out):
 
 # ------------------------------------------------------------------------------ the mutations
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mutation, arch", [pytest.param(f, a, id=f.__name__) for f, a in CASES])
 def test_mutation_is_rewritten_exactly_or_refused(tiny_models, tmp_path, capsys, mutation, arch):
     mutated = mutation(onnx.load(str(tiny_models(arch))))
@@ -181,6 +182,7 @@ BAD_OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, global_args, option",
                          [pytest.param(*c, id=" ".join(c[0] or c[1])) for c in BAD_OPTIONS])
 def test_bad_option_value_is_refused(tiny_models, tmp_path, capsys, extra, global_args, option):
@@ -192,6 +194,7 @@ def test_bad_option_value_is_refused(tiny_models, tmp_path, capsys, extra, globa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_output_is_the_inputs_external_data_file(tiny_models, tmp_path, capsys):
     model_dir = tmp_path / "ext"
     model_dir.mkdir()
@@ -205,6 +208,7 @@ def test_output_is_the_inputs_external_data_file(tiny_models, tmp_path, capsys):
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("perq-onnx: error:"), (rc, lines)
 
 
+@pytest.mark.slow
 def test_output_is_an_existing_directory(tiny_models, tmp_path, capsys):
     out = tmp_path / "outdir"
     out.mkdir()
@@ -215,6 +219,7 @@ def test_output_is_an_existing_directory(tiny_models, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outdir"]
 
 
+@pytest.mark.slow
 def test_output_under_a_regular_file(tiny_models, tmp_path, capsys):
     blocker = tmp_path / "afile"
     blocker.write_text("not a directory")

@@ -93,6 +93,7 @@ def fused(tiny_models, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("past", [False, True], ids=["nopast", "past"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_no_quant_exact_against_original_export(fused, tmp_path, name, past):
@@ -117,6 +118,7 @@ def test_no_quant_exact_against_original_export(fused, tmp_path, name, past):
             assert np.all(numpy_helper.to_array(inits[scale]) == 1), node.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["simulate", "ort"])
 @pytest.mark.parametrize("name,past", [("transformers-rotary", True), ("ort-extended", False)])
 def test_quantized_outputs_run(fused, tmp_path, name, past, target):
@@ -137,6 +139,7 @@ def _edit(src, dst, change):
     return dst
 
 
+@pytest.mark.slow
 def test_skip_norm_with_bias_is_refused(fused, tmp_path):
     _, variant = fused("transformers-rotary", True)
 
@@ -149,6 +152,7 @@ def test_skip_norm_with_bias_is_refused(fused, tmp_path):
         analyze(load_graph(path))
 
 
+@pytest.mark.slow
 def test_norm_with_computed_scale_is_refused(fused, tmp_path):
     _, variant = fused("ort-extended", False)
 

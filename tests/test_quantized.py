@@ -29,12 +29,14 @@ def quantized(tiny_models, tmp_path_factory):
     return path, out
 
 
+@pytest.mark.slow
 def test_loads_in_plain_onnxruntime(quantized):
     _, out = quantized
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert {o.name for o in sess.get_outputs()} >= {"logits", "present.0.value"}
 
 
+@pytest.mark.slow
 def test_structure(quantized):
     _, out = quantized
     model = onnx.load(str(out))
@@ -53,6 +55,7 @@ def test_structure(quantized):
     assert [r["linear"] for r in records[:4]] == ["qkv", "o_proj", "gate_up", "down_proj"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits,min_cos", [(4, 0.9), (8, 0.999)])
 def test_logits_track_float_model(tiny_models, tmp_path, bits, min_cos):
     path = tiny_models("llama")
@@ -64,6 +67,7 @@ def test_logits_track_float_model(tiny_models, tmp_path, bits, min_cos):
     assert np.abs(ref - got).max() > 0  # it is quantized
 
 
+@pytest.mark.slow
 def test_quantization_without_rotation_is_worse_on_outliers(tiny_models, tmp_path):
     """The tiny models have outlier channels: rotations must reduce the W4A4 logit error."""
     path = tiny_models("llama")
@@ -77,6 +81,7 @@ def test_quantization_without_rotation_is_worse_on_outliers(tiny_models, tmp_pat
     assert errs["perq"] < errs["plain"]
 
 
+@pytest.mark.slow
 def test_fused_op_model_matches_unfused(tiny_models, tmp_path):
     path = tiny_models("llama")
     optimize(path, tmp_path / "a.onnx", Settings.parse(block="16"), progress=False)
@@ -89,6 +94,7 @@ def test_fused_op_model_matches_unfused(tiny_models, tmp_path):
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
 
 
+@pytest.mark.slow
 def test_symmetric_and_grouped_options(tiny_models, tmp_path):
     path = tiny_models("llama")
     out = tmp_path / "s.onnx"
@@ -103,6 +109,7 @@ def test_symmetric_and_grouped_options(tiny_models, tmp_path):
     assert cosine(logits(session(path), ids), logits(session(out), ids)) > 0.9
 
 
+@pytest.mark.slow
 def test_model_with_op_library_matches_function_fallback(tiny_models, tmp_path):
     """A PeRQ model run with the compiled BlockHadamard kernel gives the logits of the same model
     run through its model-local function body (plain onnxruntime)."""

@@ -36,6 +36,7 @@ def _default_opset(path) -> int:
 
 # ------------------------------------------------------------------------------ old opsets
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [14, 17])
 def test_old_opset_no_quant_exact(old_opset_models, tmp_path, opset):
     path = old_opset_models[opset]
@@ -50,6 +51,7 @@ def test_old_opset_no_quant_exact(old_opset_models, tmp_path, opset):
     assert relative_difference(path, out, random_ids()) < TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [14, 17])
 def test_old_opset_quantized_valid(old_opset_models, tmp_path, opset):
     path = old_opset_models[opset]
@@ -62,6 +64,7 @@ def test_old_opset_quantized_valid(old_opset_models, tmp_path, opset):
     assert np.isfinite(la).all()
 
 
+@pytest.mark.slow
 def test_conversion_never_sees_weights(old_opset_models, monkeypatch):
     """The version converter gets a weightless skeleton (embedded weights are not copied)."""
     seen = {}
@@ -80,6 +83,7 @@ def test_conversion_never_sees_weights(old_opset_models, monkeypatch):
     assert tuple(embed.shape) == (512, 128) and np.abs(np.asarray(read(embed))).sum() > 0
 
 
+@pytest.mark.slow
 def test_conversion_failure_refused(old_opset_models, monkeypatch):
     def broken(model, version):
         raise RuntimeError("No Adapter For Frobnicate")
@@ -89,6 +93,7 @@ def test_conversion_failure_refused(old_opset_models, monkeypatch):
         load_graph(old_opset_models[14])
 
 
+@pytest.mark.slow
 def test_conversion_touching_a_weight_refused(old_opset_models, monkeypatch):
     real = onnx.version_converter.convert_version
 
@@ -104,6 +109,7 @@ def test_conversion_touching_a_weight_refused(old_opset_models, monkeypatch):
         load_graph(old_opset_models[17])
 
 
+@pytest.mark.slow
 def test_newer_opset_kept_and_functions_match(tiny_models, tmp_path):
     """An opset-23 model stays at 23; the model-local function bodies import 23 as well (a
     function must import its model's version of a domain)."""
@@ -122,6 +128,7 @@ def test_newer_opset_kept_and_functions_match(tiny_models, tmp_path):
                                                      "position_ids": np.tile(np.arange(24), (2, 1))})[0]).all()
 
 
+@pytest.mark.slow
 def test_old_opset_cli_does_not_touch_input(old_opset_models, tmp_path):
     from perq_onnx.cli import main
     path = old_opset_models[14]
@@ -155,6 +162,7 @@ class _CountingSession:
         monkeypatch.setattr(calibration, "session", counting)
 
 
+@pytest.mark.slow
 def test_incremental_sampling_equals_full_reforward(tiny_models, monkeypatch):
     path = tiny_models("llama", past=True, tied=False)
     counter = _CountingSession(monkeypatch)
@@ -168,6 +176,7 @@ def test_incremental_sampling_equals_full_reforward(tiny_models, monkeypatch):
     assert full_positions == 1 + 3 * sum(range(1, 64))
 
 
+@pytest.mark.slow
 def test_incremental_sampling_is_faster(tiny_models):
     path = tiny_models("llama", past=True, tied=False)
     calibration.generate(path, 2, 8, seed=0)  # warm up (page cache, onnxruntime init)
@@ -182,6 +191,7 @@ def test_incremental_sampling_is_faster(tiny_models):
     assert best() < best(incremental=False)
 
 
+@pytest.mark.slow
 def test_model_without_cache_samples_by_reforward(tiny_models):
     path = tiny_models("llama", past=False, tied=False)
     ids = calibration.generate(path, 2, 12, seed=1)

@@ -38,6 +38,7 @@ def ort_output(tiny_models, tmp_path_factory):
     return path, out
 
 
+@pytest.mark.slow
 def test_ort_target_fuses_every_weight_into_matmulnbits(ort_output, tmp_path):
     _, out = ort_output
     config = deploy_config(out)
@@ -56,6 +57,7 @@ def test_ort_target_fuses_every_weight_into_matmulnbits(ort_output, tmp_path):
     assert not [n for n in fused.graph.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("quantized")]
 
 
+@pytest.mark.slow
 def test_ort_target_embedding_is_int8_gathered_first(ort_output):
     path, out = ort_output
     model = onnx.load(str(out))
@@ -67,11 +69,13 @@ def test_ort_target_embedding_is_int8_gathered_first(ort_output):
     assert d.top1 > 0.5 and d.cosine > 0.9  # a 4-bit model of a random tiny net: loose, but not broken
 
 
+@pytest.mark.slow
 def test_ort_target_refuses_activation_bits(tiny_models, tmp_path):
     with pytest.raises(PerqError, match="ort target leaves activations"):
         optimize(tiny_models("llama"), tmp_path / "x.onnx", Settings.parse(target="ort", a_bits=4), progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("a_bits", [16, 8])
 def test_tensorrt_target_passes_the_checker_and_runs(tiny_models, tmp_path, a_bits):
     path = tiny_models("llama", past=True)
@@ -86,6 +90,7 @@ def test_tensorrt_target_passes_the_checker_and_runs(tiny_models, tmp_path, a_bi
     assert d.top1 > 0.5 and d.cosine > 0.9
 
 
+@pytest.mark.slow
 def test_tensorrt_target_float_rewrite_is_exact(tiny_models, tmp_path):
     """Inlining the online rotation as standard ops changes nothing."""
     path = tiny_models("llama")
@@ -95,6 +100,7 @@ def test_tensorrt_target_float_rewrite_is_exact(tiny_models, tmp_path):
     assert not onnx.load(str(out)).functions
 
 
+@pytest.mark.slow
 def test_tensorrt_target_refuses_what_tensorrt_cannot_run(tiny_models, tmp_path):
     for kwargs, match in ((dict(w_group=32), "64 or 128"), (dict(a_bits=4), "weight-only")):
         with pytest.raises(PerqError, match=match):
