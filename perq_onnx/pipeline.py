@@ -62,13 +62,16 @@ class Report:
         """Time a phase and record its peak resident memory (sampled while it runs) and the
         process's peak so far. The kernel's high-water mark is never reset: resetting it
         (/proc/self/clear_refs) would also reset what /usr/bin/time and getrusage report."""
-        sampler = _RssSampler()
+        sampler, before = _RssSampler(), _peak_rss()
         start = time.perf_counter()
         try:
             yield
         finally:
             peak = sampler.stop()
-        self.phases.append(Phase(name, time.perf_counter() - start, peak, _peak_rss()))
+        after = _peak_rss()
+        if after > before:  # the process's high-water mark was set in this phase: exact
+            peak = max(peak, after)
+        self.phases.append(Phase(name, time.perf_counter() - start, peak, after))
 
     @property
     def peak_rss_bytes(self) -> int:
@@ -99,7 +102,8 @@ def _peak_rss() -> int:
 
 class _RssSampler:
     """The peak resident set size over a phase, from /proc/self/statm read every `interval`
-    seconds by a daemon thread (a spike shorter than that can be missed)."""
+    seconds by a daemon thread (a spike shorter than that, or inside a C call that holds the
+    GIL, can be missed; Report.phase takes the kernel's mark when the phase raised it)."""
 
     def __init__(self, interval: float = 0.01):
         import threading
