@@ -6,6 +6,8 @@
   equal to the ort output run with float activations;
 * onnxruntime-genai (``og.Model`` + ``og.Generator``) generates the same greedy tokens as an
   onnxruntime loop over the optimum model;
+* from a rewrite of an export without KV cache, and called on the live graph inside the ort
+  target's lowering (where the pipeline will call it);
 * refusals: rope scaling, a model type it does not build, a non-empty output folder.
 """
 from __future__ import annotations
@@ -67,15 +69,16 @@ def rewritten(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("genai")
     cache = {}
 
-    def get(arch):
-        if arch not in cache:
-            src = tiny_models(arch, past=True, tied=False)
-            nq, q = root / arch / "noquant" / "model.onnx", root / arch / "ort" / "model.onnx"
+    def get(arch, past=True):
+        if (arch, past) not in cache:
+            src = tiny_models(arch, past=past, tied=False)
+            sub = root / f"{arch}-{'past' if past else 'nopast'}"
+            nq, q = sub / "noquant" / "model.onnx", sub / "ort" / "model.onnx"
             pipeline.optimize(src, nq, Settings.parse(target="ort", quantize=False, calib_samples=4, seq_len=32),
                               progress=False)
             pipeline.optimize(src, q, Settings.parse(target="ort", calib_samples=4, seq_len=32), progress=False)
-            cache[arch] = (src, nq, q)
-        return cache[arch]
+            cache[arch, past] = (src, nq, q)
+        return cache[arch, past]
     return get
 
 
@@ -88,6 +91,17 @@ def test_float_rewrite_matches_optimum(rewritten, tmp_path, arch):
         assert (folder / name).is_file(), name
     ids = np.random.default_rng(1).integers(0, 512, size=(1, 24))
     assert _relative(greedy_logits(src, ids, 4), greedy_logits(folder / "model.onnx", ids, 4)) < TOL
+
+
+@pytest.mark.slow
+def test_from_an_export_without_kv_cache(rewritten, tiny_models, tmp_path):
+    """The genai form always has the KV cache: made from a rewrite of the no-past export, it
+    equals the with-past export (the same seeded weights) through decode steps."""
+    src, nq, _ = rewritten("llama", past=False)
+    folder = genai_from_model(nq, src, tmp_path / "genai", accuracy_level=0)
+    reference = tiny_models("llama", past=True, tied=False)
+    ids = np.random.default_rng(3).integers(0, 512, size=(1, 16))
+    assert _relative(greedy_logits(reference, ids, 3), greedy_logits(folder / "model.onnx", ids, 3)) < TOL
 
 
 @pytest.mark.slow
@@ -166,3 +180,24 @@ def test_config_refuses_short_sliding_window(tmp_path):
     path.write_text(json.dumps({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 256,
                                 "rope_theta": 5e5}))
     assert ModelConfig.read(path).rope_theta == 5e5
+
+
+@pytest.mark.slow
+def test_written_from_inside_the_ort_lowering(tiny_models, tmp_path, monkeypatch):
+    """write_genai_folder on the live graph right after the ort target's lowering (weights still in
+    the staging store, the analysis of the unrewritten graph): where the pipeline would call it."""
+    from perq_onnx.genai import write_genai_folder
+    from perq_onnx.targets.ort import Ort
+    src = tiny_models("llama", past=True, tied=False)
+    folder = tmp_path / "genai"
+    lower = Ort.lower
+
+    def lower_and_write(self, ctx, settings, progress=True):
+        results = lower(self, ctx, settings, progress)
+        write_genai_folder(ctx.graph, ctx.structure, folder, src.parent / "config.json", accuracy_level=0)
+        return results
+    monkeypatch.setattr(Ort, "lower", lower_and_write)
+    out = tmp_path / "ort" / "model.onnx"
+    pipeline.optimize(src, out, Settings.parse(target="ort", calib_samples=4, seq_len=32), progress=False)
+    ids = np.random.default_rng(4).integers(0, 512, size=(1, 12))
+    assert _relative(greedy_logits(out, ids, 2), greedy_logits(folder / "model.onnx", ids, 2)) < TOL
