@@ -111,8 +111,10 @@ def cmd_inspect(args) -> int:
     from .graph import load_graph
     from .inputs import check_model, load_skeleton
     path = _model(args.model)
-    check_model(path)
-    output = _describe_output(path, load_skeleton(path))
+    skeleton = load_skeleton(path)
+    check_model(path, skeleton)
+    output = _describe_output(path, skeleton)
+    del skeleton
     try:
         structure = analyze(load_graph(path))
     except (AnalysisError, PerqError) as exc:

@@ -142,9 +142,9 @@ def check_external_data(model: onnx.ModelProto, path) -> set[pathlib.Path]:
     return {external_extent(t, base)[0] for t in _tensors(model) if uses_external_data(t)}
 
 
-def check_model(path) -> set[pathlib.Path]:
-    """Check the model file at path (see the module docstring); return the files it is read
-    from: the model and its external data files."""
-    model = load_skeleton(path)
+def check_model(path, model: onnx.ModelProto | None = None) -> set[pathlib.Path]:
+    """Check the model file at path (see the module docstring; `model`: its skeleton, when
+    already loaded); return the files it is read from: the model and its external data files."""
+    model = load_skeleton(path) if model is None else model
     check_functions(model, path)
     return {pathlib.Path(path).resolve()} | check_external_data(model, path)
