@@ -201,3 +201,18 @@ def test_written_from_inside_the_ort_lowering(tiny_models, tmp_path, monkeypatch
     pipeline.optimize(src, out, Settings.parse(target="ort", calib_samples=4, seq_len=32), progress=False)
     ids = np.random.default_rng(4).integers(0, 512, size=(1, 12))
     assert _relative(greedy_logits(out, ids, 2), greedy_logits(folder / "model.onnx", ids, 2)) < TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"block": "none"}, {"block": "full"}, {"residual_rotation": "none"},
+                                     {"target": "tensorrt"}], ids=lambda o: "-".join(map(str, o.values())))
+def test_other_rewrites(tiny_models, tmp_path, options):
+    """No online rotation, a full-matrix one, unfolded gammas (no R1), and the tensorrt target's
+    inlined BlockHadamard: each rebuilt exactly (float weights)."""
+    src = tiny_models("llama", past=True, tied=True)
+    out = tmp_path / "rewritten" / "model.onnx"
+    settings = {"target": "ort", "quantize": False, "calib_samples": 4, "seq_len": 32, **options}
+    pipeline.optimize(src, out, Settings.parse(**settings), progress=False)
+    folder = genai_from_model(out, src, tmp_path / "genai", accuracy_level=0)
+    ids = np.random.default_rng(5).integers(0, 512, size=(1, 12))
+    assert _relative(greedy_logits(src, ids, 2), greedy_logits(folder / "model.onnx", ids, 2)) < TOL
