@@ -48,6 +48,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .errors import PerqError
 from .hadamard import hadamard
+from .shapes import constant_value as _value  # Identity / Transpose / Constant nodes followed
+from .shapes import producer as _producer
+from .weights import read as _read
 
 MS = "com.microsoft"
 OPSET = 21
@@ -73,11 +76,6 @@ class BlockInt4:
 
 
 # --------------------------------------------------------------------------- reading the graph
-
-from .shapes import constant_value as _value  # Identity / Transpose / Constant nodes followed
-from .shapes import producer as _producer
-from .weights import read as _read
-
 
 def _need(tensor: gs.Tensor, what: str) -> np.ndarray:
     value = _value(tensor)
