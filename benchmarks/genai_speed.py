@@ -50,12 +50,19 @@ def open_session(path: pathlib.Path, threads: int) -> ort.InferenceSession:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.intra_op_num_threads = threads
-        return ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        config = json.loads((path / "genai_config.json").read_text())
+        sess.head_size = config["model"]["decoder"]["head_size"]
+        return sess
     return session(path, threads)
 
 
 def _empty_past(sess, batch: int = 1) -> dict[str, np.ndarray]:
-    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32)
+    """Zero-length past key/values; a symbolic head size (the model builder's) is read from the
+    folder's genai_config.json (``sess.head_size``, set by open_session)."""
+    def dim(i, axis):
+        return i.shape[axis] if isinstance(i.shape[axis], int) else sess.head_size
+    return {i.name: np.zeros((batch, i.shape[1], 0, dim(i, 3)), np.float32)
             for i in sess.get_inputs() if i.name.startswith("past_key_values")}
 
 
