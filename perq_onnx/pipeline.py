@@ -68,7 +68,7 @@ class Report:
             yield
         finally:
             peak = sampler.stop()
-        after = _peak_rss()
+        after = max(_peak_rss(), peak)  # the kernel's counters can lag the sampled RSS by a few pages
         if after > before:  # the process's high-water mark was set in this phase: exact
             peak = max(peak, after)
         self.phases.append(Phase(name, time.perf_counter() - start, peak, after))

@@ -139,6 +139,7 @@ def test_closed_or_gone_streams(model, tmp_path):
     assert (tmp_path / "d.onnx").is_file()
 
 
+@pytest.mark.slow  # loads transformers' tokenizers in several subprocesses
 def test_calibration_text_from_a_pipe_or_stdin(model, tmp_path):
     _tokenizer(model.parent)
     text = "the a of and to in is was that it " * 40
@@ -177,6 +178,7 @@ def test_bounds_are_named(model, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ eval, verify
 
+@pytest.mark.slow  # loads transformers' tokenizers in several subprocesses
 def test_eval_and_verify_arguments(model, tmp_path, monkeypatch):
     _tokenizer(model.parent)
     text = tmp_path / "t.txt"
@@ -196,6 +198,7 @@ def test_eval_and_verify_arguments(model, tmp_path, monkeypatch):
     one_line_error(perq("eval", model, text, "--seq-len", "8", "--reference", other), "a vocabulary of 48")
 
 
+@pytest.mark.slow  # loads transformers' tokenizers in several subprocesses
 def test_eval_reference_and_verify_on_text_by_default(model, tmp_path):
     _tokenizer(model.parent)
     text = tmp_path / "t.txt"
