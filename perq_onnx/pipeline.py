@@ -26,7 +26,7 @@ from . import calibration, publish
 from .analysis import DecoderStructure, analyze
 from .calibration import Calibrator
 from .errors import InternalError, PerqError
-from .graph import check_model_file, export_structure, load_graph
+from .graph import check_model_file, load_graph
 from .passes.base import Context, Pass, PassManager
 from .passes.fold_norm_gammas import FoldNormGammas
 from .passes.online_rotation import InsertOnlineRotation
@@ -282,13 +282,13 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
         with report.phase("save"):
             ctx.metadata["perq.options"] = json.dumps(settings.to_json())
             ctx.metadata["perq.target"] = tgt.name
-            model = export_structure(ctx.graph, ctx.functions.values(), ctx.min_opset, ctx.metadata)
             staged = pathlib.Path(tmp) / "out" / output_path.name
             staged.parent.mkdir()
-            files = ctx.store.write_model(model, ctx.graph, staged)
-            del model
+            files = tgt.write(ctx, staged, model_path.parent)
             verify_written(staged, tgt, settings)
-            moves = _copy_sidecar_files(model_path.parent, output_path.parent, pathlib.Path(tmp) / "out")
+            written = {f.name for f in files}
+            moves = [m for m in _copy_sidecar_files(model_path.parent, output_path.parent, staged.parent)
+                     if m[0].name not in written]
             moves += [(f, output_path.parent / f.name) for f in files[1:]] + [(files[0], output_path)]
             publish.move(moves)  # sidecars and external data first, the model file last
     report.seconds = time.perf_counter() - start

@@ -82,6 +82,7 @@ class NumberFormat(Choice):
 class TargetName(Choice):
     SIMULATE = "simulate"
     ORT = "ort"
+    GENAI = "genai"
     TENSORRT = "tensorrt"
 
 
@@ -199,8 +200,9 @@ class WeightConfig:
             raise PerqError(f"--w-bits {self.bits}: choose 4, 8 or 16 (16 = float weights)")
         _positive("--w-group", self.group)
         if self.format is not NumberFormat.INT:
-            if self.bits != 4:
-                raise PerqError(f"--w-bits {self.bits}: --format {self.format} has 4-bit (E2M1) values")
+            if self.bits not in (4, 16):
+                raise PerqError(f"--w-bits {self.bits}: --format {self.format} has 4-bit (E2M1) values "
+                                "(or 16: float weights)")
             if self.group not in (None, self.format.block):
                 raise PerqError(f"--w-group {self.group}: --format {self.format} has one scale per "
                                 f"{self.format.block} values")

@@ -183,24 +183,25 @@ def test_config_refuses_short_sliding_window(tmp_path):
 
 
 @pytest.mark.slow
-def test_written_from_inside_the_ort_lowering(tiny_models, tmp_path, monkeypatch):
-    """write_genai_folder on the live graph right after the ort target's lowering (weights still in
-    the staging store, the analysis of the unrewritten graph): where the pipeline would call it."""
-    from perq_onnx.genai import write_genai_folder
-    from perq_onnx.targets.ort import Ort
+def test_genai_target_writes_the_ort_models_folder(tiny_models, tmp_path, capsys, monkeypatch):
+    """--target genai: the ort target's quantized weights rebuilt as a genai folder in the pipeline;
+    the same logits as the ort output through the KV cache (float activations in MatMulNBits:
+    accuracy level 0 in both), loadable and runnable by onnxruntime-genai (`perq-onnx generate`)."""
+    import perq_onnx.targets.genai
+    monkeypatch.setattr(perq_onnx.targets.genai, "ACCURACY_LEVEL", 0)
     src = tiny_models("llama", past=True, tied=False)
-    folder = tmp_path / "genai"
-    lower = Ort.lower
-
-    def lower_and_write(self, ctx, settings, progress=True):
-        results = lower(self, ctx, settings, progress)
-        write_genai_folder(ctx.graph, ctx.structure, folder, src.parent / "config.json", accuracy_level=0)
-        return results
-    monkeypatch.setattr(Ort, "lower", lower_and_write)
-    out = tmp_path / "ort" / "model.onnx"
-    pipeline.optimize(src, out, Settings.parse(target="ort", calib_samples=4, seq_len=32), progress=False)
+    options = dict(calib_samples=4, seq_len=32)
+    ort_out, folder = tmp_path / "ort" / "model.onnx", tmp_path / "genai"
+    pipeline.optimize(src, ort_out, Settings.parse(target="ort", **options), progress=False)
+    pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", **options), progress=False)
+    for name in ("genai_config.json", "config.json", "tokenizer.json", "model.onnx.data"):
+        assert (folder / name).is_file(), name
     ids = np.random.default_rng(4).integers(0, 512, size=(1, 12))
-    assert _relative(greedy_logits(out, ids, 2), greedy_logits(folder / "model.onnx", ids, 2)) < TOL
+    assert _relative(greedy_logits(ort_out, ids, 2), greedy_logits(folder / "model.onnx", ids, 2)) < TOL
+    pytest.importorskip("onnxruntime_genai")
+    from perq_onnx.cli import main
+    assert main(["generate", str(folder), "The capital of France is", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip()
 
 
 @pytest.mark.slow

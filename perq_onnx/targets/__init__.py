@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from ..settings import TargetName
 from .base import Target
+from .genai import Genai
 from .ort import Ort
 from .simulate import Simulate
 from .tensorrt import TensorRT
 
 TARGETS: dict[TargetName, Target] = {TargetName.SIMULATE: Simulate(), TargetName.ORT: Ort(),
-                                     TargetName.TENSORRT: TensorRT()}
+                                     TargetName.GENAI: Genai(), TargetName.TENSORRT: TensorRT()}
 
 
 def target(name) -> Target:
@@ -17,4 +18,4 @@ def target(name) -> Target:
     return TARGETS[TargetName(name)]
 
 
-__all__ = ["TARGETS", "Ort", "Simulate", "Target", "TensorRT", "target"]
+__all__ = ["TARGETS", "Genai", "Ort", "Simulate", "Target", "TensorRT", "target"]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 from dataclasses import dataclass
 
 from ..errors import PerqError
 from ..formats import format_for
+from ..graph import export_structure
 from ..passes.base import Context, Pass, PassManager, PassResult, register_functions
 from ..passes.quantize_weights import QuantizeWeights
 from ..rounding import WeightQuant
@@ -97,6 +99,12 @@ class Target:
     def session_config(self) -> dict[str, str]:
         """onnxruntime session config entries the output must run with (recorded in metadata)."""
         return {}
+
+    def write(self, ctx: Context, path: pathlib.Path, source_dir: pathlib.Path) -> list[pathlib.Path]:
+        """Write the lowered graph at `path` (in the staging folder; `source_dir` holds the input
+        model's config and tokenizer files); the files written, the model first."""
+        model = export_structure(ctx.graph, ctx.functions.values(), ctx.min_opset, ctx.metadata)
+        return ctx.store.write_model(model, ctx.graph, path)
 
     def runs_in_onnxruntime(self, settings: Settings) -> bool:
         """Whether onnxruntime can load the output (the pipeline then loads it before publishing)."""

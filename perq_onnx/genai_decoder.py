@@ -1,0 +1,455 @@
+"""The decoder in onnxruntime's fused LLM form, rebuilt from a rewritten graph (see genai.py).
+
+``build_decoder(graph, structure, config)`` reads the weights of the graph as perq-onnx rewrote it
+by the analysis records' node names and emits the decoder with SimplifiedLayerNormalization /
+SkipSimplifiedLayerNormalization, GroupQueryAttention (KV cache, rotary inside, cos/sin caches
+from ``ModelConfig``), MatMulNBits for INT4 blocks and the online rotation as standard ops.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper, numpy_helper
+
+from .errors import PerqError
+from .hadamard import hadamard
+from .shapes import constant_value as _value  # Identity / Transpose / Constant nodes followed
+from .shapes import producer as _producer
+from .weights import read as _read
+
+MS = "com.microsoft"
+OPSET = 21
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+class GenaiError(PerqError):
+    """The model cannot be written in the onnxruntime-genai form; names the reason."""
+
+
+@dataclass(frozen=True)
+class BlockInt4:
+    """A weight W ~ codes * scale, codes [K, N] in -8..7 (int8 array), scale [K/block, N]."""
+    codes: np.ndarray
+    scale: np.ndarray
+    block: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+
+# --------------------------------------------------------------------------- reading the graph
+
+def _need(tensor: gs.Tensor, what: str) -> np.ndarray:
+    value = _value(tensor)
+    if value is None:
+        raise GenaiError(f"{what} ('{tensor.name}') is not a constant")
+    return value
+
+
+class _Reader:
+    """Weights and parameters of the rewritten graph, looked up by the analysis records' names."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.nodes = {n.name: n for n in graph.nodes}
+
+    def node(self, name: str) -> gs.Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise GenaiError(f"node '{name}' of the analysis is not in the graph (was the graph analysed before "
+                             "it was rewritten, with the same node names?)") from None
+
+    def weight(self, lin) -> np.ndarray | BlockInt4:
+        if lin.columns is not None:
+            raise GenaiError(f"node '{lin.name}': fused projections (column slices) are not supported in the "
+                             "genai form yet")
+        w = self.node(lin.name).inputs[1]
+        dq = _producer(w)
+        if dq is not None and dq.op == "DequantizeLinear":
+            return self._dequantize_linear(lin, dq)
+        value = _need(w, f"the weight of '{lin.name}'")
+        if value.shape != (lin.in_features, lin.out_features):
+            raise GenaiError(f"node '{lin.name}': weight of shape {value.shape}, expected "
+                             f"{(lin.in_features, lin.out_features)}")
+        return np.ascontiguousarray(value, dtype=np.float32)
+
+    def _dequantize_linear(self, lin, dq: gs.Node) -> BlockInt4:
+        codes = _need(dq.inputs[0], f"the codes of '{lin.name}'")
+        scale = _need(dq.inputs[1], f"the scales of '{lin.name}'")
+        if len(dq.inputs) > 2 and dq.inputs[2].name:
+            zp = _value(dq.inputs[2])
+            if zp is None or np.any(np.asarray(zp, dtype=np.int32) != 0):
+                raise GenaiError(f"node '{dq.name}': a non-zero zero point is not supported")
+        block, axis = dq.attrs.get("block_size", 0), dq.attrs.get("axis", 1)
+        kind = onnx.helper.np_dtype_to_tensor_dtype(codes.dtype)
+        if kind != TensorProto.INT4:
+            raise GenaiError(f"node '{dq.name}': {codes.dtype} weights; MatMulNBits here takes INT4 blocks")
+        if axis != 0 or not block or block < 16 or block & (block - 1):
+            raise GenaiError(f"node '{dq.name}': MatMulNBits needs blocks of a power of two >= 16 input rows "
+                             f"(axis 0); this weight has axis {axis}, block_size {block}")
+        k, n = codes.shape
+        if (k, n) != (lin.in_features, lin.out_features) or scale.shape != (k // block, n) or k % block:
+            raise GenaiError(f"node '{dq.name}': codes {codes.shape} / scales {scale.shape} do not form blocks of "
+                             f"{block} rows")
+        return BlockInt4(np.asarray(codes).astype(np.int8), np.asarray(scale, dtype=np.float32), int(block))
+
+    def bias(self, lin) -> np.ndarray | None:
+        if lin.bias is None:
+            return None
+        return np.asarray(_need(self.node(lin.bias).inputs[lin.bias_index], f"the bias of '{lin.name}'"),
+                          dtype=np.float32)
+
+    def norm(self, norm) -> tuple[np.ndarray | None, float]:
+        """(gamma or None, epsilon) of an RMSNorm record (decomposed, or onnxruntime's fused op)."""
+        gamma, eps = None, None
+        if norm.gamma is not None:
+            node = self.node(norm.gamma)
+            if node.op == "Mul":
+                values = [v for v in (_value(t) for t in node.inputs) if v is not None]
+                if len(values) != 1:
+                    raise GenaiError(f"node '{node.name}': the gamma Mul has no single constant operand")
+                gamma = values[0]
+            elif node.op in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+                gamma = _need(node.inputs[1 if node.op == "SimplifiedLayerNormalization" else 2], "a norm's gamma")
+                eps = float(node.attrs.get("epsilon", 1e-5))
+            else:
+                raise GenaiError(f"node '{node.name}': {node.op} as a norm's gamma is not supported")
+        if eps is None:
+            for name in norm.nodes:
+                node = self.nodes.get(name)
+                if node is not None and node.op in ("SimplifiedLayerNormalization",
+                                                    "SkipSimplifiedLayerNormalization"):
+                    eps = float(node.attrs.get("epsilon", 1e-5))
+                elif node is not None and node.op == "Add":
+                    scalars = [v for v in (_value(t) for t in node.inputs) if v is not None and v.size == 1]
+                    if scalars:
+                        eps = float(scalars[0].reshape(-1)[0])
+        if eps is None:
+            raise GenaiError(f"norm '{norm.name}': no epsilon found")
+        if gamma is not None:
+            gamma = np.asarray(gamma, dtype=np.float32).reshape(-1)
+        return gamma, eps
+
+    def online_rotation(self, layer) -> tuple[str, object]:
+        """('none', None), ('block', b) or ('full', matrix) in front of layer's down_proj."""
+        x = self.node(layer.down.name).inputs[0]
+        node = _producer(x)
+        if node is None:
+            return "none", None
+        if node.domain == "perq" and node.op == "BlockHadamard":
+            return "block", int(node.attrs["block_size"])
+        if node.op == "MatMul":
+            m = _value(node.inputs[1])
+            if m is not None and m.ndim == 2 and m.shape[0] == m.shape[1] == layer.down.in_features:
+                return "full", np.asarray(m, dtype=np.float32)
+        if node.op == "Reshape":  # the inlined body: Reshape [-1, b] -> MatMul(H_b) -> Reshape back
+            mm = _producer(node.inputs[0])
+            if mm is not None and mm.op == "MatMul":
+                h = _value(mm.inputs[1])
+                if h is None and _producer(mm.inputs[1]) is not None and _producer(mm.inputs[1]).op == "CastLike":
+                    h = _value(_producer(mm.inputs[1]).inputs[0])
+                if h is not None and h.ndim == 2 and h.shape[0] == h.shape[1] and \
+                        np.allclose(h, hadamard(h.shape[0], np.float32), atol=1e-6):
+                    return "block", int(h.shape[0])
+            raise GenaiError(f"node '{node.name}': an unrecognised Reshape in front of '{layer.down.name}'")
+        if node.op != "Mul":
+            raise GenaiError(f"node '{node.name}': {node.op} in front of '{layer.down.name}' is neither the SiLU "
+                             "gating Mul nor an online rotation")
+        return "none", None
+
+    def embedding(self, name: str):
+        """('float', table) or ('int8', codes, row scales) of the token-embedding Gather."""
+        gather = self.node(name)
+        table = _need(gather.inputs[0], "the embedding table")
+        if np.issubdtype(table.dtype, np.floating):
+            return "float", np.asarray(table, dtype=np.float32)
+        if table.dtype != np.int8:
+            raise GenaiError(f"node '{name}': a {table.dtype} embedding table is not supported")
+        out = gather.outputs[0]
+        cast = next((c for c in out.outputs if c.op == "Cast"), None)
+        mul = next((c for c in cast.outputs[0].outputs if c.op == "Mul"), None) if cast else None
+        if mul is None:
+            raise GenaiError(f"node '{name}': the INT8 embedding is not dequantized by Cast -> Mul")
+        other = mul.inputs[1] if mul.inputs[0] is cast.outputs[0] else mul.inputs[0]
+        unsq = _producer(other)
+        gs_scale = _producer(unsq.inputs[0]) if unsq is not None and unsq.op == "Unsqueeze" else None
+        if gs_scale is None or gs_scale.op != "Gather":
+            raise GenaiError(f"node '{mul.name}': the INT8 embedding's row scales are not gathered by token")
+        scale = np.asarray(_need(gs_scale.inputs[0], "the embedding's row scales"), dtype=np.float32)
+        return "int8", np.asarray(table), scale
+
+
+# ----------------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    context_length: int
+    rope_theta: float
+    bos_token_id: int | None
+    eos_token_id: int | list | None
+    pad_token_id: int | None
+    sliding_window: int | None
+    raw: dict
+
+    @classmethod
+    def read(cls, path) -> "ModelConfig":
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise GenaiError(f"{path}: no config.json (the genai form needs the Hugging Face config for RoPE)")
+        c = json.loads(path.read_text())
+        kind = c.get("model_type")
+        if kind not in MODEL_TYPES:
+            raise GenaiError(f"{path}: model_type {kind!r}: the genai form supports {', '.join(MODEL_TYPES)}")
+        act = c.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise GenaiError(f"{path}: hidden_act {act!r}: the genai form builds SiLU gating only")
+        rope = c.get("rope_parameters") or {}
+        scaling = c.get("rope_scaling")
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else rope.get("rope_type")
+        if rope_type not in (None, "default"):
+            raise GenaiError(f"{path}: rope_scaling {scaling or rope!r}: RoPE scaling is not supported by the genai "
+                             "form (its cos/sin caches are the unscaled ones)")
+        if float(c.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise GenaiError(f"{path}: partial_rotary_factor {c['partial_rotary_factor']}: partial rotary is not "
+                             "supported by the genai form")
+        theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
+        window = c.get("sliding_window") if (kind != "qwen2" or c.get("use_sliding_window")) else None
+        context = int(c.get("max_position_embeddings") or 2048)
+        if window is not None and window < context:
+            raise GenaiError(f"{path}: sliding_window {window} < max_position_embeddings {context}: sliding-window "
+                             "attention is not supported by the genai form yet")
+        return cls(kind, context, float(theta), c.get("bos_token_id"), c.get("eos_token_id"),
+                   c.get("pad_token_id"), window, c)
+
+
+def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """1 / theta^(2i / d) for i < d / 2, the exponent in float32 as Hugging Face forms it, the power
+    correctly rounded to float32."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (1.0 / (np.float64(theta) ** exponent.astype(np.float64))).astype(np.float32)
+
+
+def rope_caches(head_dim: int, theta: float, length: int, inv_freq: np.ndarray | None = None):
+    """cos, sin [length, head_dim / 2] as Hugging Face's default RoPE computes them in float32:
+    inv_freq = 1 / theta^(2i / d), angle = float32(position) * inv_freq (one float32 product)."""
+    if inv_freq is None:
+        inv_freq = default_inv_freq(head_dim, theta)
+    angle = np.arange(length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
+    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+
+
+def _graph_inv_freq(graph: gs.Graph, reference: np.ndarray) -> np.ndarray | None:
+    """The exporter's own inverse frequencies (a [d/2]-element float constant equal to the
+    computed ones to 1e-5), so the caches match the source graph's rotary bit for bit."""
+    candidates = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
+    candidates += [n.attrs["value"] for n in graph.nodes if n.op == "Constant" and isinstance(n.attrs.get("value"),
+                                                                                              gs.Constant)]
+    for t in candidates:
+        if t.shape is None or int(np.prod(t.shape)) != reference.size:
+            continue
+        value = _read(t)
+        if np.issubdtype(value.dtype, np.floating) and np.allclose(value.reshape(-1), reference, rtol=1e-5, atol=0):
+            return np.asarray(value, dtype=np.float32).reshape(-1)
+    return None
+
+
+# ---------------------------------------------------------------------------------- emitting
+
+class _Builder:
+    def __init__(self, accuracy_level: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.accuracy_level = accuracy_level
+        self._names: set[str] = set()
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        assert name not in self._names, name
+        self._names.add(name)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs, name: str, outputs: int | list[str] = 1, domain: str = "", **attrs):
+        if isinstance(outputs, int):
+            outputs = [f"{name}/output_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs), name=name, domain=domain or None,
+                                           **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def linear(self, x: str, weight, bias, name: str, output: str | None = None) -> str:
+        if isinstance(weight, BlockInt4):
+            k, n = weight.shape
+            b = weight.block
+            u = (weight.codes.astype(np.int16) + 8).astype(np.uint8)              # [K, N], 0..15
+            u = np.ascontiguousarray(u.T).reshape(n, k // b, b)                    # [N, blocks, b]
+            packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)       # low nibble first
+            y = self.op("MatMulNBits", [x, self.const(f"{name}.weight_Q4", packed),
+                                        self.const(f"{name}.weight_scales", np.ascontiguousarray(weight.scale.T))],
+                        f"{name}/MatMulNBits", domain=MS, K=k, N=n, bits=4, block_size=b,
+                        accuracy_level=self.accuracy_level, outputs=[output] if output and bias is None else 1)
+        else:
+            y = self.op("MatMul", [x, self.const(f"{name}.weight", weight)], f"{name}/MatMul",
+                        outputs=[output] if output and bias is None else 1)
+        if bias is not None:
+            y = self.op("Add", [y, self.const(f"{name}.bias", bias)], f"{name}/Add", outputs=[output] if output else 1)
+        return y
+
+
+def _pack(weights: list, biases: list):
+    """Linears reading one input (q, k, v; gate, up) as one, columns concatenated, when their
+    forms agree, else None."""
+    if all(isinstance(w, np.ndarray) for w in weights):
+        w = np.concatenate(weights, axis=1)
+    elif all(isinstance(w, BlockInt4) for w in weights) and len({w.block for w in weights}) == 1:
+        w = BlockInt4(np.concatenate([w.codes for w in weights], axis=1),
+                      np.concatenate([w.scale for w in weights], axis=1), weights[0].block)
+    else:
+        return None
+    if all(b is None for b in biases):
+        return w, None
+    return w, np.concatenate([b if b is not None else np.zeros(wi.shape[1], np.float32)
+                              for b, wi in zip(biases, weights)])
+
+
+def _check_structure(structure) -> None:
+    if structure.float_type != TensorProto.FLOAT:
+        raise GenaiError("the genai form is written for float32 graphs; this one is "
+                         f"{onnx.helper.tensor_dtype_to_np_dtype(structure.float_type)}")
+    for layer in structure.layers:
+        if layer.attn_output_norm is not None or layer.mlp_output_norm is not None:
+            raise GenaiError(f"layer {layer.index}: output norms (post-norm models) are not supported in the genai "
+                             "form")
+
+
+def _mlp_norm(layer):
+    """The MLP's pre-norm (records name it mlp_norm; older ones post_norm)."""
+    return getattr(layer, "mlp_norm", None) or getattr(layer, "post_norm")
+
+
+def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_level: int = 4) -> onnx.ModelProto:
+    """The decoder of the rewritten graph in onnxruntime's fused LLM form (module docstring)."""
+    _check_structure(structure)
+    r = _Reader(graph)
+    layers = structure.layers
+    d = structure.head_dim
+    heads, kv_heads = layers[0].num_heads, layers[0].num_kv_heads
+    hidden = structure.hidden_size
+    if config.raw.get("head_dim") not in (None, d):
+        raise GenaiError(f"config.json head_dim {config.raw['head_dim']} differs from the graph's {d}")
+    b = _Builder(accuracy_level)
+
+    # attention mask -> GroupQueryAttention's seqlens_k [batch] and total_sequence_length (scalar)
+    one = b.const("one_int64", np.array([1], np.int64))
+    total_len = b.op("ReduceSum", ["attention_mask", one], "mask/ReduceSum", keepdims=0)
+    seqlens_k = b.op("Cast", [b.op("Sub", [total_len, one], "mask/Sub")], "mask/seqlens_k", to=TensorProto.INT32)
+    width = b.op("Gather", [b.op("Shape", ["attention_mask"], "mask/Shape"), b.const("index_1", np.array(1, np.int64))],
+                 "mask/Gather", axis=0)
+    total = b.op("Cast", [width], "mask/total_sequence_length", to=TensorProto.INT32)
+
+    inv_freq = _graph_inv_freq(graph, default_inv_freq(d, config.rope_theta))
+    cos, sin = rope_caches(d, config.rope_theta, config.context_length, inv_freq)
+    cos_cache, sin_cache = b.const("cos_cache", cos), b.const("sin_cache", sin)
+
+    kind = r.embedding(structure.embedding)
+    if kind[0] == "float":
+        h = b.op("Gather", [b.const("embed_tokens.weight", kind[1]), "input_ids"], "embed_tokens/Gather")
+    else:
+        rows = b.op("Gather", [b.const("embed_tokens.int8", kind[1]), "input_ids"], "embed_tokens/Gather")
+        rows = b.op("Cast", [rows], "embed_tokens/Cast", to=TensorProto.FLOAT)
+        s = b.op("Gather", [b.const("embed_tokens.scale", kind[2]), "input_ids"], "embed_tokens/scales")
+        s = b.op("Unsqueeze", [s, b.const("last_axis", np.array([-1], np.int64))], "embed_tokens/Unsqueeze")
+        h = b.op("Mul", [rows, s], "embed_tokens/dequantize")
+
+    def gamma_of(norm):
+        gamma, eps = r.norm(norm)
+        return (gamma if gamma is not None else np.ones(hidden, np.float32)), eps
+
+    residual, pending = h, None  # pending: the sublayer output still to be added to the residual
+    hadamards: dict[int, str] = {}
+    for layer in layers:
+        p = f"layers.{layer.index}"
+        for which, norm in (("input_layernorm", layer.input_norm), ("post_attention_layernorm", _mlp_norm(layer))):
+            gamma, eps = gamma_of(norm)
+            g = b.const(f"{p}.{which}.weight", gamma)
+            if pending is None:
+                x = b.op("SimplifiedLayerNormalization", [residual, g], f"{p}/{which}", axis=-1, epsilon=eps,
+                         stash_type=1)
+            else:
+                x, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [residual, pending, g], f"{p}/{which}",
+                                         outputs=[f"{p}/{which}/output_0", "", "", f"{p}/{which}/output_3"],
+                                         domain=MS, epsilon=eps)
+            if which == "input_layernorm":
+                qkv = [layer.q, layer.k, layer.v]
+                packed = _pack([r.weight(lin) for lin in qkv], [r.bias(lin) for lin in qkv])
+                if packed is not None:
+                    q, k, v = b.linear(x, *packed, f"{p}.attn.qkv_proj"), "", ""
+                else:
+                    q, k, v = (b.linear(x, r.weight(lin), r.bias(lin), f"{p}.attn.{n}_proj")
+                               for lin, n in zip(qkv, "qkv"))
+                attn = b.op("GroupQueryAttention",
+                            [q, k, v, f"past_key_values.{layer.index}.key", f"past_key_values.{layer.index}.value",
+                             seqlens_k, total, cos_cache, sin_cache],
+                            f"{p}/attn/GroupQueryAttention",
+                            outputs=[f"{p}/attn/output_0", f"present.{layer.index}.key",
+                                     f"present.{layer.index}.value"],
+                            domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=1.0 / math.sqrt(d),
+                            do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+                pending = b.linear(attn, r.weight(layer.o), r.bias(layer.o), f"{p}.attn.o_proj")
+                continue
+            gate_up = [layer.gate, layer.up]
+            packed = _pack([r.weight(lin) for lin in gate_up], [r.bias(lin) for lin in gate_up])
+            if packed is not None:  # one linear (one activation quantization at accuracy level 4), then Split
+                both = b.linear(x, *packed, f"{p}.mlp.gate_up_proj")
+                sizes = b.const(f"{p}.mlp.gate_up_split", np.array([layer.gate.out_features] * 2, np.int64))
+                gate, up = b.op("Split", [both, sizes], f"{p}/mlp/gate_up/Split", outputs=2, axis=-1)
+            else:
+                gate, up = (b.linear(x, r.weight(lin), r.bias(lin), f"{p}.mlp.{n}_proj")
+                            for lin, n in zip(gate_up, ("gate", "up")))
+            act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")], f"{p}/mlp/act_fn/Mul")
+            act = b.op("Mul", [act, up], f"{p}/mlp/Mul")
+            rotation, arg = r.online_rotation(layer)
+            if rotation == "block":
+                if arg not in hadamards:
+                    hadamards[arg] = b.const(f"hadamard_{arg}", hadamard(arg, np.float32))
+                shape = b.op("Shape", [act], f"{p}/mlp/online_rotation/Shape")
+                blocks = b.op("Reshape", [act, b.const(f"{p}.mlp.online_rotation.blocks",
+                                                       np.array([-1, arg], np.int64))], f"{p}/mlp/online_rotation/Reshape")
+                rotated = b.op("MatMul", [blocks, hadamards[arg]], f"{p}/mlp/online_rotation/MatMul")
+                act = b.op("Reshape", [rotated, shape], f"{p}/mlp/online_rotation/Reshape_1")
+            elif rotation == "full":
+                act = b.op("MatMul", [act, b.const(f"{p}.mlp.online_rotation.matrix", arg)],
+                           f"{p}/mlp/online_rotation/MatMul")
+            pending = b.linear(act, r.weight(layer.down), r.bias(layer.down), f"{p}.mlp.down_proj")
+    gamma, eps = gamma_of(structure.final_norm)
+    x = b.op("SkipSimplifiedLayerNormalization", [residual, pending, b.const("norm.weight", gamma)], "final_norm",
+             outputs=["final_norm/output_0"], domain=MS, epsilon=eps)
+    lm = structure.lm_head
+    b.linear(x, r.weight(lm), r.bias(lm), "lm_head", output="logits")
+
+    n_layers = len(layers)
+    cache = ["batch_size", kv_heads, "past_sequence_length", d]
+    present = ["batch_size", kv_heads, "total_sequence_length", d]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                            ["batch_size", "total_sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["batch_size", "sequence_length", structure.vocab_size])]
+    for i in range(n_layers):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT, cache))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT, present))
+    g = helper.make_graph(b.nodes, "perq_genai_decoder", inputs, outputs, b.initializers)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="perq-onnx")
+    model.ir_version = 10
+    return model

@@ -1,0 +1,33 @@
+"""``genai``: the ort target's quantization, written as an onnxruntime-genai model folder.
+
+The same rounding and weight form as ``ort`` (INT4 blocks of 32 with GPTQ and activation-aware
+full-range scales, lm_head INT4, embedding INT8), but the decoder is rebuilt in onnxruntime's
+fused LLM form (perq_onnx/genai.py: GroupQueryAttention with a KV cache and rotary inside,
+Skip/SimplifiedLayerNormalization, MatMulNBits with accuracy_level 4 in the nodes, the online
+rotation as standard ops) and written with ``genai_config.json``, config.json, the tokenizer and
+the chat template beside it, so that ``onnxruntime_genai.Model(folder)`` runs it, as does a plain
+onnxruntime session (``perq-onnx eval``). Float32 Llama, Mistral and Qwen2 exports; others are
+refused with the reason.
+"""
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+
+from ..genai import write_genai_files
+from ..passes.base import Context
+from .ort import Ort
+
+ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: the faster CPU kernel here (benchmarks/genai_speed.py)
+
+
+@dataclass(frozen=True)
+class Genai(Ort):
+    name: str = "genai"
+
+    def session_config(self) -> dict[str, str]:
+        return {}  # the accuracy level is an attribute of each MatMulNBits node
+
+    def write(self, ctx: Context, path: pathlib.Path, source_dir: pathlib.Path) -> list[pathlib.Path]:
+        return write_genai_files(ctx.graph, ctx.structure, path, source_dir / "config.json", source_dir,
+                                 ACCURACY_LEVEL, ctx.metadata)
