@@ -22,7 +22,7 @@ read by lm_head. Inside a layer:
   Transpose, Concat with past values, Unsqueeze/Expand for GQA) reach o_proj -- a per-head
   rotation of v's columns commutes with all of them.
 
-Two family variants are read as the same structure:
+Family variants read as the same structure:
 
 * Fused projections (Phi-3's qkv_proj, gate_up_proj): one norm reader whose output is cut into
   column ranges by Slices on the last axis (fused_slices.py). Each range becomes a Linear record

@@ -47,8 +47,8 @@ CONTRIB = "com.microsoft"
 FUSED_RMSNORMS = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
 # element-wise contrib ops the MLP permutation commutes with (all nonlinear)
 CONTRIB_ELEMENTWISE = {"QuickGelu", "FastGelu"}
-# attention ops: index of the value input, of the present value output, and of the past value input
-FUSED_ATTENTION = {"GroupQueryAttention": (2, 2, 4), "MultiHeadAttention": (2, 2, 7)}
+# attention ops: index of the value input and of the present value output
+FUSED_ATTENTION = {"GroupQueryAttention": (2, 2), "MultiHeadAttention": (2, 2)}
 # contrib op -> {output index: (proxy op, input indices)} with the same output shape and type, for
 # ONNX shape inference (frontend.py); attention proxies apply only with separate q/k/v inputs
 SHAPE_PROXIES = {
@@ -90,7 +90,7 @@ def is_fused_attention(node: gs.Node) -> bool:
 def value_input(node: gs.Node, tensor: gs.Tensor) -> bool:
     """Whether tensor is the value input of a fused attention node (q/k inputs are not; they are
     left to R1 alone). Refuses the forms whose values R2 cannot follow."""
-    index, _, _ = FUSED_ATTENTION[node.op]
+    index, _ = FUSED_ATTENTION[node.op]
     if named_input(node, index) is None or named_input(node, 1) is None:
         raise AnalysisError(node, f"{node.op} with packed QKV/KV (no separate value input); R2 needs one")
     if named_input(node, index) is not tensor:
@@ -111,7 +111,7 @@ def attention_head_dim(node: gs.Node, v_features: int) -> int | None:
 
 def present_value(node: gs.Node):
     """The present value output (the cache, stored in the rotated basis), if any."""
-    _, index, _ = FUSED_ATTENTION[node.op]
+    _, index = FUSED_ATTENTION[node.op]
     return named_output(node, index)
 
 

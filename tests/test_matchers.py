@@ -256,3 +256,27 @@ def test_fused_matmul_becomes_matmul_with_fresh_names():
                          ("MatMul", "fm", ["x", "fm/weight_transposed_1"], ["fm"])]
     produced = [t for n in model.graph.node for t in n.output]
     assert len(produced) == len(set(produced))
+
+
+# ------------------------------------------------------------------------- whole analysis
+
+def test_refusals_are_collected_per_layer(tmp_path):
+    """analysis.refusals goes on past a layer's refusal: one per layer whose MLP has a Softmax."""
+    import onnx
+
+    from handmade import LAYERS, build_decoder
+    from perq_onnx.analysis import analyze, refusals
+    from perq_onnx.graph import load_graph
+
+    path = build_decoder(tmp_path / "handmade.onnx")
+    assert refusals(load_graph(path)) == [] and len(analyze(load_graph(path)).layers) == LAYERS
+    model = onnx.load(str(path))
+    for n in model.graph.node:
+        if n.name.endswith(".mlp/sigmoid"):
+            n.op_type = "Softmax"
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    found = refusals(load_graph(tmp_path / "bad.onnx"))
+    assert [(e.node, "not element-wise" in e.reason) for e in found] == \
+        [(f"layers.{i}.mlp/sigmoid", True) for i in range(LAYERS)]
+    with pytest.raises(AnalysisError, match="layers.0.mlp/sigmoid"):
+        analyze(load_graph(tmp_path / "bad.onnx"))
