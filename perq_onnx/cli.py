@@ -59,11 +59,12 @@ def _inputs(model: pathlib.Path, *others) -> list[pathlib.Path]:
 
 def cmd_optimize(args) -> int:
     import json
-    from .pipeline import optimize
+    from .pipeline import SIDECAR_FILES, optimize
     from .publish import check_outputs, write_text
     settings = settings_from(args)
     model = _model(args.model)
-    check_outputs(_outputs(args, model), _inputs(model, args.calib_data))  # before any work
+    tokenizer = [pathlib.Path(args.tokenizer) / n for n in SIDECAR_FILES] if args.tokenizer else []
+    check_outputs(_outputs(args, model), _inputs(model, args.calib_data, *tokenizer))  # before any work
     report = optimize(model, args.output, settings)
     for line in report.summaries:
         print(f"  {line}")
@@ -232,6 +233,12 @@ def cmd_check(args) -> int:
     return 1 if violations else 0
 
 
+def cmd_generate(args) -> int:
+    from .generate import stream
+    stream(args.model, args.prompt, args.max_new_tokens, args.chat)
+    return 0
+
+
 def cmd_build_ops(args) -> int:
     from .ops import build_library
     print(f"built {build_library(verbose=True)}")
@@ -319,6 +326,13 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("model")
     c.add_argument("--target", default="tensorrt", choices=["tensorrt"])
     c.set_defaults(func=cmd_check)
+
+    g = sub.add_parser("generate", help="stream a greedy completion from a --target genai folder (onnxruntime-genai)")
+    g.add_argument("model", help="the folder (or its model.onnx) written by --target genai")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("build-ops", help="build the BlockHadamard custom-op library (CPU, CUDA if nvcc)")
     b.set_defaults(func=cmd_build_ops)

@@ -151,7 +151,7 @@ def check_outputs(outputs: Iterable[Output], inputs: Iterable[pathlib.Path] = ()
         for p in (path, *out.companions):
             for source in inputs:
                 if _same_file(p, source):
-                    what = "the input model" if source == inputs[0] else f"a file of the input model ({source})"
+                    what = "the input model" if source == inputs[0] else f"one of its inputs ({source})"
                     raise PerqError(f"{where}: would overwrite {what}; perq-onnx never overwrites its input")
             key = p.resolve()
             if key in written:
@@ -221,24 +221,20 @@ def staging(directory) -> Iterator[pathlib.Path]:
     directory = pathlib.Path(directory)
     created = _missing_parents(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    remove_stale(directory)
+    path = None
     try:
-        with held_signals():
-            while True:
-                path = directory / f"{PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
-                try:
-                    path.mkdir()
-                    break
-                except FileExistsError:
-                    continue
+        remove_stale(directory)
+        with held_signals():  # a signal that arrives meanwhile is raised at the end of this block
+            while path is None:
+                candidate = directory / f"{PREFIX}{os.getpid()}.{secrets.token_hex(4)}"
+                with contextlib.suppress(FileExistsError):
+                    candidate.mkdir()
+                    path = candidate
             (path / OWNER).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
-    except BaseException:
-        _remove_empty(created)
-        raise
-    try:
         yield path
     except BaseException:
-        _remove(path)
+        if path is not None:
+            _remove(path)
         _remove_empty(created)
         raise
     _remove(path)

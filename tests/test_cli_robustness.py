@@ -103,7 +103,7 @@ def test_terminating_signals_leave_nothing(model, tmp_path, sig):
     time.sleep(0.2)
     p.send_signal(sig)
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 128 + sig and f"interrupted ({signal.Signals(sig).name})" in err, err
+    assert p.returncode == 128 + sig and f"interrupted ({signal.Signals(sig).name})" in err, (p.returncode, err)
     assert listing(tmp_path) == ["in"]
 
 

@@ -42,7 +42,7 @@ def test_outputs_may_not_replace_inputs_or_each_other(model, tmp_path):
     out = tmp_path / "out.onnx"
     cases = [
         ([Output("--report", model)], "--report .*: would overwrite the input model"),
-        ([Output.model(out), Output("--report", data)], "would overwrite a file of the input model"),
+        ([Output.model(out), Output("--report", data)], "would overwrite one of its inputs"),
         ([Output.model(out), Output("--report", out)], r"--report .*out.onnx: is also the -o file"),
         ([Output.model(out), Output("--report", tmp_path / "out.onnx.data")], r"is also -o's out.onnx.data"),
         ([Output.model(tmp_path)], "is a directory"),
@@ -330,3 +330,24 @@ def test_phase_peaks_do_not_reset_the_process_peak():
     # the kernel's mark (what /usr/bin/time and getrusage report) was not reset by the phases
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 >= big.peak_rss_bytes - 2**20
     assert report.to_json()["peak_rss_bytes"] == report.peak_rss_bytes
+
+
+def test_signal_while_creating_staging_leaves_nothing(tmp_path, monkeypatch):
+    """A signal held while the staging directory is created is raised right after: the new
+    directory (and the folders created for it) must go with it."""
+    real = publish._start_time
+
+    def signalled(pid):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return real(pid)
+
+    saved = {s: signal.getsignal(s) for s in publish.TERMINATING}
+    monkeypatch.setattr(publish, "_start_time", signalled)
+    try:
+        publish.install_handlers()
+        with pytest.raises(publish.Interrupted), publish.staging(tmp_path / "new"):
+            pytest.fail("the work ran although the signal came first")
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert list(tmp_path.iterdir()) == []
