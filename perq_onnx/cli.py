@@ -123,9 +123,12 @@ def cmd_inspect(args) -> int:
         if output:  # rewritten and lowered: its structure is the target's, not a source decoder's
             print(f"decoder structure: not analysed (already rewritten for its target): {reason}")
             return 0
-        if isinstance(exc, PerqError):
+        if not isinstance(exc, AnalysisError):
             raise
-        print(f"{path}: refused {reason}")
+        from .analysis import refusals
+        found = refusals(load_graph(path)) or [exc]
+        for r in found:  # every reason the analysis finds, not only the first
+            print(f"{path}: refused " + (f"at node '{r.node}': {r.reason}" if isinstance(r, AnalysisError) else str(r)))
         return 1
     s = structure
     layer = s.layers[0]

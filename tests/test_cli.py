@@ -99,6 +99,20 @@ def test_inspect_lists_regions(tiny_models, tmp_path):
     assert r.returncode != 0 and "no decoder layers" in r.stderr
 
 
+def test_inspect_lists_every_refusal(tmp_path):
+    """A graph refused in several layers: inspect names each, one line per reason."""
+    from handmade import LAYERS, build_decoder
+    model = onnx.load(str(build_decoder(tmp_path / "model.onnx")))
+    for node in model.graph.node:
+        if node.op_type == "Sigmoid":
+            node.op_type = "Softsign"
+    onnx.save(model, str(tmp_path / "bad.onnx"))
+    r = perq("inspect", tmp_path / "bad.onnx")
+    lines = [line for line in r.stdout.splitlines() if "refused" in line]
+    assert r.returncode == 1 and LAYERS >= 2
+    assert [f"layers.{i}.mlp/sigmoid" in line for i, line in enumerate(lines)] == [True] * LAYERS, r.stdout
+
+
 @pytest.mark.slow
 def test_eval_perplexity(tiny_models, tmp_path):
     model = tiny_models("llama")
