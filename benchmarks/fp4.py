@@ -42,23 +42,55 @@ FORMATS = {"NVFP4": dict(format="nvfp4", a_bits=4), "MXFP4": dict(format="mxfp4"
 BLOCK_OF = {"NVFP4": NumberFormat.NVFP4.block, "MXFP4": NumberFormat.MXFP4.block}
 
 
-def configurations(block: int):
-    """(name, options) of the four rotation configurations at one block size."""
-    yield "no rotation", dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
-    yield f"b{block} no permutation", dict(block=str(block), permute="none")
-    yield f"b{block} PeRQ", dict(block=str(block), permute="massdiff")
-    yield f"b{block} PeRQ + GPTQ", dict(block=str(block), permute="massdiff", rounding="gptq", w_clip="act")
+def configurations(block: int, residual: bool = True):
+    """(name, options) of the rotation configurations at one block size: with R1 (full residual
+    Hadamard) and R2 (per-head), the paper's setting, or (residual=False) the online block
+    rotation alone, aligned with the format's scale blocks."""
+    if residual:
+        none = dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
+        yield "no rotation", none
+        yield "no rotation + GPTQ", dict(none, rounding="gptq", w_clip="act")
+    family, extra = (("R1+R2+R3", dict(residual_rotation="full", head_rotation=True)) if residual
+                     else ("R3", dict(residual_rotation="none", head_rotation=False)))
+    yield f"{family} b{block}", dict(block=str(block), permute="none", **extra)
+    yield f"{family} b{block} PeRQ", dict(block=str(block), permute="massdiff", **extra)
+    yield f"{family} b{block} PeRQ + GPTQ", dict(block=str(block), permute="massdiff", rounding="gptq", w_clip="act",
+                                                 **extra)
 
 
 def rows():
-    """(format row, configuration, options): each FP4 format with INT4 at the same block."""
+    """(format row, configuration, options): each FP4 format with both rotation families, and INT4
+    W4A4 with the paper's family at the same block."""
     seen = set()
     for fmt, block in BLOCK_OF.items():
-        for row in (fmt, "INT4"):
-            for name, cfg in configurations(block):
-                if (row, name) not in seen:
+        for row, residual in ((fmt, True), (fmt, False), ("INT4", True)):
+            for name, cfg in configurations(block, residual):
+                if (row, name) not in seen and (row, name) != ("INT4", "no rotation + GPTQ"):
                     seen.add((row, name))
                     yield row, name, {**cfg, **FORMATS[row]}
+
+
+def choose(args, model):
+    """The FP4 default rotations, chosen on held-out *valid* windows (32.. of valid.txt; statistics
+    from 0..calib-1), activations only (W16A4): fp32, no rotation, R1+R2+R3 and R3 alone."""
+    model_path = model["recipe"].onnx_path()
+    tok = calibration.load_tokenizer(model_path.parent)
+    tokens = calibration.tokenize_file(DATA / "valid.txt", tok)
+    held_out = calibration.windows(tokens, 512, 32 + args.choose_windows, "valid.txt")[32:]
+    valid = calibration.windows(tokens, 512, args.calib_samples, "valid.txt")
+    stats = calibrate(model_path, valid)
+    results = {"eval": f"WikiText-2 valid windows 32..{31 + len(held_out)} (x 512), W16A4",
+               "fp32": perplexity(model_path, held_out, progress=False).ppl}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "model.onnx"
+        for fmt, block in BLOCK_OF.items():
+            for residual in (True, False):
+                for name, cfg in [c for c in configurations(block, residual) if "GPTQ" not in c[0]][:3 if residual else 2]:
+                    options = {**cfg, "format": FORMATS[fmt]["format"], "w_bits": 16}
+                    optimize(model_path, out, Settings.parse(**options), stats=stats, batches=valid, progress=False)
+                    results[f"{fmt} {name}"] = perplexity(out, held_out, progress=False).ppl
+                    print(f"{fmt} {name}: {results[f'{fmt} {name}']:.2f}", flush=True)
+    (RESULTS / "fp4_choice.json").write_text(json.dumps(results, indent=1))
 
 
 def run(args, model, prefix):
@@ -107,13 +139,17 @@ def table(done) -> str:
     lines = [f"Model: {done['model']}. Eval: {done['eval']}. Calibration: {done['calibration']}. "
              f"Machine: {done['machine']}; one run per configuration. fp32 ppl {fp:.2f}.", ""]
     for fmt, block in BLOCK_OF.items():
-        names = [n for n, _ in configurations(block)]
         lines += [f"### {fmt} (block {block}) against INT4 W4A4 with the same rotations", "",
-                  "| format | " + " | ".join(names) + " | best / fp32 |", "|---|" + "---|" * (len(names) + 1)]
-        for row in (fmt, "INT4"):
+                  "| format | rotations | no rotation | block rotation | PeRQ (massdiff) | PeRQ + GPTQ | best / fp32 |",
+                  "|---|---|---|---|---|---|---|"]
+        gptq = ppl.get((fmt, "no rotation + GPTQ"), float("nan"))
+        for row, residual in ((fmt, True), (fmt, False), ("INT4", True)):
+            names = ["no rotation"] + [n for n, _ in configurations(block, residual)][-3:]
             vals = [ppl.get((row, n), float("nan")) for n in names]
-            lines.append(f"| {row} | " + " | ".join(f"{v:.2f}" for v in vals) + f" | {np.nanmin(vals) / fp:.2f}x |")
-        lines.append("")
+            family = "R1+R2+R3" if residual else f"R3 only (b{block})"
+            lines.append(f"| {row} | {family} | " + " | ".join(f"{v:.2f}" for v in vals)
+                         + f" | {np.nanmin(vals) / fp:.2f}x |")
+        lines += ["", f"{fmt} with GPTQ and no rotation (GPTQ alone): {gptq:.2f} ({gptq / fp:.2f}x fp32).", ""]
     return "\n".join(lines)
 
 
@@ -125,13 +161,15 @@ def plot(done, stats, prefix):
     ppl = {(r["format"], r["config"]): r["ppl"] for r in done["runs"]}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, (fmt, block) in zip(axes, BLOCK_OF.items()):
-        names = [n for n, _ in configurations(block)]
+        names = ["no rotation", "block rotation", "PeRQ", "PeRQ + GPTQ"]
         x = np.arange(len(names))
-        for i, row in enumerate((fmt, "INT4")):
-            ax.bar(x + (i - 0.5) * 0.4, [ppl.get((row, n), np.nan) for n in names], 0.4, label=row)
+        series = [(f"{fmt}, R1+R2+R3", fmt, True), (f"{fmt}, R3 only", fmt, False), ("INT4, R1+R2+R3", "INT4", True)]
+        for i, (label, row, residual) in enumerate(series):
+            keys = ["no rotation"] + [n for n, _ in configurations(block, residual)][-3:]
+            ax.bar(x + (i - 1) * 0.27, [ppl.get((row, k), np.nan) for k in keys], 0.27, label=label)
         if ("fp32", "float") in ppl:
             ax.axhline(ppl[("fp32", "float")], color="black", lw=0.8, label="fp32")
-        ax.set_xticks(x, [n.replace(f"b{block} ", f"b{block}\n") for n in names], fontsize=8)
+        ax.set_xticks(x, names, fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("WikiText-2 test ppl")
         ax.set_title(f"W4A4 {fmt} vs INT4, block {block}")
@@ -161,8 +199,14 @@ def main():
     ap.add_argument("--windows", type=int, default=16, help="test windows of 512 tokens")
     ap.add_argument("--calib-samples", type=int, default=16, help="valid windows of 512 tokens")
     ap.add_argument("--resume", action="store_true", help="keep finished configurations of the results json")
+    ap.add_argument("--choose", action="store_true", help="only the W16A4 comparison on held-out valid windows "
+                                                          "that chose the FP4 default rotations (fp4_choice.json)")
+    ap.add_argument("--choose-windows", type=int, default=4, help="held-out valid windows for --choose")
     args = ap.parse_args()
     model = MODELS[args.model]
+    if args.choose:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        return choose(args, model)
     prefix = "fp4" if args.model == "smollm2" else f"fp4-{args.model}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     done, stats = run(args, model, prefix)

@@ -25,7 +25,8 @@ def _add_calibration_args(p):
 def settings_from(args):
     """Settings from the parsed `optimize` options (argparse's names are Settings' option names)."""
     from .settings import OPTIONS, Settings
-    derived = dict(head_rotation=not args.no_head_rotation, quantize=not args.no_quant,
+    derived = dict(head_rotation=False if args.no_head_rotation else (True if args.head_rotation else None),
+                   quantize=not args.no_quant,
                    gptq_act_order=not args.gptq_no_act_order)
     options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "seed")
                if key not in derived}
@@ -264,7 +265,10 @@ def parser() -> argparse.ArgumentParser:
                    help="R1: default full where it is exact, none on post-norm models (Gemma 2/3, OLMo2); "
                         "an explicit full/block on those is an error")
     o.add_argument("--residual-block", type=int, help="block size of --residual-rotation block (default --block)")
-    o.add_argument("--no-head-rotation", action="store_true", help="skip the per-head v/o rotation (R2)")
+    heads = o.add_mutually_exclusive_group()
+    heads.add_argument("--no-head-rotation", action="store_true", help="skip the per-head v/o rotation (R2)")
+    heads.add_argument("--head-rotation", action="store_true",
+                       help="apply R2 also with --format nvfp4/mxfp4 (default there: off)")
     o.add_argument("--no-quant", action="store_true", help="emit the rotated and permuted float model")
     o.add_argument("--w-bits", type=int, default=4, choices=[4, 8, 16])
     o.add_argument("--w-group", type=int, help="weight scales per group of this many input rows (default: per "

@@ -35,7 +35,7 @@ from .passes.rotate_heads import RotateHeads
 from .passes.rotate_residual import RotateResidual
 from .plan import ModelShape, Plan, make_plan
 from .runtime import session
-from .settings import ResidualRotation, Settings
+from .settings import NumberFormat, ResidualRotation, Settings
 from .targets import Target, target
 from .weights import WeightStore, input_files
 
@@ -139,6 +139,31 @@ def float_passes(plan: Plan) -> list[Pass]:
     return passes
 
 
+def _note(report: Report, note: str) -> None:
+    print(f"perq-onnx: {note}")
+    report.summaries.append(note)
+
+
+def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Report) -> Settings:
+    """Resolve unset R1/R2. With microscaling FP4 activations both default to off: a full (or
+    per-head) rotation spreads a massive activation over every scale block, where unrotated it
+    costs only its own block; the online block rotation, aligned with the format's blocks, stays
+    (chosen on held-out valid windows: benchmarks/fp4.py --choose). Then `_fit_residual_rotation`."""
+    fp4 = settings.activations_quantized and settings.activations.format is not NumberFormat.INT
+    off = {}
+    if fp4 and settings.rotation.residual is None:
+        off["residual_rotation"] = ResidualRotation.NONE
+    if fp4 and settings.rotation.heads is None:
+        off["head_rotation"] = False
+    if off:
+        settings = settings.replace(**off)
+        names = " and ".join(name for key, name in (("residual_rotation", "R1"), ("head_rotation", "R2")) if key in off)
+        _note(report, f"--format {settings.activations.format}: {names} off by default (a full rotation spreads massive "
+                      "activations over every scale block); the online rotation stays at the format's block "
+                      "(--residual-rotation full / --head-rotation turn them on)")
+    return _fit_residual_rotation(settings, structure, report)
+
+
 def _fit_residual_rotation(settings: Settings, structure: DecoderStructure, report: Report) -> Settings:
     """Resolve an unset residual rotation: full where R1 is exact; where the structure says it is
     not (output norms with per-channel gammas: Gemma 2/3, OLMo2; see post_norms.py), none, with one
@@ -149,9 +174,7 @@ def _fit_residual_rotation(settings: Settings, structure: DecoderStructure, repo
     if asked is not None:
         raise PerqError(f"--residual-rotation {asked}: R1 would not be exact on this model: {blocker} "
                         "(leave --residual-rotation unset or give 'none' to skip it)")
-    note = f"residual rotation skipped (R1 would not be exact): {blocker}"
-    print(f"perq-onnx: {note}")
-    report.summaries.append(note)
+    _note(report, f"residual rotation skipped (R1 would not be exact): {blocker}")
     return settings.replace(residual_rotation=ResidualRotation.NONE)
 
 
@@ -258,7 +281,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
         structure = analyze(graph)
     linears = [lin for layer in structure.layers for lin in layer.linears().values()] + [structure.lm_head]
     settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears})
-    settings = _fit_residual_rotation(settings, structure, report)
+    settings = _fit_rotations(settings, structure, report)
     with publish.staging(output_path.parent) as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))
         if settings.needs_calibration(stats is not None) or tgt.needs_calibration(settings):

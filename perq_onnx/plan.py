@@ -103,7 +103,7 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
         described = f"{r.permute} + block {rb}"
 
     heads = None
-    if r.heads:
+    if r.rotate_heads:
         heads = BlockDiagonal(_orthogonal(shape.head_dim, s, "the per-head rotation", shape.names.get("head_dim", "")))
 
     perms = {}

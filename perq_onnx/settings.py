@@ -128,7 +128,7 @@ class RotationConfig:
     permute: Permute = Permute.MASSDIFF
     residual: ResidualRotation | None = None  # None: full where exact, else none (see pipeline)
     residual_block: int | None = None         # a block residual rotation's size (default: online block)
-    heads: bool = True
+    heads: bool | None = None                 # None: on, except for microscaling formats (see pipeline)
     random_orthogonal: bool = False           # seeded random orthogonal where no Hadamard exists
 
     def __post_init__(self):
@@ -142,6 +142,12 @@ class RotationConfig:
         """The residual rotation to plan: the explicit choice, or full when left unset (the pipeline
         resolves unset to none first on models where R1 is not exact)."""
         return self.residual or ResidualRotation.FULL
+
+    @property
+    def rotate_heads(self) -> bool:
+        """R2 as planned: the explicit choice, or on when left unset (the pipeline resolves unset
+        to off first for microscaling formats)."""
+        return self.heads is not False
 
     @property
     def residual_block_size(self) -> int | None:
