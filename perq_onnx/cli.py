@@ -31,10 +31,7 @@ def settings_from(args):
     options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "seed")
                if key not in derived}
     options.update(derived)
-    if args.block is None:  # the format's scale block, else 16
-        from .settings import NumberFormat
-        options["block"] = str(NumberFormat(args.format).block or 16)
-    return Settings.parse(**options)
+    return Settings.parse(**options)  # an unset --block is the format's scale block
 
 
 def _outputs(args, model: pathlib.Path) -> list:

@@ -281,7 +281,11 @@ class Settings:
     @classmethod
     def parse(cls, **values) -> "Settings":
         """Settings from command-line style values (option names as argparse spells them; strings
-        for the choices, ``block`` as text)."""
+        for the choices, ``block`` as text). An unset ``block`` is the format's scale block (16 for
+        int and nvfp4, 32 for mxfp4)."""
+        if values.get("block") is None:
+            fmt = NumberFormat.parse(values.get("format") or "int", "--format")
+            values["block"] = str(fmt.block or 16)
         return cls().replace(**values)
 
     def replace(self, **values) -> "Settings":
