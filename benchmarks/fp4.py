@@ -128,7 +128,7 @@ def run(args, model, prefix):
             t0 = time.perf_counter()
             optimize(model_path, out, Settings.parse(**cfg), stats=stats, batches=valid, progress=False)
             p = perplexity(out, test, progress=False)
-            record({"format": fmt, "config": name, "ppl": p.ppl, "seconds": time.perf_counter() - t0, **cfg})
+            record({**cfg, "format": fmt, "config": name, "ppl": p.ppl, "seconds": time.perf_counter() - t0})
             tqdm.write(f"{fmt} {name}: ppl {p.ppl:.2f}")
     return done, stats
 

@@ -145,11 +145,13 @@ def _note(report: Report, note: str) -> None:
 
 
 def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Report) -> Settings:
-    """Resolve unset R1/R2. With microscaling FP4 activations both default to off: a full (or
-    per-head) rotation spreads a massive activation over every scale block, where unrotated it
-    costs only its own block; the online block rotation, aligned with the format's blocks, stays
-    (chosen on held-out valid windows: benchmarks/fp4.py --choose). Then `_fit_residual_rotation`."""
-    fp4 = settings.activations_quantized and settings.activations.format is not NumberFormat.INT
+    """Resolve unset R1/R2. With NVFP4 activations both default to off: its fine E4M3-scaled
+    blocks of 16 already isolate an outlier, and a full (or per-head) rotation spreads a massive
+    activation over every block instead; the online block rotation, aligned with the format's
+    blocks, stays. MXFP4's power-of-two scales over 32 values gain from all three rotations. Chosen
+    on held-out valid windows (benchmarks/fp4.py --choose, results/fp4_choice.json). Then
+    `_fit_residual_rotation`."""
+    fp4 = settings.activations_quantized and settings.activations.format is NumberFormat.NVFP4
     off = {}
     if fp4 and settings.rotation.residual is None:
         off["residual_rotation"] = ResidualRotation.NONE
@@ -159,8 +161,8 @@ def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Repo
         settings = settings.replace(**off)
         names = " and ".join(name for key, name in (("residual_rotation", "R1"), ("head_rotation", "R2")) if key in off)
         _note(report, f"--format {settings.activations.format}: {names} off by default (a full rotation spreads massive "
-                      "activations over every scale block); the online rotation stays at the format's block "
-                      "(--residual-rotation full / --head-rotation turn them on)")
+                      "activations over every one of its fine scale blocks); the online rotation stays at the "
+                      "format's block (--residual-rotation full / --head-rotation turn them on)")
     return _fit_residual_rotation(settings, structure, report)
 
 

@@ -141,14 +141,17 @@ def test_format_options_are_checked_once(options, message):
         Settings.parse(**options)
 
 
-def test_fp4_turns_r1_and_r2_off_unless_asked(llama, tmp_path):
-    """Microscaling formats default to the online block rotation only (the report says so); an
-    explicit --residual-rotation full / --head-rotation is kept."""
-    default = optimize(llama, tmp_path / "a.onnx", Settings.parse(**COMMON, format="mxfp4"), progress=False)
+def test_nvfp4_turns_r1_and_r2_off_unless_asked(llama, tmp_path):
+    """NVFP4 defaults to the online block rotation only (the report says so); an explicit
+    --residual-rotation full / --head-rotation is kept; MXFP4 keeps all three, at its block of 32."""
+    default = optimize(llama, tmp_path / "a.onnx", Settings.parse(**COMMON, format="nvfp4"), progress=False)
     assert any("R1 and R2 off by default" in s for s in default.summaries)
     assert not any(s.startswith(("RotateResidual", "RotateHeads")) for s in default.summaries)
-    assert any(s.startswith("InsertOnlineRotation: online block Hadamard b=32") for s in default.summaries)
-    forced = optimize(llama, tmp_path / "b.onnx", Settings.parse(**COMMON, format="mxfp4", residual_rotation="full",
+    assert any(s.startswith("InsertOnlineRotation: online block Hadamard b=16") for s in default.summaries)
+    mx = optimize(llama, tmp_path / "m.onnx", Settings.parse(**COMMON, format="mxfp4"), progress=False)
+    assert any(s.startswith("RotateResidual") for s in mx.summaries)
+    assert any(s.startswith("InsertOnlineRotation: online block Hadamard b=32") for s in mx.summaries)
+    forced = optimize(llama, tmp_path / "b.onnx", Settings.parse(**COMMON, format="nvfp4", residual_rotation="full",
                                                                    head_rotation=True), progress=False)
     assert any(s.startswith("RotateResidual") for s in forced.summaries)
     assert any(s.startswith("RotateHeads") for s in forced.summaries)
