@@ -40,7 +40,9 @@ def _outputs(args, model: pathlib.Path) -> list:
     from .pipeline import SIDECAR_FILES
     from .publish import Output
     out = Output.model(args.output)
-    if pathlib.Path(args.output).parent.resolve() != model.parent.resolve():
+    folder = pathlib.Path(args.output).parent
+    copied = folder.resolve() != model.parent.resolve() and not any((folder / n).exists() for n in SIDECAR_FILES)
+    if copied:  # as pipeline._copy_sidecar_files: only into a folder without such files of its own
         out = Output(out.option, out.path, out.companions + tuple(out.path.parent / n for n in SIDECAR_FILES))
     return [out] + ([Output("--report", pathlib.Path(args.report))] if args.report is not None else [])
 
@@ -61,7 +63,7 @@ def cmd_optimize(args) -> int:
     from .publish import check_outputs, write_text
     settings = settings_from(args)
     model = _model(args.model)
-    tokenizer = [pathlib.Path(args.tokenizer) / n for n in SIDECAR_FILES] if args.tokenizer else []
+    tokenizer = [f for n in SIDECAR_FILES if (f := pathlib.Path(args.tokenizer) / n).is_file()] if args.tokenizer else []
     check_outputs(_outputs(args, model), _inputs(model, args.calib_data, *tokenizer))  # before any work
     report = optimize(model, args.output, settings)
     for line in report.summaries:
