@@ -24,7 +24,7 @@ from perq_onnx.errors import InternalError, PerqError
 from perq_onnx.functions import DOMAIN, function_for
 from perq_onnx.fused_ops import fused_gamma_input
 from perq_onnx.graph import export_structure
-from perq_onnx.shapes import constant_shape, constant_value, producer
+from perq_onnx.shapes import constant_shape, constant_value
 from perq_onnx.transforms import Transform, fold_consumed, fold_produced
 from perq_onnx.weights import WeightStore
 
