@@ -141,6 +141,13 @@ def cmd_inspect(args) -> int:
         print(f"  {'':<20} folds into: {r.description}")
     if s.residual_blocker:  # output norms (Gemma 2/3, OLMo2): see post_norms.py
         print(f"no residual region (R1 is skipped): {s.residual_blocker}")
+    if args.grid:
+        from .shapes import constant_value
+        from .weight_grid import grid_report
+        graph = load_graph(path)
+        nodes = {n.name: n for n in graph.nodes}
+        weights = (constant_value(nodes[lin.name].inputs[1]) for layer in s.layers for lin in layer.linears().values())
+        print(f"weights: {grid_report(w for w in weights if w is not None)}")
     return 0
 
 
@@ -301,6 +308,8 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="print the decoder structure and permutation-equivariant regions")
     i.add_argument("model")
+    i.add_argument("--grid", action="store_true", help="also measure how much of the decoder weights sit on a "
+                                                       "4-bit block grid (a model dequantized from a GGUF file)")
     i.set_defaults(func=cmd_inspect)
 
     e = sub.add_parser("eval", help="perplexity on a text file (non-overlapping windows)")

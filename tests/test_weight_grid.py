@@ -44,3 +44,16 @@ def test_rotation_destroys_the_grid():
     w = q4_1_dequantized()
     q, _ = np.linalg.qr(np.random.default_rng(3).standard_normal((256, 256)))
     assert on_grid(q @ w).mean() < 0.05
+
+
+def test_inspect_reports_the_grid(tmp_path):
+    """`perq-onnx inspect --grid` on a decoder: random weights are on no grid."""
+    import subprocess
+    import sys
+
+    from handmade import build_decoder
+    path = build_decoder(tmp_path / "model.onnx")
+    r = subprocess.run([sys.executable, "-m", "perq_onnx.cli", "inspect", str(path), "--grid"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "0.0% of 32-row blocks on a 16-level grid" in r.stdout and "no low-bit block grid" in r.stdout
