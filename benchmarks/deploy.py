@@ -10,34 +10,26 @@ prefill and file size, and the timed ones also to the KV-cache export `resolve("
 used for decode; see ``timed``):
 
 * ``fp32``: the optimum export as it is.
-* ``ortq-rtn-b{32,128}-acc{4,0}``: the peer baseline, onnxruntime's
-  ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer`` with its default
-  algorithm config ``DefaultWeightOnlyQuantConfig`` (round to nearest, absmax scale per block),
-  symmetric, QOperator format (MatMulNBits), block 32 / 128, MatMulNBits attribute
-  accuracy_level 4 (int8 activations inside the kernel) or unset (= 0, float activations).
-  Used as by default: ``op_types_to_quantize`` = {MatMul}, so every MatMul with a constant weight
-  is quantized *including lm_head* (the export stores the tied lm_head as its own [576, 49152]
-  initializer), while the embedding Gather stays fp32. (``RTNWeightOnlyQuantConfig`` is the
-  neural-compressor RTN path; it takes no symmetric/block arguments of its own and is not used.)
+* ``ortq-rtn-b{32,128}-acc{4,0}``: the peer, onnxruntime's ``MatMulNBitsQuantizer`` with its
+  default ``DefaultWeightOnlyQuantConfig`` (round to nearest, absmax scale per block), symmetric,
+  MatMulNBits, block 32 / 128, accuracy_level 4 or 0. By default every MatMul with a constant
+  weight is quantized, *lm_head included* (the export stores the tied lm_head as its own
+  initializer); the embedding Gather stays fp32.
 * ``perq-ort``: ``perq-onnx optimize --target ort`` with its defaults: R1 full Hadamard + R2
   per-head + P3 massdiff + R3 online block Hadamard b=16, INT4 symmetric full-range weights in
   blocks of 32 input rows rounded by GPTQ with activation-aware scales -> MatMulNBits at accuracy
   level 4 (session setting recorded in the model), lm_head INT4, embedding INT8
   (``--float-embeddings`` would keep both float).
 * ``perq-ort-noR3`` (``block="none"``), ``perq-ort-rtn`` (``rounding="rtn"``), ``perq-ort-norot``
-  (no rotation, no permutation: ``residual_rotation="none", head_rotation=False, block="none",
-  permute="none"``) - the same target with one thing changed.
-* ``perq-tensorrt``: ``--target tensorrt`` with its defaults (INT4 weight-only blocks of 64: 128,
-  TensorRT's other block, does not divide SmolLM2's 576 hidden rows; GPTQ; R3 inlined as standard
-  ops, embedding float, lm_head INT4). TensorRT itself is not installable here (no GPU, no TensorRT
-  wheel for this machine): its perplexity and timings are onnxruntime CPU's (which fuses the
-  DequantizeLinear+MatMul pairs into MatMulNBits at accuracy level 0).
+  (no rotation or permutation): the same target with one thing changed.
+* ``perq-tensorrt``: ``--target tensorrt`` with its defaults (INT4 weight-only blocks of 64: 128
+  does not divide SmolLM2's 576; GPTQ; R3 inlined; embedding float, lm_head INT4). TensorRT is not
+  installable here: its perplexity and timings are onnxruntime CPU's.
 * ``perq-simulate``: the paper's W4A4 research form (``--target simulate``: INT4 weights per
   channel, INT4 dynamic per-token activations as standard-op QDQ chains, R3 b=16).
 
-One calibration (`pipeline.calibrate` on the plain export, WikiText-2 valid 32 x 512) gives the
-permutation statistics passed as ``stats=`` to every optimize (so the plain and with-past outputs
-get the same permutations); GPTQ also gets ``batches=`` (the same windows).
+One calibration (WikiText-2 valid 32 x 512) gives every optimize the same permutation statistics
+(``stats=``) and GPTQ the same windows (``batches=``).
 
 Measurements:
 * ppl: WikiText-2 test, the first N (default 32) non-overlapping 512-token windows, through
@@ -53,10 +45,9 @@ Measurements:
 * peak RSS: VmHWM of a fresh subprocess that loads the model and runs it (plain: one 512-token
   forward; with-past: 64 decode steps).
 
-Models are cached under $PERQ_CACHE/deploy (default ~/.cache/perq-onnx/deploy); a configuration
-whose model files exist is not rebuilt, and a perplexity already in deploy.json for the same
-number of windows is not re-evaluated (resumable). Results: benchmarks/results/deploy.json and
-deploy.md.
+Models are cached under $PERQ_CACHE/deploy; existing models are not rebuilt and perplexities
+already in deploy.json for the same window count are not re-evaluated (resumable). Results:
+benchmarks/results/deploy.json and deploy.md.
 """
 from __future__ import annotations
 
@@ -377,18 +368,13 @@ def markdown(res: dict) -> str:
 
 
 NOTES = [
-    "onnxruntime's MatMulNBitsQuantizer (default DefaultWeightOnlyQuantConfig = RTN, symmetric, QOperator) "
-    "quantizes every MatMul with a constant weight, lm_head included (INT4 MatMulNBits), and leaves the "
-    "embedding Gather fp32 (op_types_to_quantize defaults to MatMul; Gather would need it to be asked for). "
-    "perq-onnx's ort target quantizes lm_head INT4 (blocks of 32) and the embedding INT8; "
-    "--float-embeddings keeps both float. So the file-size column compares an fp32 embedding (peer) with "
-    "an INT8 one (perq).",
-    "The peer's accuracy level is the MatMulNBits node attribute (4: int8 activations in the kernel; "
-    "unset = 0: float); perq-onnx's ort output records session.qdq_matmulnbits_accuracy_level=4 in its "
-    "metadata and perq_onnx.runtime.session applies it.",
-    "TensorRT is not installable on this machine (CPU only, no TensorRT wheel usable without a GPU): the "
-    "perq-tensorrt row is onnxruntime CPU running the TensorRT-form graph (DQ+MatMul fused to MatMulNBits "
-    "at accuracy level 0).",
+    "onnxruntime's MatMulNBitsQuantizer (RTN, symmetric) quantizes every MatMul with a constant weight, "
+    "lm_head included, and leaves the embedding fp32; perq-onnx's ort target makes lm_head INT4 and the "
+    "embedding INT8 (--float-embeddings keeps both float), which the file-size column reflects.",
+    "The peer's accuracy level is a MatMulNBits attribute (4: int8 activations in the kernel, 0: float); "
+    "perq-onnx's ort output records level 4 in its metadata, which perq_onnx.runtime.session applies.",
+    "TensorRT is not installable here: the perq-tensorrt row is onnxruntime CPU running the TensorRT-form "
+    "graph (DQ+MatMul fused to MatMulNBits at accuracy level 0).",
     "perq-simulate is the research form (INT4 activations as standard-op QDQ chains): not a deployment "
     "format; its latency shows the cost of simulating A4 with standard ops.",
 ]
