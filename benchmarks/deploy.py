@@ -5,9 +5,8 @@ own INT4 weight quantizer, and perq-onnx's three targets, on one machine in one 
     python benchmarks/deploy.py --windows 2 --runs 2     # quick try
     python benchmarks/deploy.py --only fp32,perq-ort     # a subset (others keep their ppl from deploy.json)
 
-Configurations (each applied to the plain export `resolve("smollm2")`, used for perplexity,
-prefill and file size, and the timed ones also to the KV-cache export `resolve("smollm2-with-past")`,
-used for decode; see ``timed``):
+Configurations (on the plain export for perplexity, prefill and size; the timed ones also on the
+KV-cache export `smollm2-with-past` for decode):
 
 * ``fp32``: the optimum export as it is.
 * ``ortq-rtn-b{32,128}-acc{4,0}``: the peer, onnxruntime's ``MatMulNBitsQuantizer`` with its
@@ -25,8 +24,7 @@ used for decode; see ``timed``):
 * ``perq-tensorrt``: ``--target tensorrt`` with its defaults (INT4 weight-only blocks of 64: 128
   does not divide SmolLM2's 576; GPTQ; R3 inlined; embedding float, lm_head INT4). TensorRT is not
   installable here: its perplexity and timings are onnxruntime CPU's.
-* ``perq-simulate``: the paper's W4A4 research form (``--target simulate``: INT4 weights per
-  channel, INT4 dynamic per-token activations as standard-op QDQ chains, R3 b=16).
+* ``perq-simulate``: the paper's W4A4 research form (``--target simulate``, R3 b=16).
 
 One calibration (WikiText-2 valid 32 x 512) gives every optimize the same permutation statistics
 (``stats=``) and GPTQ the same windows (``batches=``).
