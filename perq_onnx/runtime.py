@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import tempfile
 
 import numpy as np
@@ -70,9 +71,21 @@ def session(model, threads: int | None = None, options: ort.SessionOptions | Non
                 path = os.path.join(tmp, "model.onnx")
                 onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
                 return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises several unrelated types
         raise PerqError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+    sess.genai_head_size = _genai_head_size(pathlib.Path(model))
+    return sess
+
+
+def _genai_head_size(path: pathlib.Path) -> int | None:
+    """The head size an onnxruntime-genai folder declares (the model builder leaves the past
+    key/value head dimension symbolic; make_feeds needs it for an empty cache)."""
+    config = path.parent / "genai_config.json"
+    try:
+        return int(json.loads(config.read_text())["model"]["decoder"]["head_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def make_feeds(sess: ort.InferenceSession, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -91,6 +104,8 @@ def make_feeds(sess: ort.InferenceSession, ids: np.ndarray) -> dict[str, np.ndar
         elif inp.name.startswith("past_key_values"):
             dims = [d if isinstance(d, int) else 0 for d in inp.shape]
             dims[0] = batch
+            if len(dims) == 4 and not isinstance(inp.shape[3], int):  # [batch, heads, past, head size]
+                dims[3] = getattr(sess, "genai_head_size", None) or 0
             dtype = np.float16 if "float16" in inp.type else np.float32
             feeds[inp.name] = np.zeros(dims, dtype=dtype)
         else:
