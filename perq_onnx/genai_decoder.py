@@ -321,7 +321,8 @@ def _pack(weights: list, biases: list):
                               for b, wi in zip(biases, weights)])
 
 
-def _check_structure(structure) -> None:
+def check_structure(structure) -> None:
+    """Refuse a structure the genai form cannot express (a GenaiError naming the layer)."""
     if structure.float_type != TensorProto.FLOAT:
         raise GenaiError("the genai form is written for float32 graphs; this one is "
                          f"{onnx.helper.tensor_dtype_to_np_dtype(structure.float_type)}")
@@ -338,7 +339,7 @@ def _mlp_norm(layer):
 
 def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_level: int = 4) -> onnx.ModelProto:
     """The decoder of the rewritten graph in onnxruntime's fused LLM form (module docstring)."""
-    _check_structure(structure)
+    check_structure(structure)
     r = _Reader(graph)
     layers = structure.layers
     d = structure.head_dim

@@ -283,6 +283,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
         structure = analyze(graph)
     linears = [lin for layer in structure.layers for lin in layer.linears().values()] + [structure.lm_head]
     settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears})
+    tgt.check_model(model_path.parent, structure)
     settings = _fit_rotations(settings, structure, report)
     with publish.staging(output_path.parent) as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))

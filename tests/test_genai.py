@@ -217,3 +217,13 @@ def test_other_rewrites(tiny_models, tmp_path, options):
     folder = genai_from_model(out, src, tmp_path / "genai", accuracy_level=0)
     ids = np.random.default_rng(5).integers(0, 512, size=(1, 12))
     assert _relative(greedy_logits(src, ids, 2), greedy_logits(folder / "model.onnx", ids, 2)) < TOL
+
+
+def test_genai_target_refuses_before_any_work(tmp_path):
+    """No config.json beside the model: refused at once with the reason, nothing written."""
+    from handmade import build_decoder
+    model = build_decoder(tmp_path / "model.onnx")
+    out = tmp_path / "genai" / "model.onnx"
+    with pytest.raises(GenaiError, match="config.json"):
+        pipeline.optimize(model, out, Settings.parse(target="genai", calib_samples=2, seq_len=16), progress=False)
+    assert not out.parent.exists() or not any(out.parent.iterdir())

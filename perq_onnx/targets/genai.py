@@ -15,6 +15,7 @@ import pathlib
 from dataclasses import dataclass
 
 from ..genai import write_genai_files
+from ..genai_decoder import ModelConfig, check_structure
 from ..passes.base import Context
 from .ort import Ort
 
@@ -27,6 +28,10 @@ class Genai(Ort):
 
     def session_config(self) -> dict[str, str]:
         return {}  # the accuracy level is an attribute of each MatMulNBits node
+
+    def check_model(self, source_dir: pathlib.Path, structure) -> None:
+        ModelConfig.read(source_dir / "config.json")
+        check_structure(structure)
 
     def write(self, ctx: Context, path: pathlib.Path, source_dir: pathlib.Path) -> list[pathlib.Path]:
         return write_genai_files(ctx.graph, ctx.structure, path, source_dir / "config.json", source_dir,
