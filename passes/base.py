@@ -104,11 +104,15 @@ class Context:
 
 
 def register_functions(ctx: Context) -> bool:
-    """Give every perq node its model-local function body; whether the graph has any."""
-    found = False
+    """Give every perq node its model-local function body; whether the graph has any. A body is
+    specialised to its node's attributes (functions.py), so all nodes of one op must share them."""
+    found, attrs = False, {}
     for node in ctx.graph.nodes:
         if node.domain == DOMAIN:
             found = True
+            if attrs.setdefault(node.op, dict(node.attrs)) != dict(node.attrs):
+                raise InternalError(f"node '{node.name}': perq.{node.op} with {dict(node.attrs)}, but another node of "
+                                    f"that op has {attrs[node.op]}; one model-local function serves them all")
             if node.op not in ctx.functions:
                 ctx.functions[node.op] = function_for(node.op, node.attrs)
     return found
@@ -231,9 +235,10 @@ def _online_rotation_present(ctx: Context) -> str | None:
     return None
 
 
-def online_rotation_node(down: Linear) -> str:
-    """The name of the R3 node in front of down_proj."""
-    return f"{down.name}/OnlineRotation"
+def online_rotation_node(lin: Linear) -> str:
+    """The name of the online rotation node in front of lin (R3: down_proj; the online residual
+    rotation: the first reader of a norm)."""
+    return f"{lin.name}/OnlineRotation"
 
 
 def _linear_inputs_unquantized(ctx: Context) -> str | None:

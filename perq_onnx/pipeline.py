@@ -5,7 +5,8 @@
     calibrate  channel statistics of the input model, when a permutation needs them (calibration.py)
     plan       every rotation and permutation, validated against the structure (plan.py)
     apply      the float rewrites as passes with checked contracts (passes/):
-               fold gammas -> R1 residual -> R2 heads -> P3 MLP permutation -> R3 online rotation
+               fold gammas -> R1 residual (or the online residual rotation) -> R2 heads
+               -> P3 MLP permutation -> R3 online rotation
     lower      the target's quantization passes and op form (targets/: one file per target)
     save       streamed to a staging directory, checked (onnx.checker, onnxruntime), renamed
 """
@@ -33,9 +34,10 @@ from .passes.online_rotation import InsertOnlineRotation
 from .passes.permute_mlp import PermuteMLP
 from .passes.rotate_heads import RotateHeads
 from .passes.rotate_residual import RotateResidual
+from .passes.rotate_residual_online import RotateResidualOnline
 from .plan import ModelShape, Plan, make_plan
 from .runtime import session
-from .settings import NumberFormat, ResidualRotation, Settings
+from .settings import NumberFormat, ResidualRotation, Settings, TargetName
 from .targets import Target, target
 from .weights import WeightStore, input_files
 
@@ -130,6 +132,8 @@ def float_passes(plan: Plan) -> list[Pass]:
     passes: list[Pass] = []
     if plan.residual is not None:
         passes += [FoldNormGammas(), RotateResidual(plan.residual, plan.residual_description)]
+    if plan.residual_online is not None:
+        passes.append(RotateResidualOnline(plan.residual_online, plan.residual_online_block))
     if plan.heads is not None:
         passes.append(RotateHeads(plan.heads))
     if plan.mlp_permutations:
@@ -168,14 +172,27 @@ def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Repo
 
 def _fit_residual_rotation(settings: Settings, structure: DecoderStructure, report: Report) -> Settings:
     """Resolve an unset residual rotation: full where R1 is exact; where the structure says it is
-    not (output norms with per-channel gammas: Gemma 2/3, OLMo2; see post_norms.py), none, with one
-    line in the report (R2, P3 and R3 still apply). An explicit full/block there is a PerqError."""
-    blocker, asked = structure.residual_blocker, settings.rotation.residual
-    if blocker is None or asked is ResidualRotation.NONE:
-        return settings.replace(residual_rotation=settings.rotation.residual_or_full)
+    not (output norms with per-channel gammas: Gemma 2/3, OLMo2; see post_norms.py), the online
+    residual rotation (passes/rotate_residual_online.py) when activations are quantized and an
+    online block (or full) rotation is asked for, else none; either with one line in the report
+    (R2, P3 and R3 still apply). An explicit full/block there is a PerqError; an explicit online
+    applies to any model, but not to the genai target (its decoder has no rotation at q/k/v)."""
+    blocker, asked, r = structure.residual_blocker, settings.rotation.residual, settings.rotation
+    if asked is ResidualRotation.ONLINE and settings.target is TargetName.GENAI:
+        raise PerqError("--residual-rotation online: the genai target's decoder has no online rotation in front "
+                        "of q/k/v and gate/up; use --target simulate, ort or tensorrt")
+    if blocker is None or asked in (ResidualRotation.NONE, ResidualRotation.ONLINE):
+        return settings.replace(residual_rotation=r.residual_or_full)
     if asked is not None:
         raise PerqError(f"--residual-rotation {asked}: R1 would not be exact on this model: {blocker} "
-                        "(leave --residual-rotation unset or give 'none' to skip it)")
+                        "(leave --residual-rotation unset, or give 'online' or 'none')")
+    rotation = (f"block Hadamard b={r.residual_block_size}" if r.residual_block_size
+                else f"full Hadamard of {structure.hidden_size}" if r.online.full else None)
+    if settings.activations_quantized and rotation and settings.target is not TargetName.GENAI:
+        _note(report, f"residual rotation online (R1 would not be exact: {blocker}): {rotation} at each "
+                      "pre-norm's output, its transpose folded into q/k/v and gate/up; the residual stream "
+                      "stays unrotated")
+        return settings.replace(residual_rotation=ResidualRotation.ONLINE)
     _note(report, f"residual rotation skipped (R1 would not be exact): {blocker}")
     return settings.replace(residual_rotation=ResidualRotation.NONE)
 

@@ -4,7 +4,9 @@
 builds the transforms:
 
 * R1 (residual): a full Hadamard of the hidden size, or P * blockdiag(H_rb) with a calibrated
-  permutation P of the residual channels;
+  permutation P of the residual channels; or, where R1 is not exact (post-norm models), the
+  online residual rotation: blockdiag(H_rb) (or the full Hadamard with ``--block full``) applied
+  online at the residual readers' inputs;
 * R2 (heads): blockdiag(H_head_dim) on the value heads;
 * P3 (per layer): a permutation of the MLP intermediate from its calibrated channel mass;
 * R3 (online, at down_proj): blockdiag(H_b), or the full Hadamard of the intermediate size.
@@ -49,6 +51,8 @@ class Plan:
     mlp_permutations: dict[int, np.ndarray]     # layer -> permutation (absent: none)
     online: Transform | None                    # what R3 applies online (None: no R3)
     online_block: int | None                    # b of a block R3 (None: full-vector or none)
+    residual_online: Transform | None = None    # the online residual rotation (None: none)
+    residual_online_block: int | None = None    # its block size (None: full-vector)
 
     @property
     def permutations(self) -> dict[str, np.ndarray]:
@@ -101,6 +105,26 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
         p = permutation.permutation(str(r.permute), _mass(stats, "residual", shape.hidden), rb, s.seed)
         residual = Chain(Permutation(p), BlockDiagonal(hadamard(rb)))
         described = f"{r.permute} + block {rb}"
+    residual_online, residual_online_block = None, None
+    if r.residual_or_full is ResidualRotation.ONLINE:
+        residual_online_block = r.residual_block_size
+        if residual_online_block is not None:
+            if shape.hidden % residual_online_block:
+                raise PerqError(f"residual block size {residual_online_block} does not divide the hidden size "
+                                f"{shape.hidden} (node '{shape.names.get('hidden', 'lm_head')}')")
+            if b is not None and b != residual_online_block:
+                raise PerqError(f"--residual-block {residual_online_block} with --residual-rotation online and --block {b}: "
+                                "the online rotations share one perq.BlockHadamard function body per model; give "
+                                "one block size")
+            residual_online = BlockDiagonal(hadamard(residual_online_block))
+            described = f"online block {residual_online_block}"
+        elif r.online.full:
+            residual_online = _full_rotation(shape.hidden, s, "the online residual rotation",
+                                             shape.names.get("hidden", ""))
+            described = f"online full {shape.hidden}"
+        else:
+            raise PerqError("--residual-rotation online needs a block size: give --block N (or full) or "
+                            "--residual-block N")
 
     heads = None
     if r.rotate_heads:
@@ -118,4 +142,4 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
     elif r.online.full:
         online = _full_rotation(shape.intermediate, s, "the full online rotation",
                                 shape.names.get("intermediate", ""))
-    return Plan(s, residual, described, heads, perms, online, b)
+    return Plan(s, residual, described, heads, perms, online, b, residual_online, residual_online_block)

@@ -186,3 +186,82 @@ def test_gemma3_270m_recipe_exact(tmp_path):
     assert "skipped (R1 would not be exact)" in report.summaries[0]
     assert any(s.startswith("InsertOnlineRotation") for s in report.summaries)
     assert relative_difference(path, out, ids) < TOL
+
+
+# ------------------------------------------------------------- the online residual rotation
+
+def _ops(path) -> list[str]:
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [(a, False) for a in (*POST_NORM, "gemma")] + [("gemma3", True)], ids=_id)
+def test_online_residual_rotation_exact(family, tmp_path, model):
+    """--residual-rotation online (a block or full Hadamard at each pre-norm's output, its transpose
+    folded into q/k/v and gate/up) is exact on post-norm models, and on a pre-norm one (Gemma) too:
+    the residual stream, its norms and the output norms are untouched."""
+    arch, past = model
+    path = family(arch, past)
+    for kw, blocks in ((dict(block="16"), 3 * 2), (dict(block="full", permute="none"), 0)):
+        out = tmp_path / "out.onnx"
+        settings = Settings.parse(quantize=False, residual_rotation="online", **{"permute": "random", **kw})
+        report = optimize(path, out, settings, progress=False)
+        assert 0.0 < relative_difference(path, out, random_ids()) < TOL, kw
+        passes = " ".join(report.summaries)
+        assert "RotateResidualOnline: online" in passes and "at 4 residual reader inputs" in passes
+        assert "RotateResidual:" not in passes and "FoldNormGammas" not in passes  # gammas stay in the norms
+        assert _ops(out).count("BlockHadamard") == blocks  # 2 per layer at the readers, 1 at down_proj
+        out.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gemma3", "olmo2", "gemma"])
+def test_online_residual_rotation_by_default(family, tmp_path, arch):
+    """W4A4 on a post-norm model: the planner picks the online residual rotation where R1 is not
+    exact and says so; W4A16 (float activations) skips it as before; a pre-norm model keeps R1."""
+    path = family(arch)
+    out = tmp_path / "q.onnx"
+    report = optimize(path, out, Settings.parse(block="16", permute="random"), progress=False)
+    got = logits(session(out), random_ids())
+    assert np.isfinite(got).all() and not np.allclose(got, logits(session(path), random_ids()))
+    passes = " ".join(report.summaries)
+    if arch == "gemma":
+        assert "RotateResidual:" in passes and "RotateResidualOnline" not in passes
+        return
+    assert report.summaries[0].startswith("residual rotation online (R1 would not be exact: node '")
+    assert "RotateResidualOnline: online block Hadamard b=16" in passes
+    # the activation quantizer at q/k/v and gate/up reads the rotated tensors
+    model = onnx.load(str(out), load_external_data=False)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    qdq = [n for n in model.graph.node if "/input_qdq/" in n.name]
+    rotated = {n.output[0] for n in model.graph.node if n.op_type == "BlockHadamard"}
+    assert len(rotated) == 6 and any(i in rotated for n in qdq for i in n.input)
+    assert all(producers[t].op_type == "BlockHadamard" for t in rotated)
+    w4a16 = optimize(path, out, Settings.parse(block="16", permute="random", a_bits=16), progress=False)
+    assert w4a16.summaries[0].startswith("residual rotation skipped (R1 would not be exact)")
+
+
+@pytest.mark.slow
+def test_online_residual_rotation_refusals(family, tmp_path, capsys):
+    """What the online residual rotation cannot do is refused in one line naming the option or node."""
+    path, out = family("gemma3"), tmp_path / "out" / "model.onnx"
+    cases = [(dict(block="none"), "--residual-rotation online needs a block size"),
+             (dict(block="16", residual_block=32), "--residual-block 32 with --residual-rotation online and --block 16"),
+             (dict(block="16", residual_block=256), "residual block size 256 does not divide the hidden size 128 (node '"),
+]
+    for kw, expected in cases:
+        with pytest.raises(PerqError) as info:
+            optimize(path, out, Settings.parse(quantize=False, residual_rotation="online", permute="random", **kw),
+                     progress=False)
+        assert expected in str(info.value) and "\n" not in str(info.value), kw
+    # the genai target refuses Gemma before planning; the planner's own refusal, for any model:
+    from perq_onnx.pipeline import Report, _fit_residual_rotation
+    with pytest.raises(PerqError, match="--residual-rotation online: the genai target"):
+        _fit_residual_rotation(Settings.parse(target="genai", residual_rotation="online"), analyze(load_graph(path)),
+                               Report())
+    capsys.readouterr()
+    assert main(["optimize", str(path), "-o", str(out), "--no-quant", "--residual-rotation", "online",
+                 "--block", "none"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--residual-rotation online needs a block size" in lines[0]
+    assert not out.exists()
