@@ -51,6 +51,7 @@ class Permute(Choice):
 class ResidualRotation(Choice):
     FULL = "full"
     BLOCK = "block"
+    ONLINE = "online"  # online block Hadamard at the residual readers' inputs (post-norm models)
     NONE = "none"
 
 
