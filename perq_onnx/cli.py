@@ -268,9 +268,11 @@ def parser() -> argparse.ArgumentParser:
                                    "(full-vector) or 'none' (default: the --format's scale block, else 16)")
     o.add_argument("--permute", default="massdiff", choices=Permute.values())
     o.add_argument("--residual-rotation", choices=ResidualRotation.values(),
-                   help="R1: default full where it is exact, none on post-norm models (Gemma 2/3, OLMo2); "
-                        "an explicit full/block on those is an error")
-    o.add_argument("--residual-block", type=int, help="block size of --residual-rotation block (default --block)")
+                   help="R1: default full where it is exact; on post-norm models (Gemma 2/3, OLMo2), where it is "
+                        "not, online (a block Hadamard at each pre-norm's output, folded into q/k/v and gate/up) "
+                        "when activations are quantized, else none; an explicit full/block on those is an error")
+    o.add_argument("--residual-block", type=int,
+                   help="block size of --residual-rotation block or online (default --block)")
     heads = o.add_mutually_exclusive_group()
     heads.add_argument("--no-head-rotation", action="store_true", help="skip the per-head v/o rotation (R2)")
     heads.add_argument("--head-rotation", action="store_true",
