@@ -5,9 +5,11 @@ The form (format: INT-n per output channel or per group of g input rows, NVFP4, 
 is the target's; the rounding is round-to-nearest or GPTQ (perq_onnx/rounding.py). How the codes
 appear is the ``WeightForm`` the target picks:
 
-* ``int_dequantize``: int4/int8 initializer -> DequantizeLinear -> MatMul, symmetric and zero-point
-  free (what TensorRT and MatMulNBits want): per channel, scale [out] with axis 1; per group, scale
-  [in/g, out] with axis 0 and block_size g.
+* ``int_dequantize``: int4/int8 initializer -> DequantizeLinear -> MatMul (what TensorRT and
+  MatMulNBits want): per channel, scale [out] with axis 1; per group, scale [ceil(in/g), out] with
+  axis 0 and block_size g (a ragged last group is shorter, as DequantizeLinear-21 allows).
+  Symmetric forms have no zero point; asymmetric ones have uint4/uint8 codes and a zero point of
+  the scale's shape.
 * ``fp4_lookup``: FP4 codes as UINT4 E2M1 bit patterns decoded with standard ops that onnxruntime
   runs (formats.emit_fp4_weight: table Gather times the block scale), bit-exact to the reference.
 (TensorRT's NVFP4 form is made from ``fp4_lookup`` by passes/tensorrt_fp4_weights.py, once the
@@ -34,7 +36,7 @@ from perq_onnx.settings import GPTQConfig, Rounding
 from .base import QUANTIZED_WEIGHT, WEIGHTS_FLOAT, WEIGHTS_QUANTIZED, Context, Pass, PassResult
 from .quantize_activations import GraphEmitter
 
-WEIGHT_TYPES = {4: ml_dtypes.int4, 8: np.int8}
+WEIGHT_TYPES = {(4, True): ml_dtypes.int4, (8, True): np.int8, (4, False): ml_dtypes.uint4, (8, False): np.uint8}
 HESSIAN_BUDGET = 1 << 30  # bytes of float64 Hessians collected per calibration run
 
 
@@ -83,6 +85,8 @@ class QuantizeWeights(Pass):
         fmt = self.form.format
         gran = "per output channel" if fmt.group is None else f"per group of {fmt.group}"
         name = fmt.name.upper() if isinstance(fmt, FP4Format) else f"INT{fmt.bits}"
+        if not fmt.symmetric:
+            name += " asymmetric"
         return PassResult(f"{name} weights ({gran}, {self.rounding}, {self.form.clip} scales) "
                           f"on {len(errors)} linears", {"weight_rel_error": errors})
 
@@ -106,11 +110,14 @@ class QuantizeWeights(Pass):
 
 def int_dequantize(ctx: Context, name: str, q: Quantized, dtype: np.dtype) -> gs.Variable:
     form = q.format
-    codes = ctx.store.constant(f"{name}.weight.quantized", q.codes.astype(WEIGHT_TYPES[form.bits]))
-    scale = ctx.store.constant(f"{name}.weight.scale", q.scale.astype(dtype))
+    kind = WEIGHT_TYPES[form.bits, form.symmetric]
+    inputs = [ctx.store.constant(f"{name}.weight.quantized", q.codes.astype(kind)),
+              ctx.store.constant(f"{name}.weight.scale", q.scale.astype(dtype))]
+    if q.zero_point is not None:
+        inputs.append(ctx.store.constant(f"{name}.weight.zero_point", q.zero_point.astype(kind)))
     attrs = {"axis": 1} if form.group is None else {"axis": 0, "block_size": form.group}
     deq = gs.Variable(f"{name}.weight.dequantized", dtype=dtype)
-    ctx.add(gs.Node("DequantizeLinear", f"{name}/weight_dq", attrs, [codes, scale], [deq]))
+    ctx.add(gs.Node("DequantizeLinear", f"{name}/weight_dq", attrs, inputs, [deq]))
     return deq
 
 

@@ -27,7 +27,7 @@ def settings_from(args):
     from .settings import OPTIONS, Settings
     derived = dict(head_rotation=False if args.no_head_rotation else (True if args.head_rotation else None),
                    quantize=not args.no_quant,
-                   gptq_act_order=not args.gptq_no_act_order)
+                   gptq_act_order=not args.gptq_no_act_order, w_symmetric=not args.w_asymmetric)
     options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "seed")
                if key not in derived}
     options.update(derived)
@@ -281,6 +281,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--w-bits", type=int, default=4, choices=[4, 8, 16])
     o.add_argument("--w-group", type=int, help="weight scales per group of this many input rows (default: per "
                                                 "output channel for simulate, 32 for ort, 128 for tensorrt)")
+    o.add_argument("--w-asymmetric", action="store_true",
+                   help="INT weights with a zero point per scale (uint4 codes; ort, genai and simulate; default symmetric)")
     o.add_argument("--float-embeddings", action="store_true",
                    help="keep the embedding and lm_head float (ort and tensorrt quantize them by default)")
     o.add_argument("--rounding", choices=Rounding.values(),

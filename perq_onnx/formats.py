@@ -2,8 +2,8 @@
 formats also own the standard-op ONNX chains that onnxruntime runs bit-exactly to that reference.
 
 Weights are in ONNX MatMul layout ``W[in, out]``; a *group* (block) is ``g`` consecutive input rows
-of one output column, so a group's scales have shape ``[in / g, out]`` (per output channel:
-``[out]``). Activations are blocked along their last axis.
+of one output column, so a group's scales have shape ``[ceil(in / g), out]`` (per output channel:
+``[out]``; only INT groups may be ragged). Activations are blocked along their last axis.
 
 Formats
 -------
@@ -134,7 +134,9 @@ class Quantized:
     def _per_row(self, a: np.ndarray) -> np.ndarray:
         if a.ndim == 1:
             return a[None, :]
-        return np.repeat(a, self.codes.shape[0] // a.shape[0], axis=0)
+        rows = self.codes.shape[0]
+        group = getattr(self.format, "group", None) or rows // a.shape[0]
+        return np.repeat(a, group, axis=0)[:rows]  # a ragged last group is cut short
 
     def dequantize(self) -> np.ndarray:
         if isinstance(self.format, FP4Format):
@@ -164,14 +166,21 @@ class Format:
         """The format with any tensor-level state fitted from the whole weight (default: itself)."""
         return self
 
+    ragged = False  # whether the last group of rows may be shorter (INT: as onnxruntime pads)
+
     def group_size(self, rows: int) -> int:
-        """Rows per scale for a weight with ``rows`` input rows; raises if the group won't fit."""
+        """Rows per scale for a weight with ``rows`` input rows; raises if the group won't fit
+        (a format whose groups may be ragged only needs a group, not a divisor)."""
         if self.group is None:
             return rows
-        if rows % self.group:
+        if rows % self.group and not self.ragged:
             raise FormatError(f"group size {self.group} does not divide the {rows} input rows "
                               "of the weight")
         return self.group
+
+    def n_groups(self, rows: int) -> int:
+        """Scales per output column: ceil(rows / group) (1 per channel)."""
+        return -(-rows // self.group_size(rows))
 
     def clip_error(self, w, extremes, alpha, row_weight=None) -> np.ndarray:
         """Per group and column: sum over the group's rows of row_weight * (w - value)^2."""
@@ -186,7 +195,10 @@ class Format:
 
 @dataclass(frozen=True)
 class IntFormat(Format):
-    """INT-n, symmetric (narrow or ``full_range``) or asymmetric; per channel or groups of rows."""
+    """INT-n, symmetric (narrow or ``full_range``) or asymmetric; per channel or groups of rows.
+    The last group may be shorter than ``group`` (ragged K: blocks of 128 on 576 rows are 4 x 128
+    + 64), the form ONNX DequantizeLinear (scale dim ceil(K / block_size)) and MatMulNBits take."""
+    ragged = True
     bits: int = 4
     group: int | None = None
     symmetric: bool = True

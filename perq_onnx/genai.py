@@ -14,10 +14,11 @@ instead of pattern-rewriting optimum's unfused attention:
   (``do_rotary=1``, half-split like Hugging Face's rotate_half) from cos/sin caches computed from
   config.json (``rope_theta``, head_dim; a rope scaling is refused), scale 1/sqrt(head_dim);
   ``seqlens_k`` = sum(attention_mask) - 1, ``total_sequence_length`` = attention_mask's length;
-* linears: an INT4 blocked ``DequantizeLinear`` weight (codes [K, N], scales [K/b, N], axis 0,
+* linears: an INT4 blocked ``DequantizeLinear`` weight (codes [K, N], scales [ceil(K/b), N], axis 0,
   block b) becomes ``com.microsoft.MatMulNBits`` (codes + 8 packed two per byte along K, scales
-  [N, K/b], default zero point 8: (u - 8) * s == q * s also for perq's negative scales); a float
-  weight stays a MatMul; biases stay an Add;
+  [N, ceil(K/b)], default zero point 8: (u - 8) * s == q * s also for perq's negative scales; a
+  ragged last block padded with its zero point); an asymmetric UINT4 one keeps its codes and gets
+  its zero points packed likewise; a float weight stays a MatMul; biases stay an Add;
 * MLP: gate and up packed into one linear and split, SiLU gating as Sigmoid/Mul/Mul; the online rotation R3 (``perq.BlockHadamard``, its
   inlined Reshape-MatMul-Reshape, or a full-matrix MatMul) as standard ops, so no custom-op
   library is needed;

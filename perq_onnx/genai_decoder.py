@@ -36,9 +36,12 @@ class GenaiError(PerqError):
 
 @dataclass(frozen=True)
 class BlockInt4:
-    """A weight W ~ codes * scale, codes [K, N] in -8..7 (int8 array), scale [K/block, N]."""
+    """A weight W ~ (codes - zero) * scale in blocks of ``block`` rows: codes [K, N] in 0..15
+    (uint8 array), scale and zero [ceil(K / block), N] (zero 8 for the symmetric form; a ragged
+    last block is shorter)."""
     codes: np.ndarray
     scale: np.ndarray
+    zero: np.ndarray
     block: int
 
     @property
@@ -86,22 +89,24 @@ class _Reader:
     def _dequantize_linear(self, lin, dq: gs.Node) -> BlockInt4:
         codes = _need(dq.inputs[0], f"the codes of '{lin.name}'")
         scale = _need(dq.inputs[1], f"the scales of '{lin.name}'")
-        if len(dq.inputs) > 2 and dq.inputs[2].name:
-            zp = _value(dq.inputs[2])
-            if zp is None or np.any(np.asarray(zp, dtype=np.int32) != 0):
-                raise GenaiError(f"node '{dq.name}': a non-zero zero point is not supported")
+        zp = _need(dq.inputs[2], f"the zero point of '{lin.name}'") if len(dq.inputs) > 2 and dq.inputs[2].name else None
         block, axis = dq.attrs.get("block_size", 0), dq.attrs.get("axis", 1)
         kind = onnx.helper.np_dtype_to_tensor_dtype(codes.dtype)
-        if kind != TensorProto.INT4:
-            raise GenaiError(f"node '{dq.name}': {codes.dtype} weights; MatMulNBits here takes INT4 blocks")
+        if kind not in (TensorProto.INT4, TensorProto.UINT4):
+            raise GenaiError(f"node '{dq.name}': {codes.dtype} weights; MatMulNBits here takes INT4/UINT4 blocks")
         if axis != 0 or not block or block < 16 or block & (block - 1):
             raise GenaiError(f"node '{dq.name}': MatMulNBits needs blocks of a power of two >= 16 input rows "
                              f"(axis 0); this weight has axis {axis}, block_size {block}")
         k, n = codes.shape
-        if (k, n) != (lin.in_features, lin.out_features) or scale.shape != (k // block, n) or k % block:
+        blocks = -(-k // block)
+        if (k, n) != (lin.in_features, lin.out_features) or scale.shape != (blocks, n) or (
+                zp is not None and zp.shape != scale.shape):
             raise GenaiError(f"node '{dq.name}': codes {codes.shape} / scales {scale.shape} do not form blocks of "
                              f"{block} rows")
-        return BlockInt4(np.asarray(codes).astype(np.int8), np.asarray(scale, dtype=np.float32), int(block))
+        offset = 8 if kind == TensorProto.INT4 else 0  # MatMulNBits' codes are unsigned (zero point 8 by default)
+        zero = np.full(scale.shape, offset, np.int32) if zp is None else np.asarray(zp).astype(np.int32) + offset
+        return BlockInt4((np.asarray(codes).astype(np.int32) + offset).astype(np.uint8),
+                         np.asarray(scale, dtype=np.float32), zero.astype(np.uint8), int(block))
 
     def bias(self, lin) -> np.ndarray | None:
         if lin.bias is None:
@@ -289,12 +294,16 @@ class _Builder:
     def linear(self, x: str, weight, bias, name: str, output: str | None = None) -> str:
         if isinstance(weight, BlockInt4):
             k, n = weight.shape
-            b = weight.block
-            u = (weight.codes.astype(np.int16) + 8).astype(np.uint8)              # [K, N], 0..15
-            u = np.ascontiguousarray(u.T).reshape(n, k // b, b)                    # [N, blocks, b]
-            packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)       # low nibble first
-            y = self.op("MatMulNBits", [x, self.const(f"{name}.weight_Q4", packed),
-                                        self.const(f"{name}.weight_scales", np.ascontiguousarray(weight.scale.T))],
+            b, blocks = weight.block, weight.scale.shape[0]
+            u = np.repeat(weight.zero, b, axis=0)                                   # padding decodes to 0
+            u[:k] = weight.codes                                                    # [blocks * b, N], 0..15
+            u = np.ascontiguousarray(u.T).reshape(n, blocks, b)                     # [N, blocks, b]
+            inputs = [x, self.const(f"{name}.weight_Q4", _nibbles(u)),
+                      self.const(f"{name}.weight_scales", np.ascontiguousarray(weight.scale.T))]
+            if np.any(weight.zero != 8):  # else MatMulNBits' default zero point
+                zero = np.pad(weight.zero.T, ((0, 0), (0, blocks % 2)), constant_values=8)
+                inputs.append(self.const(f"{name}.weight_zero_points", _nibbles(zero)))
+            y = self.op("MatMulNBits", inputs,
                         f"{name}/MatMulNBits", domain=MS, K=k, N=n, bits=4, block_size=b,
                         accuracy_level=self.accuracy_level, outputs=[output] if output and bias is None else 1)
         else:
@@ -305,14 +314,19 @@ class _Builder:
         return y
 
 
+def _nibbles(u: np.ndarray) -> np.ndarray:
+    """Pairs of 4-bit values along the last axis in one byte each, the first in the low nibble."""
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
 def _pack(weights: list, biases: list):
     """Linears reading one input (q, k, v; gate, up) as one, columns concatenated, when their
     forms agree, else None."""
     if all(isinstance(w, np.ndarray) for w in weights):
         w = np.concatenate(weights, axis=1)
     elif all(isinstance(w, BlockInt4) for w in weights) and len({w.block for w in weights}) == 1:
-        w = BlockInt4(np.concatenate([w.codes for w in weights], axis=1),
-                      np.concatenate([w.scale for w in weights], axis=1), weights[0].block)
+        w = BlockInt4(*(np.concatenate([getattr(w, f) for w in weights], axis=1) for f in ("codes", "scale", "zero")),
+                      weights[0].block)
     else:
         return None
     if all(b is None for b in biases):

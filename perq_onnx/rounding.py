@@ -4,8 +4,8 @@ Conventions
 -----------
 Weights are in ONNX MatMul layout: ``W`` has shape ``[in, out]`` and ``y = x @ W``. Input channels
 are rows. A quantization group is a run of ``g`` consecutive rows within one output column, so a
-per-group scale has shape ``[in / g, out]`` and a per-channel scale (``group=None``) has shape
-``[out]``. The Hessian is ``H = X^T X`` over calibration tokens, shape ``[in, in]``.
+per-group scale has shape ``[ceil(in / g), out]`` (INT groups may be ragged: the last one is
+shorter) and a per-channel scale (``group=None``) has shape ``[out]``. The Hessian is ``H = X^T X`` over calibration tokens, shape ``[in, in]``.
 
 Every rule about codes and scales belongs to the weight's number format (perq_onnx/formats.py:
 INT-n symmetric or asymmetric, NVFP4, MXFP4); this module only chooses each group's clipping
@@ -168,16 +168,18 @@ def rtn(w, form: WeightQuant, hessian=None) -> Quantized:
     w = _check_weight(w)
     rows, cols = w.shape
     fmt = form.format.bind(w)  # NVFP4: the tensor scale from the whole weight
-    g = fmt.group_size(rows)
+    g, n = fmt.group_size(rows), fmt.n_groups(rows)
+    pad = n * g - rows  # a ragged last group is padded with zero rows: no format's extremes move
     row_weight = None
     if form.clip == "act":
         if hessian is None:
             raise RoundingError('clip="act" needs the Hessian (X^T X) of the layer input')
-        row_weight = _row_weights(np.diag(_check_hessian(hessian, rows))).reshape(rows // g, g, 1)
-    wg = w.astype(np.float64).reshape(rows // g, g, cols)
+        diag = np.pad(np.diag(_check_hessian(hessian, rows)), (0, pad))
+        row_weight = _row_weights(diag).reshape(n, g, 1)
+    wg = np.pad(w.astype(np.float64), ((0, pad), (0, 0))).reshape(n, g, cols)
     scale, zero = _fit(wg, fmt, form.clip, row_weight)
     codes = fmt.round(wg, scale[:, None], None if zero is None else zero[:, None])
-    return fmt.package(codes.reshape(rows, cols), scale, zero, per_channel=fmt.group is None)
+    return fmt.package(codes.reshape(n * g, cols)[:rows], scale, zero, per_channel=fmt.group is None)
 
 
 def _invert_lower_inplace(lower: np.ndarray) -> None:
@@ -242,7 +244,7 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
     del lower
 
     work = w.astype(np.float64)[order]  # rows in processing order, updated as we go
-    n_groups = rows // g
+    n_groups = fmt.n_groups(rows)  # the last group may be ragged (shorter): its members are fewer
     scale = np.empty((n_groups, cols))
     zero = np.empty((n_groups, cols)) if fmt.has_zero_point else None
     fitted = np.zeros(n_groups, dtype=bool)

@@ -198,6 +198,7 @@ class WeightConfig:
     format: NumberFormat = NumberFormat.INT
     bits: int = 4                      # INT formats: 4, 8, or 16 (= float weights)
     group: int | None = None           # INT: rows per scale (None: the target's default); FP4: the format's
+    symmetric: bool = True             # INT: False = asymmetric codes with a zero point per scale
     rounding: Rounding | None = None   # None: the target's default
     clip: Clip | None = None           # None: the target's default
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
@@ -210,6 +211,8 @@ class WeightConfig:
             if self.bits not in (4, 16):
                 raise PerqError(f"--w-bits {self.bits}: --format {self.format} has 4-bit (E2M1) values "
                                 "(or 16: float weights)")
+            if not self.symmetric:
+                raise PerqError(f"--w-asymmetric: --format {self.format} is symmetric (E2M1 values, no zero point)")
             if self.group not in (None, self.format.block):
                 raise PerqError(f"--w-group {self.group}: --format {self.format} has one scale per "
                                 f"{self.format.block} values")
@@ -242,7 +245,8 @@ OPTIONS = {
     "calib_data": ("calibration", "data"), "tokenizer": ("calibration", "tokenizer"),
     "calib_samples": ("calibration", "samples"), "seq_len": ("calibration", "seq_len"),
     "threads": ("calibration", "threads"),
-    "w_bits": ("weights", "bits"), "w_group": ("weights", "group"), "rounding": ("weights", "rounding"),
+    "w_bits": ("weights", "bits"), "w_group": ("weights", "group"),
+    "w_symmetric": ("weights", "symmetric"), "rounding": ("weights", "rounding"),
     "w_clip": ("weights", "clip"),
     "gptq_damp": ("weights.gptq", "damp"), "gptq_block": ("weights.gptq", "block"),
     "gptq_act_order": ("weights.gptq", "act_order"),

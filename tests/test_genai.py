@@ -135,6 +135,23 @@ def test_int4_ort_output_as_matmulnbits(rewritten, tmp_path):
 
 
 @pytest.mark.slow
+def test_asymmetric_ragged_blocks_as_matmulnbits(tiny_models, tmp_path):
+    """UINT4 codes with zero points in blocks of 256 (ragged on the 128-row linears: one short
+    block) pack into MatMulNBits with zero points and padding, equal to the ort output."""
+    src = tiny_models("llama", past=True, tied=False)
+    q = tmp_path / "ort" / "model.onnx"
+    pipeline.optimize(src, q, Settings.parse(target="ort", w_group=256, w_symmetric=False, calib_samples=4,
+                                             seq_len=32), progress=False)
+    folder = genai_from_model(q, src, tmp_path / "genai", accuracy_level=0)
+    import onnx
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * 4 + 1 and all(len(n.input) == 4 for n in nbits)  # every one has zero points
+    ids = np.random.default_rng(4).integers(0, 512, size=(1, 20))
+    assert _relative(greedy_logits(q, ids, 3), greedy_logits(folder / "model.onnx", ids, 3)) < TOL
+
+
+@pytest.mark.slow
 def test_onnxruntime_genai_generates_the_same_tokens(rewritten, tmp_path):
     og = pytest.importorskip("onnxruntime_genai")
     src, nq, _ = rewritten("llama")

@@ -239,6 +239,31 @@ def test_gptq_on_identity_hessian_is_rtn():
         assert 0.85 < ratio < 1.1, ratio
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clip", ["absmax", "mse", "act"])
+def test_ragged_groups_are_groups_of_their_own_rows(symmetric, clip):
+    """Blocks of 48 on 256 rows: 5 x 48 + 16. Each group, the short last one included, is rounded
+    exactly as that group's rows would be on their own per channel, and GPTQ keeps the layout."""
+    w, h = weights(), correlated_hessian()
+    form = WeightQuant(group=48, symmetric=symmetric, clip=clip, full_range=symmetric)
+    q = rtn(w, form, h)
+    assert q.codes.shape == (ROWS, COLS) and q.scale.shape == (6, COLS)
+    for k in range(6):
+        rows = slice(48 * k, min(48 * (k + 1), ROWS))
+        alone = rtn(w[rows], WeightQuant(format=dataclasses.replace(form.format, group=None), clip=clip),
+                    h[rows, rows])
+        np.testing.assert_array_equal(q.codes[rows], alone.codes)
+        np.testing.assert_array_equal(q.scale[k], alone.scale)
+        if not symmetric:
+            np.testing.assert_array_equal(q.zero_point[k], alone.zero_point)
+    expected = (q.codes.astype(np.float32) - (0 if symmetric else np.repeat(q.zero_point, 48, 0)[:ROWS])) \
+        * np.repeat(q.scale, 48, 0)[:ROWS]
+    np.testing.assert_array_equal(q.dequantize(), expected)
+    g = gptq(w, h, form)
+    assert g.codes.shape == (ROWS, COLS) and g.scale.shape == (6, COLS)
+    assert output_error(w, g, h) < output_error(w, q, h)
+
+
 def test_gptq_dead_inputs():
     h, w = correlated_hessian(), weights()
     dead = np.array([0, 17, 100, 255])
@@ -382,10 +407,10 @@ def test_invalid_forms_raise():
     with pytest.raises(ValueError, match="full_range applies to symmetric"):
         WeightQuant(symmetric=False, full_range=True)
     w = weights()
-    with pytest.raises(ValueError, match="group size 48 does not divide the 256 input rows"):
-        rtn(w, WeightQuant(group=48))
+    with pytest.raises(ValueError, match="group size 16 does not divide the 40 input rows"):
+        rtn(w[:40], WeightQuant(format=NVFP4()))  # FP4 blocks are the format's: never ragged
     with pytest.raises(ValueError, match="does not divide"):
-        gptq(w, np.eye(ROWS), WeightQuant(group=48))
+        gptq(w[:40], np.eye(40), WeightQuant(format=MXFP4()))
     with pytest.raises(ValueError, match=r"Hessian must be \[256, 256\]"):
         gptq(w, np.eye(COLS), WeightQuant())
     with pytest.raises(ValueError, match="not positive definite"):

@@ -102,7 +102,8 @@ def test_tensorrt_target_float_rewrite_is_exact(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_tensorrt_target_refuses_what_tensorrt_cannot_run(tiny_models, tmp_path):
-    for kwargs, match in ((dict(w_group=32), "64 or 128"), (dict(a_bits=4), "weight-only")):
+    for kwargs, match in ((dict(w_group=32), "64 or 128"), (dict(a_bits=4), "weight-only"),
+                          (dict(w_symmetric=False), "INT4 weights are symmetric")):
         with pytest.raises(PerqError, match=match):
             optimize(tiny_models("llama"), tmp_path / "x.onnx", Settings.parse(target="tensorrt", **kwargs),
                      progress=False)
@@ -110,12 +111,61 @@ def test_tensorrt_target_refuses_what_tensorrt_cannot_run(tiny_models, tmp_path)
 
 def test_target_weight_blocks_fit_the_model(tmp_path):
     """tensorrt takes the first of its blocks (128, 64) that divides every linear's input, and
-    says so when none does; an explicit --w-group that does not divide names the node."""
+    says so when none does; there an explicit --w-group that does not divide names the node
+    (ort and simulate take ragged blocks); MatMulNBits needs power-of-two blocks >= 16."""
     from handmade import build_decoder
     path = build_decoder(tmp_path / "model.onnx")  # hidden 32, intermediate 64
     with pytest.raises(PerqError, match=r"weight blocks \(128, 64\) divide no common input size"):
         optimize(path, tmp_path / "x.onnx", Settings.parse(target="tensorrt", **CALIB), progress=False)
     with pytest.raises(PerqError, match=r"--w-group 64 does not divide the 32 input channels of node"):
-        optimize(path, tmp_path / "x.onnx", Settings.parse(target="ort", w_group=64, **CALIB), progress=False)
+        optimize(path, tmp_path / "x.onnx", Settings.parse(target="tensorrt", w_group=64, **CALIB), progress=False)
+    with pytest.raises(PerqError, match=r"--w-group 24: MatMulNBits takes blocks of a power of two"):
+        optimize(path, tmp_path / "x.onnx", Settings.parse(target="ort", w_group=24, **CALIB), progress=False)
     optimize(path, tmp_path / "ok.onnx", Settings.parse(target="ort", w_group=16, **CALIB), progress=False)
     assert check_tensorrt(tmp_path / "ok.onnx")  # block 16 is not TensorRT's form
+
+
+def _dequantized_weights(path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each DequantizeLinear weight as onnxruntime computes it, and as numpy computes it from the
+    node's initializers ((codes - zero point) * scale, a ragged last block cut short)."""
+    model = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    result = {}
+    for node in model.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        codes = inits[node.input[0]].astype(np.float32)
+        scale = inits[node.input[1]]
+        zero = inits[node.input[2]].astype(np.float32) if len(node.input) > 2 else np.zeros_like(scale)
+        if attrs.get("block_size"):
+            b, k = attrs["block_size"], codes.shape[0]
+            scale, zero = (np.repeat(a, b, axis=0)[:k] for a in (scale, zero))
+        single = onnx.helper.make_model(onnx.helper.make_graph(
+            [onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"][:len(node.input)], ["y"], **attrs)], "dq", [],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+            [onnx.numpy_helper.from_array(inits[n], v) for n, v in zip(node.input, "qsz")]),
+            opset_imports=[onnx.helper.make_opsetid("", 21)], ir_version=10)
+        ours = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+        result[node.name] = ours, (codes - zero) * scale
+    return result
+
+
+@pytest.mark.parametrize("target,group", [("simulate", 24), ("ort", 64)])
+def test_ragged_asymmetric_weight_blocks(tmp_path, target, group):
+    """--w-asymmetric with blocks that do not divide K (24 on 32 and 64 rows; 64 on 32): uint4
+    codes with zero points, the last block shorter; onnxruntime dequantizes every weight as numpy
+    does, and the model stays close to the float one."""
+    from handmade import build_decoder
+    path = build_decoder(tmp_path / "model.onnx")  # hidden 32, intermediate 64
+    out = tmp_path / "out.onnx"
+    optimize(path, out, Settings.parse(target=target, w_group=group, w_symmetric=False, a_bits=16,
+                                       rounding="gptq", w_clip="act", **CALIB), progress=False)
+    weights = _dequantized_weights(out)
+    assert len(weights) >= 14
+    for name, (ours, expected) in weights.items():
+        np.testing.assert_array_equal(ours, expected, err_msg=name)
+    model = onnx.load(str(out))
+    types = {t.data_type for t in model.graph.initializer if t.name.endswith(".weight.quantized")}
+    assert types == {onnx.TensorProto.UINT4}
+    assert compare_logits(path, out, ids=random_ids(vocab=64)).cosine > 0.99

@@ -34,6 +34,7 @@ class Target:
     default_rounding: Rounding = Rounding.GPTQ
     default_w_clip: Clip = Clip.ACT
     full_range: bool = True                  # symmetric codes use all 16 levels (negative scales)
+    ragged_groups: bool = True               # an INT group need not divide K (the last one is shorter)
     formats: tuple[NumberFormat, ...] = (NumberFormat.INT,)  # the number formats it can express
 
     # ------------------------------------------------------------------------------ settings
@@ -61,7 +62,7 @@ class Target:
         a_bits = settings.activations.bits
         settings = settings.replace(w_group=group, a_bits=a_bits if a_bits is not None else self.default_a_bits,
                                     rounding=w.rounding or self.default_rounding, w_clip=w.clip or self.default_w_clip)
-        if settings.weights_quantized and group is not None:
+        if settings.weights_quantized and group is not None and not self.ragged_groups:
             bad = next((name for name, n in in_features.items() if n % group), None)
             if bad is not None:
                 raise PerqError(f"--w-group {group} does not divide the {in_features[bad]} input channels of "
@@ -124,7 +125,7 @@ class Target:
         w = settings.weights
         if w.format is not NumberFormat.INT:
             return WeightQuant(format=format_for(w.format), clip=str(w.clip))
-        return WeightQuant(w.bits, w.group, True, str(w.clip), self.full_range)
+        return WeightQuant(w.bits, w.group, w.symmetric, str(w.clip), self.full_range and w.symmetric)
 
     def quantize_weights(self, settings: Settings, lm_head: bool, emit=None) -> QuantizeWeights:
         """The weight pass in the weight form ``emit`` (passes/quantize_weights.py); lm_head (no

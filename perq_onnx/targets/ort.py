@@ -36,6 +36,9 @@ class Ort(Target):
                             "use --target simulate for quantized activations in the graph")
         if settings.quantize and settings.weights.bits != 4:
             raise PerqError(f"--w-bits {settings.weights.bits}: the ort target emits INT4 weights (MatMulNBits)")
+        group = settings.weights.group
+        if settings.quantize and (group < 16 or group & (group - 1)):
+            raise PerqError(f"--w-group {group}: MatMulNBits takes blocks of a power of two >= 16 input rows")
 
     def passes(self, settings: Settings) -> list[Pass]:
         if not settings.quantize:

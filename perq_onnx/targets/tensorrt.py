@@ -35,6 +35,7 @@ class TensorRT(Target):
     name: str = "tensorrt"
     default_w_groups: tuple[int, ...] = tuple(sorted(rules.INT4_BLOCK_SIZES, reverse=True))
     full_range: bool = False  # positive scales
+    ragged_groups: bool = False  # its INT4 blocks (64, 128) divide K
     formats: tuple[NumberFormat, ...] = (NumberFormat.INT, NumberFormat.NVFP4)
 
     def check(self, settings: Settings) -> None:
@@ -45,6 +46,8 @@ class TensorRT(Target):
             return  # W4A4 (or W4A16 with --a-bits 16) in blocks of 16: checked by the settings
         if settings.quantize and w.bits != 4:
             raise PerqError(f"--w-bits {w.bits}: the tensorrt target emits INT4 weight-only blocks")
+        if settings.quantize and not w.symmetric:
+            raise PerqError("--w-asymmetric: TensorRT's INT4 weights are symmetric (zero point 0)")
         if settings.quantize and w.group not in rules.INT4_BLOCK_SIZES:
             raise PerqError(f"--w-group {w.group}: TensorRT's INT4 blocks are "
                             f"{' or '.join(map(str, rules.INT4_BLOCK_SIZES))} input rows")
