@@ -158,7 +158,9 @@ class RotationConfig:
     def permutes_by_statistics(self) -> bool:
         """Whether a permutation depends on calibrated channel statistics."""
         by_stats = self.permute in (Permute.MASSDIFF, Permute.ZIGZAG)
-        return by_stats and (self.online.block is not None or self.residual is ResidualRotation.BLOCK)
+        residual = self.residual is ResidualRotation.BLOCK or (self.residual is ResidualRotation.ONLINE
+                                                               and self.residual_block_size is not None)
+        return by_stats and (self.online.block is not None or residual)
 
 
 @dataclass(frozen=True)
