@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import calibration, publish
+from . import calibration, publish, rotation_choice
 from .analysis import DecoderStructure, analyze
 from .calibration import Calibrator
 from .errors import InternalError, PerqError
@@ -32,6 +32,7 @@ from .passes.base import Context, Pass, PassManager
 from .passes.fold_norm_gammas import FoldNormGammas
 from .passes.online_rotation import InsertOnlineRotation
 from .passes.permute_mlp import PermuteMLP
+from .passes.permute_residual import PermuteResidual
 from .passes.rotate_heads import RotateHeads
 from .passes.rotate_residual import RotateResidual
 from .passes.rotate_residual_online import RotateResidualOnline
@@ -132,6 +133,8 @@ def float_passes(plan: Plan) -> list[Pass]:
     passes: list[Pass] = []
     if plan.residual is not None:
         passes += [FoldNormGammas(), RotateResidual(plan.residual, plan.residual_description)]
+    if plan.residual_permutation is not None:
+        passes.append(PermuteResidual(plan.residual_permutation, str(plan.settings.rotation.permute)))
     if plan.residual_online is not None:
         passes.append(RotateResidualOnline(plan.residual_online, plan.residual_online_block))
     if plan.heads is not None:
@@ -214,8 +217,14 @@ def calibration_batches(model_path, settings: Settings, vocab: int | None = None
 
 
 def stat_points(structure: DecoderStructure) -> dict[str, tuple[str, ...]]:
-    """Region name -> the tensors whose mean |x| describe it (the residual averages its points)."""
-    return {r.name: r.stats for r in structure.regions() if r.kind in ("residual", "mlp")}
+    """Region name -> the tensors whose mean |x| describe it (the residual averages its points).
+    Where R1 is not exact, 'residual_readers': what q/k/v and gate/up read (the pre-norms' outputs,
+    gamma applied), for the online residual rotation's permutation."""
+    points = {r.name: r.stats for r in structure.regions() if r.kind in ("residual", "mlp")}
+    if structure.residual_blocker is not None:
+        points["residual_readers"] = tuple(norm.readers[0].input for layer in structure.layers
+                                           for norm in (layer.input_norm, layer.mlp_norm))
+    return points
 
 
 def collect_stats(ctx: Context) -> dict[str, np.ndarray]:
@@ -301,10 +310,11 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
     linears = [lin for layer in structure.layers for lin in layer.linears().values()] + [structure.lm_head]
     settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears})
     tgt.check_model(model_path.parent, structure)
-    settings = _fit_rotations(settings, structure, report)
+    asked, settings = settings, _fit_rotations(settings, structure, report)
+    choose = rotation_choice.applies(asked, settings)  # weight-only: do the rotations pay? (measured)
     with publish.staging(output_path.parent) as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))
-        if settings.needs_calibration(stats is not None) or tgt.needs_calibration(settings):
+        if settings.needs_calibration(stats is not None) or tgt.needs_calibration(settings) or choose:
             with report.phase("calibrate"):
                 if batches is None:
                     batches = calibration_batches(model_path, settings, structure.vocab_size)
@@ -312,6 +322,15 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
                 if stats is None and settings.needs_statistics:
                     stats = collect_stats(ctx)
         report.stats = stats or {}
+        if choose:
+            with report.phase("choose rotations"):
+                def rotations(s):
+                    p = make_plan(s, ModelShape.of(structure), stats)
+                    return p.residual, p.heads
+                settings, lines = rotation_choice.choose_rotations(ctx, asked, settings, tgt.weight_form(settings),
+                                                                   rotations, progress)
+                for line in lines:
+                    _note(report, line)
         with report.phase("plan"):
             plan = make_plan(settings, ModelShape.of(structure), stats)
             report.permutations = plan.permutations

@@ -6,7 +6,8 @@ builds the transforms:
 * R1 (residual): a full Hadamard of the hidden size, or P * blockdiag(H_rb) with a calibrated
   permutation P of the residual channels; or, where R1 is not exact (post-norm models), the
   online residual rotation: blockdiag(H_rb) (or the full Hadamard with ``--block full``) applied
-  online at the residual readers' inputs;
+  online at the residual readers' inputs, after a calibrated permutation of the whole stream
+  (folded offline; its mass is what the readers read, ``residual_readers``);
 * R2 (heads): blockdiag(H_head_dim) on the value heads;
 * P3 (per layer): a permutation of the MLP intermediate from its calibrated channel mass;
 * R3 (online, at down_proj): blockdiag(H_b), or the full Hadamard of the intermediate size.
@@ -53,12 +54,15 @@ class Plan:
     online_block: int | None                    # b of a block R3 (None: full-vector or none)
     residual_online: Transform | None = None    # the online residual rotation (None: none)
     residual_online_block: int | None = None    # its block size (None: full-vector)
+    residual_permutation: np.ndarray | None = None  # the stream's permutation before it (None: none)
 
     @property
     def permutations(self) -> dict[str, np.ndarray]:
         out = {f"layers.{i}.mlp": p for i, p in self.mlp_permutations.items()}
         if isinstance(self.residual, Chain) and isinstance(self.residual.first, Permutation):
             out["residual"] = self.residual.first.perm
+        if self.residual_permutation is not None:
+            out["residual"] = self.residual_permutation
         return out
 
 
@@ -105,7 +109,7 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
         p = permutation.permutation(str(r.permute), _mass(stats, "residual", shape.hidden), rb, s.seed)
         residual = Chain(Permutation(p), BlockDiagonal(hadamard(rb)))
         described = f"{r.permute} + block {rb}"
-    residual_online, residual_online_block = None, None
+    residual_online, residual_online_block, residual_permutation = None, None, None
     if r.residual_or_full is ResidualRotation.ONLINE:
         residual_online_block = r.residual_block_size
         if residual_online_block is not None:
@@ -118,6 +122,11 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
                                 "one block size")
             residual_online = BlockDiagonal(hadamard(residual_online_block))
             described = f"online block {residual_online_block}"
+            if r.permute is not Permute.NONE:  # the readers' inputs (gamma applied) where calibrated
+                key = "residual_readers" if stats is not None and "residual_readers" in stats else "residual"
+                residual_permutation = permutation.permutation(str(r.permute), _mass(stats, key, shape.hidden),
+                                                               residual_online_block, s.seed)
+                described = f"{r.permute} + {described}"
         elif r.online.full:
             residual_online = _full_rotation(shape.hidden, s, "the online residual rotation",
                                              shape.names.get("hidden", ""))
@@ -142,4 +151,5 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
     elif r.online.full:
         online = _full_rotation(shape.intermediate, s, "the full online rotation",
                                 shape.names.get("intermediate", ""))
-    return Plan(s, residual, described, heads, perms, online, b, residual_online, residual_online_block)
+    return Plan(s, residual, described, heads, perms, online, b, residual_online, residual_online_block,
+                residual_permutation)

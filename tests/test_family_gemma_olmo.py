@@ -211,7 +211,26 @@ def test_online_residual_rotation_exact(family, tmp_path, model):
         assert "RotateResidualOnline: online" in passes and "at 4 residual reader inputs" in passes
         assert "RotateResidual:" not in passes and "FoldNormGammas" not in passes  # gammas stay in the norms
         assert _ops(out).count("BlockHadamard") == blocks  # 2 per layer at the readers, 1 at down_proj
+        # with a block, the whole stream is permuted first (random here), gammas included
+        assert ("PermuteResidual: residual stream permuted (random" in passes) == (blocks > 0)
         out.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", POST_NORM)
+def test_online_residual_rotation_massdiff_exact(family, tmp_path, arch):
+    """PeRQ's massdiff permutation of the residual stream, from the calibrated mean |x| of what the
+    readers read, folded offline before the online block Hadamard: exact, and really a permutation."""
+    path = family(arch)
+    stats = calibrate(path, generate(path, 2, 32, seed=0), progress=False)
+    assert stats["residual_readers"].shape == (128,)
+    out = tmp_path / "out.onnx"
+    report = optimize(path, out, Settings.parse(quantize=False, block="16", residual_rotation="online"),
+                      stats=stats, progress=False)
+    assert 0.0 < relative_difference(path, out, random_ids()) < TOL
+    perm = report.permutations["residual"]
+    assert sorted(perm) == list(range(128)) and (perm != np.arange(128)).any()
+    assert any(s.startswith("PermuteResidual: residual stream permuted (massdiff") for s in report.summaries)
 
 
 @pytest.mark.slow

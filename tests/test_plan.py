@@ -117,6 +117,31 @@ def test_heads_rotation_is_block_diagonal_of_head_dim():
 
 # ------------------------------------------------------------------------------------ errors
 
+def test_online_residual_rotation_plan():
+    """--residual-rotation online: blockdiag(H_b) at the readers, after PeRQ's permutation of the
+    stream from what the readers read ('residual_readers'); none with --permute none; the full
+    Hadamard with --block full (no permutation: it would change nothing)."""
+    s = {**stats(), "residual_readers": stats(1)["residual"]}
+    plan = make_plan(Settings.parse(block="16", residual_rotation="online"), SHAPE, s)
+    assert plan.residual is None and plan.residual_online_block == 16
+    np.testing.assert_array_equal(plan.residual_online.block, hadamard(16))
+    expected = permutation.massdiff(s["residual_readers"], 16)
+    np.testing.assert_array_equal(plan.residual_permutation, expected)
+    np.testing.assert_array_equal(plan.permutations["residual"], expected)
+    assert plan.residual_description == "massdiff + online block 16"
+    plain = make_plan(Settings.parse(block="16", residual_rotation="online", permute="none"), SHAPE, None)
+    assert plain.residual_permutation is None and "residual" not in plain.permutations
+    full = make_plan(Settings.parse(block="full", residual_rotation="online", permute="none"), SHAPE, None)
+    assert full.residual_online_block is None and full.residual_permutation is None
+    assert_orthogonal(full.residual_online.matrix(64))
+    with pytest.raises(PerqError, match="--residual-rotation online needs a block size"):
+        make_plan(Settings.parse(block="none", residual_rotation="online"), SHAPE, None)
+    with pytest.raises(PerqError, match="--residual-block 32 with --residual-rotation online and --block 16"):
+        make_plan(Settings.parse(block="16", residual_rotation="online", residual_block=32), SHAPE, s)
+    # with --block none, --residual-block alone asks for the calibrated permutation
+    assert Settings.parse(block="none", residual_rotation="online", residual_block=16).needs_statistics
+
+
 def test_block_not_dividing_intermediate_names_the_node():
     shape = ModelShape(hidden=64, intermediate=96, head_dim=16, layers=2, names=NAMES)
     with pytest.raises(PerqError, match=r"--block 64 does not divide .* 96 .*" + NAMES["intermediate"]):
