@@ -5,15 +5,14 @@ blockdiag(H_b), emitted as one node ``perq.BlockHadamard(block_size=b)`` (how it
 output -- model-local function, inlined, or a runtime op -- is the target's business); for the
 full-vector reference point, a MatMul by the full orthonormal matrix of the intermediate size.
 
-``OnlineRotator`` inserts such a rotation in front of any group of linears that read one tensor
-and folds R^T into their rows; R3 uses it at down_proj, the online residual rotation
-(rotate_residual_online.py) at the residual stream's readers.
+``OnlineRotationPass`` inserts such a rotation in front of any groups of linears that each read
+one tensor and folds R^T into their rows; R3 is one at down_proj, the online residual rotation
+(rotate_residual_online.py) one at the residual stream's readers.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from perq_onnx.analysis import Linear, consumed
@@ -25,24 +24,36 @@ from .base import (NO_ONLINE_ROTATION, ONLINE_ROTATED, ONLINE_ROTATION, WEIGHTS_
                    PassResult, online_rotation_node)
 
 
-class OnlineRotator:
-    """Inserts the online rotation x -> x @ R (R = `rotation` of `size` channels: blockdiag(H_b)
-    as one BlockHadamard node when `block` is given, else a MatMul by R's matrix, one constant
-    shared by every insertion) in front of linears and folds R^T into their weight rows."""
+class OnlineRotationPass(Pass):
+    """x -> x @ R in front of each group of linears (``groups``), R^T folded into their rows. R is
+    blockdiag(H_b) as one BlockHadamard node when `block` is given, else a MatMul by R's matrix
+    (one constant, ``constant_name``, shared by every group)."""
+    constant_name = "online_rotation.hadamard"
 
-    def __init__(self, ctx: Context, rotation: Transform, block: int | None, size: int, dtype: np.dtype,
-                 constant_name: str):
-        self.rotation, self.block, self.size = rotation, block, size
-        self.full = None if block else ctx.store.constant(constant_name, rotation.matrix(size).astype(dtype))
+    def __init__(self, rotation: Transform, block: int | None):
+        self.rotation = rotation
+        self.block = block  # None = full-vector rotation (a MatMul by rotation's matrix)
 
-    @property
-    def description(self) -> str:
-        return f"block Hadamard b={self.block}" if self.block else f"full rotation of size {self.size}"
+    def groups(self, ctx: Context) -> list[Sequence[Linear]]:  # pragma: no cover - interface
+        raise NotImplementedError
 
-    def insert(self, ctx: Context, linears: Sequence[Linear]) -> gs.Variable:
-        """Rotate the one tensor that all `linears` read (named after the first) and fold R^T into
-        each one's rows; the rotated tensor is recorded as ONLINE_ROTATED. Linears that do not
-        read one tensor are refused, naming the odd one."""
+    def summary(self, rotation: str, groups: list[Sequence[Linear]]) -> str:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def run(self, ctx: Context) -> PassResult:
+        groups = self.groups(ctx)
+        first = groups[0][0]
+        full = None if self.block else ctx.store.constant(
+            self.constant_name, self.rotation.matrix(first.in_features).astype(ctx.weight(first).dtype))
+        for linears in groups:
+            self.insert(ctx, linears, full)
+        kind = f"block Hadamard b={self.block}" if self.block else f"full rotation of size {first.in_features}"
+        return PassResult(self.summary(kind, groups))
+
+    def insert(self, ctx: Context, linears: Sequence[Linear], full: gs.Constant | None) -> None:
+        """Rotate the one tensor that all `linears` read (named after the first), fold R^T into
+        each one's rows, record the rotated tensor as ONLINE_ROTATED. Linears that do not read one
+        tensor are refused, naming the odd one."""
         first = linears[0]
         x = ctx.node(first.name).inputs[0]
         for lin in linears[1:]:
@@ -54,27 +65,20 @@ class OnlineRotator:
         if self.block:
             node = gs.Node(BLOCK_HADAMARD, name, {"block_size": self.block}, [x], [rotated], domain=DOMAIN)
         else:
-            node = gs.Node("MatMul", name, inputs=[x, self.full], outputs=[rotated])
+            node = gs.Node("MatMul", name, inputs=[x, full], outputs=[rotated])
         ctx.add(node)
         ctx.record(ONLINE_ROTATED, rotated.name)
         for lin in linears:
             ctx.node(lin.name).inputs[0] = rotated
             ctx.fold(consumed(lin), self.rotation)
-        return rotated
 
 
-class InsertOnlineRotation(Pass):
+class InsertOnlineRotation(OnlineRotationPass):
     requires = (WEIGHTS_FLOAT, NO_ONLINE_ROTATION)
     ensures = (WEIGHTS_FLOAT, ONLINE_ROTATION)
 
-    def __init__(self, rotation: Transform, block: int | None):
-        self.rotation = rotation
-        self.block = block  # None = full-vector rotation (a MatMul by rotation's matrix)
+    def groups(self, ctx: Context) -> list[Sequence[Linear]]:
+        return [[layer.down] for layer in ctx.structure.layers]
 
-    def run(self, ctx: Context) -> PassResult:
-        s = ctx.structure
-        rotator = OnlineRotator(ctx, self.rotation, self.block, s.intermediate_size, ctx.weight(s.layers[0].down).dtype,
-                                "online_rotation.hadamard")
-        for layer in s.layers:
-            rotator.insert(ctx, [layer.down])
-        return PassResult(f"online {rotator.description} at {len(s.layers)} down_proj inputs")
+    def summary(self, rotation: str, groups) -> str:
+        return f"online {rotation} at {len(groups)} down_proj inputs"

@@ -3,19 +3,23 @@
 R1 folds a rotation Q of the residual stream into the weights offline, which an output norm with
 a per-channel gamma forbids (post_norms.py). The readers' *inputs* can be rotated all the same:
 at each pre-norm's output (the tensor q/k/v, or gate/up, read; the gamma stays in the norm) an
-online rotation R is inserted and R^T folded into the readers' rows (OnlineRotator, shared with
-R3). Invariant: norm(x) @ W == (norm(x) @ R) @ (R^T @ W) for orthogonal R, for every reader W;
+online rotation R is inserted and R^T folded into the readers' rows (OnlineRotationPass, shared
+with R3). Invariant: norm(x) @ W == (norm(x) @ R) @ (R^T @ W) for orthogonal R, for every reader W;
 the residual stream, the norms and the output norms are untouched, so it is exact on any decoder,
 and the activation quantizer at q/k/v and gate/up sees rotated inputs. R is blockdiag(H_b), one
 ``perq.BlockHadamard(block_size=b)`` node per norm (two per layer), or the full Hadamard of the
-hidden size as a MatMul. lm_head is left alone: its input is not quantized.
+hidden size as a MatMul. lm_head is left alone: its input is not quantized. With a block, the
+pipeline first permutes the whole stream offline (permute_residual.py: PeRQ's permutation, which
+unlike R unites with per-channel gammas), so that the blocks carry even l1 mass.
 """
 from __future__ import annotations
 
-from perq_onnx.transforms import Transform
+from typing import Sequence
 
-from .base import ONLINE_ROTATED, WEIGHTS_FLOAT, Condition, Context, Pass, PassResult
-from .online_rotation import OnlineRotator
+from perq_onnx.analysis import Linear
+
+from .base import ONLINE_ROTATED, WEIGHTS_FLOAT, Condition, Context
+from .online_rotation import OnlineRotationPass
 
 
 def _pre_norms(ctx: Context):
@@ -42,21 +46,14 @@ READERS_UNROTATED = Condition("the residual readers read their norms' outputs", 
 READERS_ROTATED = Condition("every residual reader reads an online rotation", _readers_rotated)
 
 
-class RotateResidualOnline(Pass):
+class RotateResidualOnline(OnlineRotationPass):
     requires = (WEIGHTS_FLOAT, READERS_UNROTATED)
     ensures = (WEIGHTS_FLOAT, READERS_ROTATED)
+    constant_name = "online_residual_rotation.hadamard"
 
-    def __init__(self, rotation: Transform, block: int | None):
-        self.rotation = rotation
-        self.block = block  # None = full-vector rotation (a MatMul by rotation's matrix)
+    def groups(self, ctx: Context) -> list[Sequence[Linear]]:
+        return [norm.readers for norm in _pre_norms(ctx)]
 
-    def run(self, ctx: Context) -> PassResult:
-        s = ctx.structure
-        rotator = OnlineRotator(ctx, self.rotation, self.block, s.hidden_size, ctx.weight(s.layers[0].q).dtype,
-                                "online_residual_rotation.hadamard")
-        norms = _pre_norms(ctx)
-        for norm in norms:
-            rotator.insert(ctx, norm.readers)
-        readers = sum(len(norm.readers) for norm in norms)
-        return PassResult(f"online {rotator.description} at {len(norms)} residual reader inputs ({readers} linears: "
-                          "q/k/v, gate/up), transposes folded into their rows; the residual stream stays unrotated")
+    def summary(self, rotation: str, groups) -> str:
+        return (f"online {rotation} at {len(groups)} residual reader inputs ({sum(map(len, groups))} linears: "
+                "q/k/v, gate/up), transposes folded into their rows; the residual stream stays unrotated")
