@@ -11,18 +11,31 @@ import onnx
 
 from perq_onnx import pipeline
 
+PEER_CONFIGS = ("rtn-sym", "rtn-asym", "hqq")
 
-def peer_quantize(src: pathlib.Path, dst: pathlib.Path, block: int, acc: int) -> None:
-    """onnxruntime's own MatMulNBitsQuantizer, RTN (its default algorithm), symmetric."""
+
+def peer_quantize(src: pathlib.Path, dst: pathlib.Path, block: int, acc: int, config: str = "rtn-sym",
+                  exclude: tuple[str, ...] = ()) -> None:
+    """onnxruntime's own MatMulNBitsQuantizer on every MatMul with a constant weight except the
+    nodes named in `exclude`. config: "rtn-sym" (its default algorithm, DefaultWeightOnlyQuantConfig,
+    symmetric), "rtn-asym" (the same with zero points) or "hqq" (HQQWeightOnlyQuantConfig:
+    asymmetric, float zero points, no accuracy_level attribute, i.e. level 0)."""
     import logging
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, accuracy_level=acc or None,
-                                       quant_format=QuantFormat.QOperator, bits=4)
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block, is_symmetric=True, accuracy_level=acc or None,
-                             algo_config=cfg)
+    if config not in PEER_CONFIGS:
+        raise ValueError(f"peer config {config!r}: choose from {', '.join(PEER_CONFIGS)}")
+    symmetric = config == "rtn-sym"
+    if config == "hqq":
+        cfg = HQQWeightOnlyQuantConfig(block_size=block, bits=4)
+    else:
+        cfg = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=symmetric, accuracy_level=acc or None,
+                                           quant_format=QuantFormat.QOperator, bits=4)
+    q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block, is_symmetric=symmetric, accuracy_level=acc or None,
+                             nodes_to_exclude=list(exclude), algo_config=cfg)
     q.process()
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".peer-") as tmp:
