@@ -12,7 +12,10 @@ In order, on the ModelProto (weights are never read):
 3. shapes: ONNX shape inference with data propagation, onnxruntime's contrib ops (which it cannot
    infer) replaced meanwhile by standard ops giving their outputs the same shape and type, then
    put back: the inferred value_info stays, the nodes are exactly the original ones
-   (``infer_shapes``);
+   (``infer_shapes``); the past/present KV head dimension that onnxruntime-genai's model builder
+   leaves symbolic (``kv_cache_dim``; its genai_config.json gives it) is set from each
+   GroupQueryAttention's head size, so that onnxruntime can be fed an empty cache during
+   calibration and every output declares it (``fill_cache_head_size``);
 
 and on the imported onnx-graphsurgeon graph:
 
@@ -35,7 +38,9 @@ def canonicalize(model: onnx.ModelProto, path) -> onnx.ModelProto:
     """Steps 1-3 of the module docstring; returns the (possibly new) ModelProto."""
     model = upgrade_opset(model, path)
     canonicalize_linears(model)
-    return infer_shapes(model)
+    model = infer_shapes(model)
+    fill_cache_head_size(model)
+    return model
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -48,6 +53,38 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         pass
     _restore_nodes(model, originals)
     return model
+
+
+def fill_cache_head_size(model: onnx.ModelProto) -> int:
+    """Give the symbolic last dimension of the past/present key and value of each
+    GroupQueryAttention that are graph inputs/outputs its head size: the packed QKV width /
+    (num_heads + 2 kv_num_heads), or the key width / kv_num_heads (widths from the inferred
+    shapes or the producing MatMul's weight; a width not known is left alone). Returns how many
+    dimensions were set."""
+    g = model.graph
+    io = {v.name: v for v in (*g.input, *g.output)}
+    shapes = {v.name: v.type.tensor_type.shape.dim for v in (*g.value_info, *g.input, *g.output)}
+    weights = {i.name: i.dims for i in g.initializer}
+    for node in g.node:  # shape inference stops at the attention (no proxy for packed QKV)
+        if node.op_type == "MatMul" and len(weights.get(node.input[1], ())) == 2:
+            shapes[node.output[0]] = [onnx.TensorShapeProto.Dimension(dim_value=weights[node.input[1]][1])]
+    filled = 0
+    for node in g.node:
+        if node.op_type != "GroupQueryAttention" or node.domain != CONTRIB or len(node.input) < 5:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        heads, kv_heads = int(attrs.get("num_heads", 0)), int(attrs.get("kv_num_heads", 0))
+        packed = not node.input[1]
+        dims = shapes.get(node.input[0] if packed else node.input[1])
+        parts = heads + 2 * kv_heads if packed else kv_heads
+        if not dims or not dims[-1].HasField("dim_value") or parts <= 0 or dims[-1].dim_value % parts:
+            continue
+        for name in (*node.input[3:5], *node.output[1:3]):
+            cache = io[name].type.tensor_type.shape.dim if name in io else ()
+            if len(cache) == 4 and not cache[3].HasField("dim_value"):
+                cache[3].dim_value = dims[-1].dim_value // parts  # clears the dim_param (a oneof)
+                filled += 1
+    return filled
 
 
 def name_nodes(graph: gs.Graph) -> int:

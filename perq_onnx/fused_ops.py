@@ -28,10 +28,19 @@ What they contain for a Llama-family decoder, and how perq-onnx reads it:
   value input is the v_proj output (input 2) and whose output 0 reaches o_proj: softmax(q k^T) @ V
   mixes tokens, never channels, so R2 (v_proj columns, o_proj rows) commutes with them, and the
   present value output (the cache) is stored in the rotated basis like optimum's present.*.value.
+* ``GroupQueryAttention`` with *packed* QKV (onnxruntime-genai's model builder: input 0 is one
+  ``qkv_proj`` output, inputs 1 and 2 empty) reads its query, key and value as the column ranges
+  [0, H d), [H d, (H + K) d), [(H + K) d, (H + 2K) d) of input 0 (H = num_heads, K = kv_num_heads,
+  d the head size; ``packed_qkv_columns``); rotary (do_rotary) touches only q and k, so R2 folds
+  into the V range of the packed weight (fused_slices.split_packed_qkv).
+
+Nodes the builder leaves without a domain field (onnx-graphsurgeon reads None) are in the default
+domain (``in_domain``).
 
 Refused, one line naming the node (residual.py, and value_input here): a fused norm whose scale is not a constant vector, whose axis
 is not the last one, whose inverse-RMS/mean outputs are read, or (Skip) with a bias input;
-attention with packed QKV, an attention bias on the values, or no separate value input.
+MultiHeadAttention with packed QKV/KV or an attention bias on the values, GroupQueryAttention with
+packed KV only, packed QKV whose width is not (H + 2K) d.
 """
 from __future__ import annotations
 
@@ -72,8 +81,13 @@ def named_input(node: gs.Node, index: int):
     return node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
 
 
+def in_domain(node: gs.Node, domains: tuple[str, ...]) -> bool:
+    """Whether node's domain is one of `domains` (no domain field, None here, is the default one)."""
+    return (node.domain or "") in domains
+
+
 def is_fused_rmsnorm(node: gs.Node) -> bool:
-    return node.op in FUSED_RMSNORMS and node.domain in DEFAULT_DOMAINS + (CONTRIB,)
+    return node.op in FUSED_RMSNORMS and in_domain(node, DEFAULT_DOMAINS + (CONTRIB,))
 
 
 def fused_gamma_input(node: gs.Node) -> int | None:
@@ -87,12 +101,33 @@ def is_fused_attention(node: gs.Node) -> bool:
     return node.op in FUSED_ATTENTION and node.domain == CONTRIB
 
 
+def is_packed_qkv(node: gs.Node, tensor: gs.Tensor) -> bool:
+    """Whether tensor is the packed QKV input of a GroupQueryAttention (input 0, key and value
+    inputs empty: onnxruntime-genai's model builder)."""
+    return is_fused_attention(node) and node.op == "GroupQueryAttention" and node.inputs[0] is tensor \
+        and named_input(node, 1) is None and named_input(node, 2) is None
+
+
+def packed_qkv_columns(node: gs.Node, width: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """(head size, column ranges of q, k, v) of packed GroupQueryAttention `node` whose packed
+    input has `width` columns; refuses a width that is not (num_heads + 2 kv_num_heads) x head size."""
+    heads, kv_heads = int(node.attrs.get("num_heads", 0)), int(node.attrs.get("kv_num_heads", 0))
+    if heads <= 0 or kv_heads <= 0 or heads % kv_heads or width % (heads + 2 * kv_heads):
+        raise AnalysisError(node, f"packed QKV of {width} columns does not split into num_heads {heads} + 2 x "
+                                  f"kv_num_heads {kv_heads} heads of one size")
+    d = width // (heads + 2 * kv_heads)
+    bounds = (0, heads * d, (heads + kv_heads) * d, width)
+    return d, tuple(zip(bounds[:-1], bounds[1:]))
+
+
 def value_input(node: gs.Node, tensor: gs.Tensor) -> bool:
     """Whether tensor is the value input of a fused attention node (q/k inputs are not; they are
-    left to R1 alone). Refuses the forms whose values R2 cannot follow."""
+    left to R1 alone). Refuses the forms whose values R2 cannot follow (packed QKV is read by
+    heads.py before it gets here)."""
     index, _ = FUSED_ATTENTION[node.op]
     if named_input(node, index) is None or named_input(node, 1) is None:
-        raise AnalysisError(node, f"{node.op} with packed QKV/KV (no separate value input); R2 needs one")
+        raise AnalysisError(node, f"{node.op} with packed QKV/KV (no separate value input) read other than as "
+                                  "GroupQueryAttention's packed input of one qkv_proj; R2 needs the value columns")
     if named_input(node, index) is not tensor:
         return False
     if node.op == "MultiHeadAttention" and named_input(node, 3) is not None:

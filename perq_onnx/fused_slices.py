@@ -28,6 +28,11 @@ fused output read by anything but Slices (or Splits) of its last axis with stati
 step -- such a reader would see R2's or P3's change of the columns -- ranges that overlap, leave
 columns unread or are not as many as expected (3 for qkv, 2 for gate_up), and a fused output
 that is a graph output.
+
+onnxruntime-genai's model builder feeds the qkv output whole to GroupQueryAttention (packed QKV,
+fused_ops.py); ``split_packed_qkv`` reads the three ranges from the node's head counts instead of
+Slices. Each record's output is then the packed tensor itself (the attention selects the columns,
+as a Slice would), and it must have no other reader.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from dataclasses import replace
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .fused_ops import packed_qkv_columns
 from .graph import GraphView
 from .records import AnalysisError, Linear
 from .shapes import shape_value
@@ -129,3 +135,17 @@ def split_fused(view: GraphView, lin: Linear, parts: int, what: str) -> tuple[Li
                                       f"columns of the fused projection, found {len(ranges)} covering {expected}")
     return tuple(replace(lin, output=t.name, out_features=stop - start, columns=(start, stop), fused=lin)
                  for start, stop, _, t in ranges)
+
+
+def split_packed_qkv(view: GraphView, lin: Linear, attention: gs.Node) -> tuple[tuple[Linear, ...], int]:
+    """((q, k, v) column records of fused linear `lin`, head size) for a GroupQueryAttention that
+    reads lin's output as its packed QKV input (module docstring)."""
+    out = view.tensor(lin.output)
+    others = [c for c in out.outputs if c is not attention and c.op != "Shape"]
+    if others or out.name in view.graph_outputs:
+        raise AnalysisError(others[0] if others else lin.name,
+                            f"reads the packed QKV output of '{lin.name}' beside '{attention.name}'; its value "
+                            "columns change under the per-head rotation")
+    head_dim, ranges = packed_qkv_columns(attention, lin.out_features)
+    return tuple(replace(lin, out_features=stop - start, columns=(start, stop), fused=lin)
+                 for start, stop in ranges), head_dim

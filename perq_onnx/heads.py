@@ -4,14 +4,16 @@ being an ancestor of the probabilities; from there only layout ops (Reshape, Tra
 with past values, Unsqueeze/Expand for GQA) reach o_proj, keeping the channel axis innermost and
 whole -- so a per-head rotation of v's columns commutes with all of them and folds into o_proj's
 rows. The head size is read from the Reshape after v_proj (shapes.py) or the fused op's
-head counts.
+head counts. onnxruntime-genai's builder feeds one qkv_proj output whole to GroupQueryAttention
+(packed QKV): v is then the V column range of that weight (fused_slices.split_packed_qkv), and the
+attention's output reaches o_proj the same way.
 """
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from .fused_ops import attention_head_dim, is_fused_attention, present_value, value_input
-from .fused_slices import split_fused
+from .fused_ops import attention_head_dim, is_fused_attention, is_packed_qkv, present_value, value_input
+from .fused_slices import split_fused, split_packed_qkv
 from .graph import GraphView
 from .matching import lossless_cast
 from .records import AnalysisError, Linear
@@ -94,6 +96,44 @@ def match_attention(view: GraphView, layer_index: int, readers: tuple[Linear, ..
     """(q, k, v, o, head size, tensors between v_proj and o_proj) of the attention whose pre-norm
     `readers` read. One reader is a fused qkv projection (Phi-3): its three column slices, each
     read through a Slice (fused_slices.py)."""
+    packed = _packed_attention(view, readers)
+    if packed is not None:  # onnxruntime-genai's builder: GroupQueryAttention reads qkv_proj whole
+        readers, pv, head_dim = packed
+        v, path = readers[2], {readers[2].output}
+    else:
+        v, pv, head_dim, path = _separate_values(view, layer_index, readers, graph_float)
+        readers = (*(r for r in readers if r is not v), v)
+    o = next((w for w in writers if w.name in view.descendants(pv)
+              and all(n.op in ("Transpose", "Reshape", "Identity", "Cast") and _keeps_last_axis(n, graph_float)
+                      for n in view.between(pv, view.by_name[w.name]))), None)
+    if o is None:
+        raise AnalysisError(pv, f"layer {layer_index}: softmax @ V does not reach o_proj through Transpose/Reshape "
+                                "that keep the head channels innermost")
+    if not head_dim or v.out_features % head_dim or o.in_features % head_dim:
+        raise AnalysisError(v.name, f"layer {layer_index}: cannot read a head size from the Reshape after v_proj")
+    path |= {t.name for n in view.between(pv, view.by_name[o.name]) for t in n.outputs} | {pv.outputs[0].name}
+    if is_fused_attention(pv) and present_value(pv) is not None:
+        path.add(present_value(pv).name)  # the value cache, in the rotated basis
+    q, k = readers[:2]
+    return q, k, v, o, head_dim, path
+
+
+def _packed_attention(view: GraphView, readers: tuple[Linear, ...]):
+    """((q, k, v), the GroupQueryAttention, head size) when the one reader's output is the packed
+    QKV input of a GroupQueryAttention (fused_slices.split_packed_qkv), else None."""
+    if len(readers) != 1:
+        return None
+    out = view.tensor(readers[0].output)
+    attention = next((c for c in out.outputs if is_packed_qkv(c, out)), None)
+    if attention is None:
+        return None
+    parts, head_dim = split_packed_qkv(view, readers[0], attention)
+    return parts, attention, head_dim
+
+
+def _separate_values(view: GraphView, layer_index: int, readers: tuple[Linear, ...], graph_float: int):
+    """(v, the probabilities @ V MatMul or fused attention, head size, value path) of the q/k/v
+    `readers` (one fused qkv projection: its three column slices, fused_slices.py)."""
     if len(readers) == 1:
         readers = split_fused(view, readers[0], 3, f"the attention of layer {layer_index} (qkv)")
     if len(readers) != 3:
@@ -110,17 +150,4 @@ def match_attention(view: GraphView, layer_index: int, readers: tuple[Linear, ..
         node = blocked[0] if blocked else readers[0].name
         raise AnalysisError(node, f"layer {layer_index}: expected exactly one of q/k/v to reach softmax @ V through "
                                   f"layout ops only (per-head rotation needs that), found {len(found)}")
-    v, pv, head_dim, path = found[0]
-    o = next((w for w in writers if w.name in view.descendants(pv)
-              and all(n.op in ("Transpose", "Reshape", "Identity", "Cast") and _keeps_last_axis(n, graph_float)
-                      for n in view.between(pv, view.by_name[w.name]))), None)
-    if o is None:
-        raise AnalysisError(pv, f"layer {layer_index}: softmax @ V does not reach o_proj through Transpose/Reshape "
-                                "that keep the head channels innermost")
-    if not head_dim or v.out_features % head_dim or o.in_features % head_dim:
-        raise AnalysisError(v.name, f"layer {layer_index}: cannot read a head size from the Reshape after v_proj")
-    path |= {t.name for n in view.between(pv, view.by_name[o.name]) for t in n.outputs} | {pv.outputs[0].name}
-    if is_fused_attention(pv) and present_value(pv) is not None:
-        path.add(present_value(pv).name)  # the value cache, in the rotated basis
-    q, k = [r for r in readers if r is not v]
-    return q, k, v, o, head_dim, path
+    return found[0]
