@@ -9,8 +9,8 @@ the residual stream, the norms and the output norms are untouched, so it is exac
 and the activation quantizer at q/k/v and gate/up sees rotated inputs. R is blockdiag(H_b), one
 ``perq.BlockHadamard(block_size=b)`` node per norm (two per layer), or the full Hadamard of the
 hidden size as a MatMul. lm_head is left alone: its input is not quantized. With a block, the
-pipeline first permutes the whole stream offline (permute_residual.py: PeRQ's permutation, which
-unlike R unites with per-channel gammas), so that the blocks carry even l1 mass.
+pipeline first permutes the whole stream offline (permute_residual.py: PeRQ's permutation, which,
+unlike R, commutes with per-channel gammas), so that the blocks carry even l1 mass.
 """
 from __future__ import annotations
 
