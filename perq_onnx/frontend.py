@@ -12,7 +12,8 @@ In order, on the ModelProto (weights are never read):
 3. shapes: ONNX shape inference with data propagation, onnxruntime's contrib ops (which it cannot
    infer) replaced meanwhile by standard ops giving their outputs the same shape and type, then
    put back: the inferred value_info stays, the nodes are exactly the original ones
-   (``infer_shapes``); the past/present KV head dimension that onnxruntime-genai's model builder
+   (``infer_shapes``; value_info the exporter declared for constants is dropped first,
+   ``drop_constant_value_info``); the past/present KV head dimension that onnxruntime-genai's model builder
    leaves symbolic (``kv_cache_dim``; its genai_config.json gives it) is set from each
    GroupQueryAttention's head size, so that onnxruntime can be fed an empty cache during
    calibration and every output declares it (``fill_cache_head_size``);
@@ -38,9 +39,25 @@ def canonicalize(model: onnx.ModelProto, path) -> onnx.ModelProto:
     """Steps 1-3 of the module docstring; returns the (possibly new) ModelProto."""
     model = upgrade_opset(model, path)
     canonicalize_linears(model)
+    drop_constant_value_info(model)
     model = infer_shapes(model)
     fill_cache_head_size(model)
     return model
+
+
+def drop_constant_value_info(model: onnx.ModelProto) -> int:
+    """Remove value_info declared for initializers and Constant outputs: the constant gives its
+    own shape, and a declaration that contradicts it fails onnx's full check of every output
+    (onnxruntime-genai's model builder declares its [1]-shaped Constants as scalars). Returns how
+    many were removed."""
+    g = model.graph
+    constants = {i.name for i in g.initializer} | {n.output[0] for n in g.node if n.op_type == "Constant"}
+    kept = [v for v in g.value_info if v.name not in constants]
+    removed = len(g.value_info) - len(kept)
+    if removed:
+        g.ClearField("value_info")
+        g.value_info.extend(kept)
+    return removed
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

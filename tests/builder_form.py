@@ -9,7 +9,8 @@ real com.microsoft ops, so that tests need no builder:
   output 3, then the lm_head MatMul;
 * per layer one packed ``qkv_proj`` MatMul feeding ``GroupQueryAttention`` (key/value inputs
   empty, do_rotary=1 with cos_cache / sin_cache initializers, past/present KV with a symbolic
-  head dimension ``kv_cache_dim``), o_proj, and a SiLU-gated MLP (Sigmoid, Mul, Mul).
+  head dimension ``kv_cache_dim``), o_proj, and a SiLU-gated MLP (Sigmoid, Mul, Mul);
+* a [1]-shaped Constant declared a scalar in value_info (the builder's own slip).
 
     build(folder, seed=0) -> folder / "model.onnx"   (also genai_config.json and config.json)
 
@@ -53,7 +54,8 @@ def build(folder, seed: int = 0) -> pathlib.Path:
         return const(name, 1.0 + 0.3 * rng.standard_normal(HIDDEN))
 
     # attention mask -> seqlens_k [batch] (int32) and total_sequence_length (int32 scalar)
-    one = const("/model/constants/INT64/[1]", [1], np.int64)
+    one = op("Constant", [], "/model/constant_nodes/INT64/[1]", outputs=["/model/constants/INT64/[1]"],
+             value=numpy_helper.from_array(np.array([1], np.int64)))
     total = op("ReduceSum", ["attention_mask", one], "/model/attn_mask_reformat/ReduceSum", keepdims=0)
     seqlens = op("Cast", [op("Sub", [total, one], "/model/attn_mask_reformat/Sub")],
                  "/model/attn_mask_reformat/Sub/Cast", to=TensorProto.INT32)
@@ -115,7 +117,9 @@ def build(folder, seed: int = 0) -> pathlib.Path:
         for i in range(LAYERS):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT, cache))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT, present))
-    graph = helper.make_graph(nodes, "main_graph", inputs, outputs, inits.tensors)
+    graph = helper.make_graph(nodes, "main_graph", inputs, outputs, inits.tensors,
+                              value_info=[helper.make_tensor_value_info(one, TensorProto.INT64, [])])  # as the builder
+
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
                               producer_name="perq-onnx tests/builder_form.py")
     model.ir_version = 10
