@@ -3,13 +3,13 @@
 ``build_decoder(graph, structure, config)`` reads the weights of the graph as perq-onnx rewrote it
 by the analysis records' node names and emits the decoder with SimplifiedLayerNormalization /
 SkipSimplifiedLayerNormalization, GroupQueryAttention (KV cache, rotary inside, cos/sin caches
-from ``ModelConfig``), MatMulNBits for INT4 blocks and the online rotation as standard ops.
+from the source, genai_source.py), MatMulNBits for INT4 blocks and the online rotation as
+standard ops. A projection that is a column range of a fused weight (onnxruntime-genai's builder's
+packed qkv_proj) is read as those columns of it and packed again.
 """
 from __future__ import annotations
 
-import json
 import math
-import pathlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,21 +17,17 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper, numpy_helper
 
-from .errors import PerqError
+from .genai_source import GenaiError, ModelConfig, source_rope_caches
 from .hadamard import hadamard
 from .shapes import constant_value as _value  # Identity / Transpose / Constant nodes followed
 from .shapes import producer as _producer
-from .weights import read as _read
+
+__all__ = ["BlockInt4", "GenaiError", "ModelConfig", "build_decoder", "check_structure"]
 
 MS = "com.microsoft"
 OPSET = 21
-MODEL_TYPES = ("llama", "mistral", "qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
-
-
-class GenaiError(PerqError):
-    """The model cannot be written in the onnxruntime-genai form; names the reason."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +69,16 @@ class _Reader:
                              "it was rewritten, with the same node names?)") from None
 
     def weight(self, lin) -> np.ndarray | BlockInt4:
-        if lin.columns is not None:
-            raise GenaiError(f"node '{lin.name}': fused projections (column slices) are not supported in the "
-                             "genai form yet")
+        """lin's [in, out] weight; a column range of a fused weight: those columns of it."""
+        w = self._whole(lin.fused or lin)
+        if lin.columns is None:
+            return w
+        a, b = lin.columns
+        if isinstance(w, BlockInt4):  # blocks run along the rows: the columns are independent
+            return BlockInt4(w.codes[:, a:b], w.scale[:, a:b], w.zero[:, a:b], w.block)
+        return np.ascontiguousarray(w[:, a:b])
+
+    def _whole(self, lin) -> np.ndarray | BlockInt4:
         w = self.node(lin.name).inputs[1]
         dq = _producer(w)
         if dq is not None and dq.op == "DequantizeLinear":
@@ -111,8 +114,8 @@ class _Reader:
     def bias(self, lin) -> np.ndarray | None:
         if lin.bias is None:
             return None
-        return np.asarray(_need(self.node(lin.bias).inputs[lin.bias_index], f"the bias of '{lin.name}'"),
-                          dtype=np.float32)
+        b = np.asarray(_need(self.node(lin.bias).inputs[lin.bias_index], f"the bias of '{lin.name}'"), np.float32)
+        return b[lin.columns[0]:lin.columns[1]] if lin.columns else b
 
     def norm(self, norm) -> tuple[np.ndarray | None, float]:
         """(gamma or None, epsilon) of an RMSNorm record (decomposed, or onnxruntime's fused op)."""
@@ -192,81 +195,6 @@ class _Reader:
             raise GenaiError(f"node '{mul.name}': the INT8 embedding's row scales are not gathered by token")
         scale = np.asarray(_need(gs_scale.inputs[0], "the embedding's row scales"), dtype=np.float32)
         return "int8", np.asarray(table), scale
-
-
-# ----------------------------------------------------------------------------------- config
-
-@dataclass(frozen=True)
-class ModelConfig:
-    model_type: str
-    context_length: int
-    rope_theta: float
-    bos_token_id: int | None
-    eos_token_id: int | list | None
-    pad_token_id: int | None
-    sliding_window: int | None
-    raw: dict
-
-    @classmethod
-    def read(cls, path) -> "ModelConfig":
-        path = pathlib.Path(path)
-        if not path.is_file():
-            raise GenaiError(f"{path}: no config.json (the genai form needs the Hugging Face config for RoPE)")
-        c = json.loads(path.read_text())
-        kind = c.get("model_type")
-        if kind not in MODEL_TYPES:
-            raise GenaiError(f"{path}: model_type {kind!r}: the genai form supports {', '.join(MODEL_TYPES)}")
-        act = c.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise GenaiError(f"{path}: hidden_act {act!r}: the genai form builds SiLU gating only")
-        rope = c.get("rope_parameters") or {}
-        scaling = c.get("rope_scaling")
-        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type")) if scaling else rope.get("rope_type")
-        if rope_type not in (None, "default"):
-            raise GenaiError(f"{path}: rope_scaling {scaling or rope!r}: RoPE scaling is not supported by the genai "
-                             "form (its cos/sin caches are the unscaled ones)")
-        if float(c.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise GenaiError(f"{path}: partial_rotary_factor {c['partial_rotary_factor']}: partial rotary is not "
-                             "supported by the genai form")
-        theta = c.get("rope_theta", rope.get("rope_theta", 10000.0))
-        window = c.get("sliding_window") if (kind != "qwen2" or c.get("use_sliding_window")) else None
-        context = int(c.get("max_position_embeddings") or 2048)
-        if window is not None and window < context:
-            raise GenaiError(f"{path}: sliding_window {window} < max_position_embeddings {context}: sliding-window "
-                             "attention is not supported by the genai form yet")
-        return cls(kind, context, float(theta), c.get("bos_token_id"), c.get("eos_token_id"),
-                   c.get("pad_token_id"), window, c)
-
-
-def default_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """1 / theta^(2i / d) for i < d / 2, the exponent in float32 as Hugging Face forms it, the power
-    correctly rounded to float32."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    return (1.0 / (np.float64(theta) ** exponent.astype(np.float64))).astype(np.float32)
-
-
-def rope_caches(head_dim: int, theta: float, length: int, inv_freq: np.ndarray | None = None):
-    """cos, sin [length, head_dim / 2] as Hugging Face's default RoPE computes them in float32:
-    inv_freq = 1 / theta^(2i / d), angle = float32(position) * inv_freq (one float32 product)."""
-    if inv_freq is None:
-        inv_freq = default_inv_freq(head_dim, theta)
-    angle = np.arange(length, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None, :]
-    return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-
-
-def _graph_inv_freq(graph: gs.Graph, reference: np.ndarray) -> np.ndarray | None:
-    """The exporter's own inverse frequencies (a [d/2]-element float constant equal to the
-    computed ones to 1e-5), so the caches match the source graph's rotary bit for bit."""
-    candidates = [t for t in graph.tensors().values() if isinstance(t, gs.Constant)]
-    candidates += [n.attrs["value"] for n in graph.nodes if n.op == "Constant" and isinstance(n.attrs.get("value"),
-                                                                                              gs.Constant)]
-    for t in candidates:
-        if t.shape is None or int(np.prod(t.shape)) != reference.size:
-            continue
-        value = _read(t)
-        if np.issubdtype(value.dtype, np.floating) and np.allclose(value.reshape(-1), reference, rtol=1e-5, atol=0):
-            return np.asarray(value, dtype=np.float32).reshape(-1)
-    return None
 
 
 # ---------------------------------------------------------------------------------- emitting
@@ -371,8 +299,7 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
                  "mask/Gather", axis=0)
     total = b.op("Cast", [width], "mask/total_sequence_length", to=TensorProto.INT32)
 
-    inv_freq = _graph_inv_freq(graph, default_inv_freq(d, config.rope_theta))
-    cos, sin = rope_caches(d, config.rope_theta, config.context_length, inv_freq)
+    cos, sin = source_rope_caches(graph, config, d)
     cos_cache, sin_cache = b.const("cos_cache", cos), b.const("sin_cache", sin)
 
     kind = r.embedding(structure.embedding)

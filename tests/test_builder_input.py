@@ -2,7 +2,8 @@
 SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization, packed-QKV GroupQueryAttention
 with rotary and a KV cache, the embedding gathered from the tied lm_head weight). Every rotation,
 on its own and all together, is exact through a prompt and decode steps with the KV cache; the ort
-target runs close to float; what cannot be followed is refused naming the node."""
+and genai targets run close to float (the genai folder, float, exactly); what cannot be followed is
+refused naming the node."""
 from __future__ import annotations
 
 import collections
@@ -128,6 +129,24 @@ def test_ort_target_runs_close_to_float(builder_model, tmp_path):
     a, b = cached_logits(builder_model, ids), cached_logits(out, ids)
     assert np.isfinite(b).all() and 0 < relative(a, b) < 0.25
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.5
+
+
+def test_genai_target_from_a_builder_folder(tmp_path):
+    """A builder folder has genai_config.json and no config.json: the genai target takes the
+    model type from it and the rotary caches from the graph; float, the folder is exact through
+    the KV cache (the packed qkv weight read back as its q/k/v columns and packed again)."""
+    source = build(tmp_path / "builder")
+    (tmp_path / "builder" / "config.json").unlink()
+    ids = random_ids(vocab=VOCAB, seq=PROMPT + STEPS, seed=7)
+    reference = cached_logits(source, ids)
+    for quantize, tolerance in ((False, TOL), (True, 0.25)):
+        out = tmp_path / f"genai-{quantize}" / "model.onnx"
+        optimize(source, out, Settings.parse(target="genai", quantize=quantize, rounding="rtn"), progress=False,
+                 batches=calibration())
+        assert (out.parent / "genai_config.json").is_file()
+        ops = collections.Counter(n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node)
+        assert ops["GroupQueryAttention"] == LAYERS and ops["MatMulNBits" if quantize else "MatMul"] >= 4 * LAYERS + 1  # qkv, o, gate_up, down, lm_head
+        assert relative(reference, cached_logits(out, ids)) < tolerance, quantize
 
 
 def _edited(src, dst, change):
