@@ -40,7 +40,7 @@ WEIGHT_TYPES = {(4, True): ml_dtypes.int4, (8, True): np.int8, (4, False): ml_dt
 HESSIAN_BUDGET = 1 << 30  # bytes of float64 Hessians collected per calibration run
 
 
-def _layer_groups(layers, budget: int):
+def layer_groups(layers, budget: int):
     """Consecutive layers whose input Hessians together fit the budget (at least one layer)."""
     group, used = [], 0
     for layer in layers:
@@ -71,7 +71,7 @@ class QuantizeWeights(Pass):
     def run(self, ctx: Context) -> PassResult:
         errors = {}
         layers = ctx.structure.layers
-        groups = list(_layer_groups(layers, HESSIAN_BUDGET)) if self.needs_hessians else [layers]
+        groups = list(layer_groups(layers, HESSIAN_BUDGET)) if self.needs_hessians else [layers]
         for group in groups:
             linears = [(layer, kind, lin) for layer in group for kind, lin in layer.linears().items()]
             inputs = {lin.name: ctx.node(lin.name).inputs[0].name for _, _, lin in linears}  # as rewritten

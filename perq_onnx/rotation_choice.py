@@ -1,0 +1,149 @@
+"""Whether the offline rotations pay for weight-only quantization: a calibration-time proxy.
+
+With quantized activations the rotations are what makes 4-bit activations usable, so they stay.
+With float activations they serve only the weights, and they can hurt them: R1 needs every RMSNorm
+gamma folded into its readers' rows, and a model whose massive-activation channel has a tiny
+gamma (SmolLM2) then rounds that row with a step set by the others while its error meets the full
+activation (README, Findings). So when the user left R1 / R2 unset and only the weights are
+quantized, the planner measures, per rotation, the expected output error of every linear it
+touches, with and without it, and keeps the rotation only where it lowers the total.
+
+The proxy of one linear is E||x (W - Q(W))||^2 = tr(dW^T H dW), H = X^T X of its input, under
+the target's own rounding (round-to-nearest or GPTQ, its scale rule and format). One set of
+Hessians, collected on the unrotated graph, serves both sides: a rotation T of a linear's input
+channels maps (W, H) to (T^T W, T^T H T), of its output channels W to W T (H unchanged; the
+output error's norm is rotation invariant), and R1's gamma fold maps a reader's input x * g to x:
+(W, H) to (diag(g) W, diag(1/g) H diag(1/g)). R1 touches every reader of the residual stream
+(rows) and every writer (o_proj, down_proj columns); R2 the value columns and o_proj rows. Each
+rotation is judged with the others off, on 8 layers spread over the depth (SAMPLED_LAYERS: the
+cost is that of rounding those layers twice); lm_head is not counted.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tqdm import tqdm
+
+from .passes.base import Context, gamma_input
+from .passes.quantize_weights import HESSIAN_BUDGET, layer_groups
+from .rounding import WeightQuant, gptq, rtn
+from .settings import ResidualRotation, Rounding, Settings
+from .transforms import BlockDiagonal, Transform
+
+SAMPLED_LAYERS = 8  # layers the proxy measures, spread over the depth (the errors' ratio is what it needs)
+
+
+def rounding_error(w: np.ndarray, h: np.ndarray, form: WeightQuant, settings: Settings) -> float:
+    """tr(dW^T H dW) of w rounded as the target rounds it."""
+    w = np.asarray(w, np.float64)
+    if settings.weights.rounding is Rounding.GPTQ:
+        g = settings.weights.gptq
+        q = gptq(w, h, form, act_order=g.act_order, damp=g.damp, block=g.block)
+    else:
+        q = rtn(w, form, h)
+    d = w - q.dequantize().astype(np.float64)
+    return float(np.sum(d * (h @ d)))
+
+
+def _rows(t: Transform, w: np.ndarray) -> np.ndarray:
+    return t.apply(w.T).T  # T^T W
+
+
+def _sandwich(t: Transform, h: np.ndarray) -> np.ndarray:
+    return _rows(t, t.apply(h))  # T^T H T
+
+
+def _gamma(ctx: Context, norm) -> np.ndarray | None:
+    if norm.gamma is None:
+        return None
+    return np.asarray(ctx.constant(norm.gamma, gamma_input(ctx.node(norm.gamma))), np.float64)
+
+
+def sampled_layers(layers, count: int = SAMPLED_LAYERS) -> list:
+    """`count` layers spread evenly from the first to the last (all of them if there are fewer)."""
+    if len(layers) <= count:
+        return list(layers)
+    return [layers[i] for i in np.unique(np.round(np.linspace(0, len(layers) - 1, count)).astype(int))]
+
+
+def weight_errors(ctx: Context, settings: Settings, form: WeightQuant, residual: Transform | None,
+                  heads: Transform | None, progress: bool = True) -> dict[str, tuple[float, float]]:
+    """{"R1": (error without, error with), "R2": (...)} over the linears each rotation touches
+    (a rotation given as None is not measured)."""
+    structure = ctx.structure
+    layers = sampled_layers(structure.layers)
+    errors = {name: [0.0, 0.0] for name, t in (("R1", residual), ("R2", heads)) if t is not None}
+    todo = len(layers) * (7 * (residual is not None) + 2 * (heads is not None))
+    bar = tqdm(total=todo, desc="rotation proxy", unit="linear", leave=False, disable=not progress)
+
+    def add(name, w, h, w_rotated, h_rotated):
+        errors[name][0] += rounding_error(w, h, form, settings)
+        errors[name][1] += rounding_error(w_rotated, h_rotated, form, settings)
+        bar.update()
+
+    for group in layer_groups(layers, HESSIAN_BUDGET):
+        tensors = {lin.input for layer in group for lin in layer.linears().values()}
+        hessians = ctx.collect({t: "xtx" for t in tensors})
+        for layer in group:
+            for norm in (layer.input_norm, layer.mlp_norm):
+                if residual is None:
+                    break
+                g = _gamma(ctx, norm)
+                for reader in {r.fused or r for r in norm.readers}:
+                    w, h = np.asarray(ctx.weight(reader), np.float64), hessians[reader.input]
+                    if g is None:
+                        add("R1", w, h, _rows(residual, w), _sandwich(residual, h))
+                        continue
+                    inverse = np.divide(1.0, g, out=np.zeros_like(g), where=g != 0)
+                    add("R1", w, h, _rows(residual, g[:, None] * w),
+                        _sandwich(residual, inverse[:, None] * h * inverse[None, :]))
+            for writer in (layer.o, layer.down):
+                if residual is not None:
+                    w, h = np.asarray(ctx.weight(writer), np.float64), hessians[writer.input]
+                    add("R1", w, h, residual.apply(w), h)
+            if heads is not None and layer.v.fused is None:
+                w = np.asarray(ctx.weight(layer.v), np.float64)
+                h = hessians[layer.v.input]
+                add("R2", w, h, heads.apply(w), h)
+                w, h = np.asarray(ctx.weight(layer.o), np.float64), hessians[layer.o.input]
+                add("R2", w, h, _rows(heads, w), _sandwich(heads, h))
+        del hessians
+    bar.close()
+    return {name: (off, on) for name, (off, on) in errors.items()}
+
+
+def applies(asked: Settings, resolved: Settings) -> bool:
+    """Whether the planner chooses R1/R2 by the proxy: weights quantized, activations float, and
+    at least one of R1 (where it is a full rotation) and R2 left unset by the user."""
+    if not resolved.weights_quantized or resolved.activations_quantized:
+        return False
+    return bool(_free(asked, resolved))
+
+
+def _free(asked: Settings, resolved: Settings) -> set[str]:
+    free = set()
+    if asked.rotation.residual is None and resolved.rotation.residual is ResidualRotation.FULL:
+        free.add("R1")
+    if asked.rotation.heads is None and resolved.rotation.heads is not False:
+        free.add("R2")
+    return free
+
+
+def choose_rotations(ctx: Context, asked: Settings, resolved: Settings, form: WeightQuant, plan_rotations,
+                     progress: bool = True) -> tuple[Settings, list[str]]:
+    """The settings with each free rotation kept only where the proxy says it lowers the weights'
+    output error, and one report line per decision. ``plan_rotations(settings)`` gives the
+    (residual, heads) transforms the plan would use."""
+    free = _free(asked, resolved)
+    residual, heads = plan_rotations(resolved)
+    errors = weight_errors(ctx, resolved, form, residual if "R1" in free else None,
+                           heads if "R2" in free and isinstance(heads, BlockDiagonal) else None, progress)
+    changes, lines = {}, []
+    for name, (off, on) in errors.items():
+        keep = on <= off
+        ratio = on / off if off > 0 else float("inf")
+        lines.append(f"weight-only: {name} {'kept' if keep else 'off'} (its linears' Hessian-weighted "
+                     f"{resolved.weights.rounding} error x{ratio:.2f} with it; rotation_choice.py)")
+        if not keep:
+            changes.update({"R1": {"residual_rotation": ResidualRotation.NONE},
+                            "R2": {"head_rotation": False}}[name])
+    return (resolved.replace(**changes) if changes else resolved), lines
