@@ -32,10 +32,12 @@ OUTLIERS = (5, 40)
 MS = "com.microsoft"
 
 
-def build(folder, seed: int = 0) -> pathlib.Path:
+def build(folder, seed: int = 0, dtype=np.float32) -> pathlib.Path:
+    """The model at folder / "model.onnx" in `dtype` (float32, or float16 as ``-p fp16`` writes it)."""
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
-    inits = _Constants()
+    inits = _Constants(np.dtype(dtype))
+    kind = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     const = inits.add
 
     def op(op_type, inputs, name, outputs=1, domain=None, **attrs):
@@ -112,11 +114,11 @@ def build(folder, seed: int = 0) -> pathlib.Path:
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
                                             ["batch_size", "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", VOCAB])]
+    outputs = [helper.make_tensor_value_info("logits", kind, ["batch_size", "sequence_length", VOCAB])]
     for kv in ("key", "value"):
         for i in range(LAYERS):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", TensorProto.FLOAT, cache))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", TensorProto.FLOAT, present))
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", kind, cache))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", kind, present))
     graph = helper.make_graph(nodes, "main_graph", inputs, outputs, inits.tensors,
                               value_info=[helper.make_tensor_value_info(one, TensorProto.INT64, [])])  # as the builder
 
@@ -131,13 +133,14 @@ def build(folder, seed: int = 0) -> pathlib.Path:
 
 
 class _Constants:
-    """Initializers by name, in the order they were made."""
+    """Initializers by name, in the order they were made; float ones in the model's float type."""
 
-    def __init__(self):
+    def __init__(self, float_type: np.dtype):
         self.tensors: list[onnx.TensorProto] = []
+        self.float_type = float_type
 
-    def add(self, name: str, value, dtype=np.float32) -> str:
-        self.tensors.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+    def add(self, name: str, value, dtype=None) -> str:
+        self.tensors.append(numpy_helper.from_array(np.asarray(value, dtype=dtype or self.float_type), name))
         return name
 
 

@@ -14,6 +14,7 @@ import pytest
 from onnx import numpy_helper
 
 from perq_onnx.analysis import AnalysisError, analyze
+from perq_onnx.errors import PerqError
 from perq_onnx.graph import load_graph
 from perq_onnx.pipeline import optimize
 from perq_onnx.runtime import make_feeds, session
@@ -147,6 +148,20 @@ def test_genai_target_from_a_builder_folder(tmp_path):
         ops = collections.Counter(n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node)
         assert ops["GroupQueryAttention"] == LAYERS and ops["MatMulNBits" if quantize else "MatMul"] >= 4 * LAYERS + 1  # qkv, o, gate_up, down, lm_head
         assert relative(reference, cached_logits(out, ids)) < tolerance, quantize
+
+
+def test_float16_builder_graph(tmp_path):
+    """The builder's fp16 form (every float in float16) is rewritten exactly up to float16 rounding
+    (as tests/test_fp16.py holds optimum's); the genai form, written for float32, refuses it."""
+    source = build(tmp_path / "fp16", dtype=np.float16)
+    out = tmp_path / "out" / "model.onnx"
+    optimize(source, out, Settings.parse(quantize=False), progress=False, batches=calibration())
+    ids = random_ids(vocab=VOCAB, seq=PROMPT + STEPS, seed=7)
+    a, b = (cached_logits(path, ids).astype(np.float32) for path in (source, out))
+    assert relative(a, b) < 1e-2
+    with pytest.raises(PerqError, match="written for float32 graphs"):
+        optimize(source, tmp_path / "genai" / "model.onnx", Settings.parse(target="genai"), progress=False,
+                 batches=calibration())
 
 
 def _edited(src, dst, change):
