@@ -12,7 +12,8 @@ instead of pattern-rewriting optimum's unfused attention:
 * attention: q/k/v packed into one linear feeding ``com.microsoft.GroupQueryAttention`` with its
   KV cache (``past_key_values.N.key/value`` -> ``present.N.key/value``, BNSH), rotary inside
   (``do_rotary=1``, half-split like Hugging Face's rotate_half) from cos/sin caches computed from
-  config.json (``rope_theta``, head_dim; a rope scaling is refused), scale 1/sqrt(head_dim);
+  config.json (``rope_theta``, head_dim; a rope scaling is refused), or the source graph's own
+  (genai_source.py), scale 1/sqrt(head_dim);
   ``seqlens_k`` = sum(attention_mask) - 1, ``total_sequence_length`` = attention_mask's length;
 * linears: an INT4 blocked ``DequantizeLinear`` weight (codes [K, N], scales [ceil(K/b), N], axis 0,
   block b) becomes ``com.microsoft.MatMulNBits`` (codes + 8 packed two per byte along K, scales
@@ -26,8 +27,9 @@ instead of pattern-rewriting optimum's unfused attention:
 
 Graph inputs ``input_ids``, ``attention_mask``, ``past_key_values.N.key/value``; outputs
 ``logits``, ``present.N.key/value``; opset 21 + com.microsoft. Supported: float32 Llama, Mistral
-(sliding window not shorter than the context) and Qwen2 exports of optimum, without fused
-projections, post-norms or scalar multipliers; anything else is refused with the reason.
+(sliding window not shorter than the context) and Qwen2 exports of optimum, and the fp32 graphs of
+onnxruntime-genai's model builder (packed qkv_proj; its folder's genai_config.json stands in for
+config.json), without post-norms or scalar multipliers; anything else is refused with the reason.
 
 Entry points: ``write_genai_folder`` (a graph and its analysis, e.g. from inside the pipeline's
 lowering) and ``genai_from_model`` (a perq-onnx output file and the optimum export it came from).
