@@ -25,7 +25,8 @@ read by lm_head. Inside a layer:
 Family variants read as the same structure:
 
 * Fused projections (Phi-3's qkv_proj, gate_up_proj): one norm reader whose output is cut into
-  column ranges by Slices on the last axis (fused_slices.py). Each range becomes a Linear record
+  column ranges by Slices on the last axis (fused_slices.py), or, from onnxruntime-genai's model
+  builder, read whole by a packed-QKV GroupQueryAttention whose head counts give the ranges. Each range becomes a Linear record
   of the fused MatMul with ``columns``, so the regions fold into row/column *slices* of the one
   fused weight: R1 into its rows (all of them), R2 into the V columns, P3 into both halves of
   gate_up with the same permutation. Exact because a Slice on the channel axis only selects
