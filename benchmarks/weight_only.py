@@ -3,7 +3,7 @@
     python benchmarks/weight_only.py                          # everything (resumable)
     nohup python benchmarks/weight_only.py > weight_only.log 2>&1 &
     python benchmarks/weight_only.py --windows 2 --only fp32,perq-rtn-norot@pc --out /tmp/wo  # quick try
-    python benchmarks/weight_only.py --only b64                # one granularity (or a method name)
+    python benchmarks/weight_only.py --only b64,perq-gptq-rot  # granularities, methods or rows
     python benchmarks/weight_only.py --report-only            # re-render .md and .png from the json
     PERQ_SRC=/tmp/snap python benchmarks/weight_only.py       # import perq_onnx from a snapshot of a
         # commit (perq_onnx/ with passes/ and models/ inside it) while others edit this tree
@@ -69,29 +69,33 @@ ACC0 = {"session.qdq_matmulnbits_accuracy_level": "0"}
 DECODER_LINEARS = 210  # 30 layers x q, k, v, o, gate, up, down
 
 GRANULARITIES = {"pc": (None, "per channel"), "b128": (128, "block 128"), "b64": (64, "block 64")}
-RUN_ORDER = ("pc", "b64", "b128")  # block 128 needs ragged blocks (K = 576) last
+RUN_ORDER = ("pc", "b64", "b128")  # block 128 needs ragged blocks (K = 576) last; asymmetric perq rows after all
 NO_ROTATION = dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
+# R1 and R2 asked for explicitly: the defaults up to 4699d2c (since b564dd9 a weight-only build
+# chooses them by a rounding-error proxy, perq_onnx/rotation_choice.py); R3 b16 and P3 massdiff default
+ROTATIONS = dict(residual_rotation="full", head_rotation=True)
 PERQ_COMMON = dict(target="simulate", a_bits=16, w_bits=4, w_clip="act", threads=THREADS)
 METHODS = {
     "ort-rtn-sym": dict(peer="rtn-sym", label="onnxruntime RTN, symmetric"),
     "ort-rtn-asym": dict(peer="rtn-asym", label="onnxruntime RTN, asymmetric"),
     "ort-hqq": dict(peer="hqq", label="onnxruntime HQQ (asymmetric, float zero points)"),
     "perq-rtn-norot": dict(settings=dict(rounding="rtn", **NO_ROTATION), label="perq RTN, no rotations"),
-    "perq-rtn-rot": dict(settings=dict(rounding="rtn"), label="perq RTN, default rotations"),
+    "perq-rtn-rot": dict(settings=dict(rounding="rtn", **ROTATIONS), label="perq RTN, rotations"),
     "perq-gptq-norot": dict(settings=dict(rounding="gptq", **NO_ROTATION), label="perq GPTQ, no rotations"),
-    "perq-gptq-rot": dict(settings=dict(rounding="gptq"), label="**perq default: rotations + GPTQ**"),
+    "perq-gptq-rot": dict(settings=dict(rounding="gptq", **ROTATIONS), label="**perq default: rotations + GPTQ**"),
     "perq-gptq-asym-norot": dict(settings=dict(rounding="gptq", w_symmetric=False, **NO_ROTATION),
                                  label="perq GPTQ asymmetric, no rotations"),
-    "perq-gptq-asym-rot": dict(settings=dict(rounding="gptq", w_symmetric=False),
-                               label="perq GPTQ asymmetric, default rotations"),
+    "perq-gptq-asym-rot": dict(settings=dict(rounding="gptq", w_symmetric=False, **ROTATIONS),
+                               label="perq GPTQ asymmetric, rotations"),
 }
 
 
 def config_names() -> list[str]:
     """fp32, then every method at each granularity (per channel first; no per-channel peer:
     MatMulNBits is blockwise)."""
-    return ["fp32"] + [f"{m}@{g}" for g in RUN_ORDER for m, spec in METHODS.items()
-                       if not ("peer" in spec and GRANULARITIES[g][0] is None)]
+    names = [f"{m}@{g}" for g in RUN_ORDER for m, spec in METHODS.items()
+             if not ("peer" in spec and GRANULARITIES[g][0] is None)]
+    return ["fp32"] + sorted(names, key=lambda n: "asym" in n and "perq" in n)  # stable: asym perq rows last
 
 
 def select(only: str | None) -> list[str]:
@@ -129,7 +133,6 @@ def perq_commit() -> str:
 
 def load() -> float:
     return os.getloadavg()[0]
-
 
 # ----------------------------------------------------------------------------------- checks
 
@@ -325,10 +328,12 @@ def notes(res: dict) -> list[str]:
                    f"({'works' if chk['works'] else 'DOES NOT WORK'} in onnxruntime {res['machine']['onnxruntime']}).")
     opts = next((r["build"]["options"] for n, r in c.items() if n.startswith("perq-gptq-rot@") and "build" in r), None)
     if opts:
-        out.append(f"Default rotations (as recorded in the model): residual {opts.get('residual_rotation')}, "
+        out.append(f"'Rotations' (as recorded in the model): residual {opts.get('residual_rotation')}, "
                    f"heads {opts.get('head_rotation')}, online block {opts.get('block')}, permutation "
-                   f"{opts.get('permute')}. 'No rotations' = residual none, no head rotation, block none, "
-                   "permute none.")
+                   f"{opts.get('permute')}: R1 and R2 asked for explicitly, the defaults up to 4699d2c (since "
+                   "b564dd9 a weight-only build left unset chooses R1/R2 by a rounding-error proxy, "
+                   "rotation_choice.py: not what these rows measure). 'No rotations' = residual none, no head "
+                   "rotation, block none, permute none.")
     out.append("perq rows: `--target simulate --a-bits 16 --w-clip act` (INT4 DequantizeLinear -> MatMul). The simulate "
                "target's own defaults are RTN with the weight-MSE clip rule (the paper's tables); every perq row sets "
                "--w-clip act (the ort/tensorrt default), so RTN and GPTQ rows differ in rounding only.")
@@ -422,10 +427,8 @@ def main(argv=None) -> int:
         tqdm.write(f"[{time.perf_counter() - start:6.0f} s, load {load():.1f}] {msg}")
 
     same = prev.get("windows") == spec
-    res = {"machine": prev["machine"] if same else machine(), "windows": spec, "configs": prev.get("configs", {}) if same else {}}
-    for k in ("accuracy_level_check", "grid"):
-        if same and k in prev:
-            res[k] = prev[k]
+    res = {"machine": prev["machine"] if same else machine(), "windows": spec, "configs": prev.get("configs", {}) if same else {},
+           **{k: prev[k] for k in ("accuracy_level_check", "grid") if same and k in prev}}
     res["machine"].setdefault("runs", []).append({"date": machine()["date"], "load_avg_at_start": load(),
                                                   "perq_commit": perq_commit(), "only": args.only})
     log(f"perq_onnx from {pathlib.Path(perq_onnx.__file__).parent} ({perq_commit()}), onnxruntime {ort.__version__}")
@@ -435,8 +438,8 @@ def main(argv=None) -> int:
     chk = res["accuracy_level_check"]
     log(f"accuracy-level key: 0 -> {chk['0']['nodes']} err {chk['0']['rel_error']:.1e}; 4 -> err "
         f"{chk['4']['rel_error']:.1e}; unset -> {chk['unset']['nodes']}: {'works' if chk['works'] else 'BROKEN'}")
-    if not chk["works"]:
-        raise SystemExit("session.qdq_matmulnbits_accuracy_level does not work here: evaluate with ORT_ENABLE_BASIC")
+    if not chk["works"]:  # the brief's fallback would be ORT_ENABLE_BASIC for every row
+        raise SystemExit("session.qdq_matmulnbits_accuracy_level does not work in this onnxruntime")
     plain = resolve("smollm2")
     if "grid" not in res:
         log("grid check of the decoder weights ...")
