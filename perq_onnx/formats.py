@@ -10,12 +10,9 @@ Formats
 * ``IntFormat(bits, group, symmetric, full_range)``: INT-n, per output channel (``group=None``)
   or per group of rows. Symmetric: zero point 0, int8 codes in ``[-2^(b-1), 2^(b-1) - 1]``,
   ``w ~ code * scale`` with ``scale = alpha * max|w| / (2^(b-1) - 1)``: 2^b - 1 levels, the code
-  -2^(b-1) unused. ``full_range`` uses all 2^b levels: ``scale = alpha * m / -2^(b-1)`` where ``m``
-  is the group's largest-magnitude weight *with its sign*, so ``m`` maps to code -2^(b-1) and the
-  step is 2^(b-1) / (2^(b-1) - 1) times finer (8/7 at 4 bits; a weight of the opposite sign and the
-  same magnitude is clipped by one step). The scale is then negative for a group whose extreme is
-  positive: onnxruntime's DequantizeLinear and MatMulNBits accept that (its own quantizer does
-  the same), TensorRT documents positive scales, so its target keeps the narrow form.
+  -2^(b-1) unused. ``full_range`` uses all 2^b levels: ``scale = alpha * m / -2^(b-1)``, ``m`` the
+  group's largest-magnitude weight *with its sign* (a step 8/7 finer at 4 bits; the scale is
+  negative where that extreme is positive, which onnxruntime accepts and TensorRT does not).
   Asymmetric: uint8 codes in ``[0, 2^b - 1]``, an integer zero point per scale and
   ``w ~ (code - zero) * scale``, where the range ``[min(w, 0), max(w, 0)]`` is shrunk by ``alpha``
   before it is split into ``2^b - 1`` steps. Scales are float32, and codes are always rounded against the float32 scale,
@@ -132,11 +129,10 @@ class Quantized:
     format: Format | None = None
 
     def _per_row(self, a: np.ndarray) -> np.ndarray:
+        rows = self.codes.shape[0]
         if a.ndim == 1:
             return a[None, :]
-        rows = self.codes.shape[0]
-        group = getattr(self.format, "group", None) or rows // a.shape[0]
-        return np.repeat(a, group, axis=0)[:rows]  # a ragged last group is cut short
+        return np.repeat(a, getattr(self.format, "group", None) or rows // a.shape[0], axis=0)[:rows]
 
     def dequantize(self) -> np.ndarray:
         if isinstance(self.format, FP4Format):
@@ -162,24 +158,21 @@ class Format:
     clip_coarse = CLIP_COARSE
     clip_fine = CLIP_FINE
 
+    ragged = False  # whether the last group of rows may be shorter (INT: as onnxruntime pads)
+
     def bind(self, w) -> Format:
         """The format with any tensor-level state fitted from the whole weight (default: itself)."""
         return self
 
-    ragged = False  # whether the last group of rows may be shorter (INT: as onnxruntime pads)
-
     def group_size(self, rows: int) -> int:
-        """Rows per scale for a weight with ``rows`` input rows; raises if the group won't fit
-        (a format whose groups may be ragged only needs a group, not a divisor)."""
+        """Rows per scale for ``rows`` input rows; raises if a group that must divide does not."""
         if self.group is None:
             return rows
         if rows % self.group and not self.ragged:
-            raise FormatError(f"group size {self.group} does not divide the {rows} input rows "
-                              "of the weight")
+            raise FormatError(f"group size {self.group} does not divide the {rows} input rows of the weight")
         return self.group
 
-    def n_groups(self, rows: int) -> int:
-        """Scales per output column: ceil(rows / group) (1 per channel)."""
+    def n_groups(self, rows: int) -> int:  # scales per output column: ceil(rows / group)
         return -(-rows // self.group_size(rows))
 
     def clip_error(self, w, extremes, alpha, row_weight=None) -> np.ndarray:
@@ -195,9 +188,8 @@ class Format:
 
 @dataclass(frozen=True)
 class IntFormat(Format):
-    """INT-n, symmetric (narrow or ``full_range``) or asymmetric; per channel or groups of rows.
-    The last group may be shorter than ``group`` (ragged K: blocks of 128 on 576 rows are 4 x 128
-    + 64), the form ONNX DequantizeLinear (scale dim ceil(K / block_size)) and MatMulNBits take."""
+    """INT-n, symmetric (narrow or ``full_range``) or asymmetric; per channel or groups of rows,
+    the last group maybe shorter (128 on 576 rows: 4 x 128 + 64; DequantizeLinear, MatMulNBits)."""
     ragged = True
     bits: int = 4
     group: int | None = None
