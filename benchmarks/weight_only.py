@@ -95,7 +95,8 @@ def config_names() -> list[str]:
     MatMulNBits is blockwise)."""
     names = [f"{m}@{g}" for g in RUN_ORDER for m, spec in METHODS.items()
              if not ("peer" in spec and GRANULARITIES[g][0] is None)]
-    return ["fp32"] + sorted(names, key=lambda n: "asym" in n and "perq" in n)  # stable: asym perq rows last
+    # stable: perq RTN rows at blocks after the GPTQ and peer rows (the first goal first), asymmetric perq last
+    return ["fp32"] + sorted(names, key=lambda n: (n.startswith("perq-gptq-asym"), n.startswith("perq-rtn") and "@b" in n))
 
 
 def select(only: str | None) -> list[str]:
