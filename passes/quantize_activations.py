@@ -21,6 +21,7 @@ from perq_onnx.errors import PerqError
 from perq_onnx.check_fp4 import TRT_DOMAIN
 from perq_onnx.formats import NVFP4, FP4Format, emit_fp4_activation_qdq
 from perq_onnx.functions import BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, QDQ_TYPES, emit_activation_qdq
+from perq_onnx.settings import FUSED_CLIP
 from perq_onnx.shapes import constant_shape, producer
 
 from .base import (ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, ONLINE_ROTATION, QUANTIZED_ACTIVATION, Context, Pass,
@@ -69,9 +70,11 @@ def input_dtype(ctx: Context, lin, x: gs.Tensor) -> np.dtype:
 
 @dataclass(frozen=True)
 class IntQDQ:
-    """INT-n dynamic per-token quantize-dequantize (perq_onnx.functions), asymmetric or symmetric."""
+    """INT-n dynamic per-token quantize-dequantize (perq_onnx.functions), asymmetric or symmetric,
+    each token's range clipped to ``clip`` times its extremes."""
     bits: int
     symmetric: bool = False
+    clip: float = 1.0
     static_amax = False
 
     def __post_init__(self):
@@ -79,10 +82,11 @@ class IntQDQ:
             raise PerqError(f"--a-bits {self.bits}: choose 4, 8 or 16 (16 = float activations)")
 
     def emit(self, e, x, dtype, amax, output):
-        return emit_activation_qdq(e, x, self.bits, self.symmetric, output=output, dtype=dtype)
+        return emit_activation_qdq(e, x, self.bits, self.symmetric, output=output, dtype=dtype, clip=self.clip)
 
     def __str__(self) -> str:
-        return f"INT{self.bits} {'symmetric' if self.symmetric else 'asymmetric'} per-token"
+        clip = f", range x{self.clip:g}" if self.clip != 1.0 else ""
+        return f"INT{self.bits} {'symmetric' if self.symmetric else 'asymmetric'} per-token{clip}"
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class QuantizeActivations(Pass):
         self.quantizer, self.fused = quantizer, fused
         if fused and not isinstance(quantizer, IntQDQ):
             raise PerqError("--fused-ops fuses the online rotation with INT activation quantization only")
+        if fused and quantizer.clip != 1.0:
+            raise PerqError(FUSED_CLIP.format(clip=quantizer.clip))
         self.requires = (ACTIVATIONS_FLOAT, ONLINE_ROTATION) if fused else (ACTIVATIONS_FLOAT,)
 
     def run(self, ctx: Context) -> PassResult:

@@ -294,6 +294,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--a-bits", type=int, choices=[4, 8, 16],
                    help="activation bits (default: 4 for simulate; ort leaves activations to onnxruntime)")
     o.add_argument("--a-symmetric", action="store_true", help="symmetric activation quantization (default asymmetric)")
+    o.add_argument("--a-clip", type=float, default=1.0,
+                   help="INT activations: each token's quantization range as a fraction of its extremes (default 1)")
     o.add_argument("--format", default="int", choices=NumberFormat.values(),
                    help="4-bit number format of weights and activations: int (--w-bits/--a-bits), or microscaling "
                         "FP4: nvfp4 (E2M1, E4M3 scale per 16, fp32 tensor scale) or mxfp4 (E2M1, E8M0 scale per 32)")

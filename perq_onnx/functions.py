@@ -12,12 +12,12 @@ the custom-op library's tests):
   float32 between Cast(X, float) and CastLike(Y, X)):
 
   asymmetric (qmax = 2^n - 1):
-      lo = Min(ReduceMin(x), 0); hi = Max(ReduceMax(x), 0)
+      lo = Min(ReduceMin(x), 0); hi = Max(ReduceMax(x), 0)  # times c with a clip ratio c < 1
       scale = Max((hi - lo) / qmax, EPS); zp = Round(-lo / scale)
       q = QuantizeLinear(x / scale + zp, 1, uint_n 0)      # round half to even, clip [0, qmax]
       y = (DequantizeLinear(q, 1, uint_n 0) - zp) * scale
   symmetric (qmax = 2^(n-1) - 1):
-      scale = Max(ReduceMax(Abs(x)) / qmax, EPS)
+      scale = Max(ReduceMax(Abs(x)) / qmax, EPS)           # ReduceMax(Abs(x)) * c with c < 1
       q = QuantizeLinear(x / scale, 1, int_n 0)            # round half to even, clip [-qmax-1, qmax]
       y = DequantizeLinear(q, 1, int_n 0) * scale
 
@@ -90,8 +90,10 @@ def activation_eps(dtype) -> float:
     return float(max(EPS, np.finfo(dtype).tiny))
 
 
-def emit_activation_qdq(e, x, bits: int, symmetric: bool, output=None, dtype=None):
-    """Dynamic per-token (last axis) fake quantization of x, as documented in the module.
+def emit_activation_qdq(e, x, bits: int, symmetric: bool, output=None, dtype=None, clip: float = 1.0):
+    """Dynamic per-token (last axis) fake quantization of x, as documented in the module; with
+    ``clip`` < 1 (graph nodes only) each token's range is that fraction of its extremes, the rest
+    saturating.
 
     dtype: x's float type, when the caller knows it (graph nodes): the chain's constants, and so
     its scales and zero points, are of that type (float16 models get a float16 chain, EPS raised
@@ -102,24 +104,33 @@ def emit_activation_qdq(e, x, bits: int, symmetric: bool, output=None, dtype=Non
         x32 = e.op("Cast", [x], "x_float", to=TensorProto.FLOAT)
         y32 = _qdq(e, x32, bits, symmetric, np.dtype(np.float32), None)
         return e.op("CastLike", [y32, x], "y_like_x", output=output)
-    return _qdq(e, x, bits, symmetric, np.dtype(dtype), output)
+    return _qdq(e, x, bits, symmetric, np.dtype(dtype), output, clip)
 
 
-def _qdq(e, x, bits: int, symmetric: bool, dtype: np.dtype, output):
+def _clipped(e, extreme, clip: float, dtype: np.dtype, hint: str):
+    if clip == 1.0:
+        return extreme
+    return e.op("Mul", [extreme, e.const(np.array(clip, dtype), "clip_ratio")], hint)
+
+
+def _qdq(e, x, bits: int, symmetric: bool, dtype: np.dtype, output, clip: float = 1.0):
     one = e.const(np.array(1.0, dtype), "one")
     zp_int = e.const(zero_point(bits, symmetric), "zero_point")
     eps = e.const(np.array(activation_eps(dtype), dtype), "eps")
     axes = e.const(np.array([-1], np.int64), "last_axis")
     if symmetric:
         qmax = e.const(np.array(2 ** (bits - 1) - 1, dtype), "qmax")
-        amax = e.op("ReduceMax", [e.op("Abs", [x], "abs"), axes], "amax", keepdims=1)
+        amax = _clipped(e, e.op("ReduceMax", [e.op("Abs", [x], "abs"), axes], "amax", keepdims=1), clip, dtype,
+                        "amax_clipped")
         scale = e.op("Max", [e.op("Div", [amax, qmax], "scale_raw"), eps], "scale")
         q = e.op("QuantizeLinear", [e.op("Div", [x, scale], "scaled"), one, zp_int], "q")
         return e.op("Mul", [e.op("DequantizeLinear", [q, one, zp_int], "dq"), scale], "y", output=output)
     qmax = e.const(np.array(2**bits - 1, dtype), "qmax")
     zero = e.const(np.array(0.0, dtype), "zero")
-    lo = e.op("Min", [e.op("ReduceMin", [x, axes], "xmin", keepdims=1), zero], "lo")
-    hi = e.op("Max", [e.op("ReduceMax", [x, axes], "xmax", keepdims=1), zero], "hi")
+    lo = _clipped(e, e.op("Min", [e.op("ReduceMin", [x, axes], "xmin", keepdims=1), zero], "lo"), clip, dtype,
+                  "lo_clipped")
+    hi = _clipped(e, e.op("Max", [e.op("ReduceMax", [x, axes], "xmax", keepdims=1), zero], "hi"), clip, dtype,
+                  "hi_clipped")
     scale = e.op("Max", [e.op("Div", [e.op("Sub", [hi, lo], "range"), qmax], "scale_raw"), eps], "scale")
     zp = e.op("Round", [e.op("Div", [e.op("Neg", [lo], "neg_lo"), scale], "zp_raw")], "zp")
     shifted = e.op("Add", [e.op("Div", [x, scale], "scaled"), zp], "shifted")

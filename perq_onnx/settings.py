@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from .errors import PerqError
 
 MAX_SEQ_LEN = 32768
+FUSED_CLIP = ("--a-clip {clip:g}: the fused perq.BlockHadamardQuantize kernel quantizes the full range; "
+              "drop --fused-ops or --a-clip")
 
 
 class Choice(str, enum.Enum):
@@ -229,11 +231,18 @@ class ActivationConfig:
     format: NumberFormat = NumberFormat.INT
     bits: int | None = None            # None: the target's default; 16 = float activations
     symmetric: bool = False
+    clip: float = 1.0                  # INT: each token's quantization range as a fraction of its extremes
     fused: bool = False                # one perq.BlockHadamardQuantize at down_proj
 
     def __post_init__(self):
         if self.bits not in (None, 4, 8, 16):
             raise PerqError(f"--a-bits {self.bits}: choose 4, 8 or 16 (16 = float activations)")
+        if not 0.5 <= self.clip <= 1.0:
+            raise PerqError(f"--a-clip {self.clip}: a fraction of each token's range in [0.5, 1]")
+        if self.clip != 1.0 and self.fused:
+            raise PerqError(FUSED_CLIP.format(clip=self.clip))
+        if self.clip != 1.0 and self.format is not NumberFormat.INT:
+            raise PerqError(f"--a-clip: --format {self.format} scales each block by the format's own rule")
         if self.format is not NumberFormat.INT and self.bits not in (None, 4, 16):
             raise PerqError(f"--a-bits {self.bits}: --format {self.format} quantizes activations to 4-bit "
                             "E2M1 (or 16: float activations)")
@@ -253,6 +262,7 @@ OPTIONS = {
     "gptq_damp": ("weights.gptq", "damp"), "gptq_block": ("weights.gptq", "block"),
     "gptq_act_order": ("weights.gptq", "act_order"),
     "a_bits": ("activations", "bits"), "a_symmetric": ("activations", "symmetric"),
+    "a_clip": ("activations", "clip"),
     "fused_ops": ("activations", "fused"),
 }
 CHOICES = {"permute": Permute, "residual_rotation": ResidualRotation, "rounding": Rounding, "w_clip": Clip,

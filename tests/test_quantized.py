@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from perq_onnx.errors import PerqError
 from perq_onnx.pipeline import optimize
 from perq_onnx.settings import Settings
 from perq_onnx.runtime import logits, session
@@ -122,3 +123,52 @@ def test_model_with_op_library_matches_function_fallback(tiny_models, tmp_path):
     fallback = logits(session(out), ids)
     with_library = logits(ops.session(str(out)), ids)
     assert np.abs(fallback - with_library).max() <= 1e-5 * np.abs(fallback).max()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_activation_clip_ratio_scales_each_tokens_range(symmetric):
+    """--a-clip c: the per-token chain quantizes onto the grid of c times the token's extremes
+    (lo * c, hi * c; amax * c), saturating what lies beyond, and c = 1 emits the plain chain."""
+    from onnx import TensorProto, helper
+
+    from perq_onnx.functions import FunctionEmitter, emit_activation_qdq
+
+    def run(clip):
+        e = FunctionEmitter()
+        emit_activation_qdq(e, "X", 4, symmetric, output="Y", dtype=np.float32, clip=clip)
+        graph = helper.make_graph(e.nodes, "qdq", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 64])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 64])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"X": x})[0], len(e.nodes)
+
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    x[:, 3] *= 20.0  # an outlier channel: clipping it refines every other channel's step
+    f = np.float32
+    c = f(0.75)
+    if symmetric:
+        scale = np.abs(x).max(-1, keepdims=True) * c / f(7)
+        expected = np.clip(np.rint(x / scale), -8, 7) * scale
+    else:
+        lo = np.minimum(x.min(-1, keepdims=True), f(0)) * c
+        hi = np.maximum(x.max(-1, keepdims=True), f(0)) * c
+        scale = (hi - lo) / f(15)
+        zp = np.rint(-lo / scale)
+        expected = (np.clip(np.rint(x / scale + zp), 0, 15) - zp) * scale
+    clipped, n_clipped = run(0.75)
+    plain, n_plain = run(1.0)
+    np.testing.assert_allclose(clipped, expected, rtol=0, atol=1e-5)
+    assert n_clipped == n_plain + (2 if symmetric else 4)  # a constant and a Mul per clipped extreme
+    others = np.arange(64) != 3
+    assert np.abs(clipped - x)[:, others].mean() < np.abs(plain - x)[:, others].mean()
+
+
+def test_activation_clip_is_refused_where_it_cannot_apply(tmp_path):
+    from handmade import build_decoder
+    path = build_decoder(tmp_path / "model.onnx")
+    for kwargs, match in ((dict(target="ort", a_clip=0.9), "no dynamic INT activation quantizer"),
+                          (dict(a_clip=0.9, fused_ops=True, block="16"), "fused perq.BlockHadamardQuantize"),
+                          (dict(a_clip=0.3), r"in \[0.5, 1\]"),
+                          (dict(a_clip=0.9, format="nvfp4"), "scales each block")):
+        with pytest.raises(PerqError, match=match):
+            optimize(path, tmp_path / "x.onnx", Settings.parse(calib_samples=2, seq_len=32, **kwargs), progress=False)

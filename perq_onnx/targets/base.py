@@ -35,6 +35,7 @@ class Target:
     default_w_clip: Clip = Clip.ACT
     full_range: bool = True                  # symmetric codes use all 16 levels (negative scales)
     ragged_groups: bool = True               # an INT group need not divide K (the last one is shorter)
+    dynamic_int_activations: bool = False    # quantizes activations per token in the graph (--a-clip)
     formats: tuple[NumberFormat, ...] = (NumberFormat.INT,)  # the number formats it can express
 
     # ------------------------------------------------------------------------------ settings
@@ -67,6 +68,8 @@ class Target:
             if bad is not None:
                 raise PerqError(f"--w-group {group} does not divide the {in_features[bad]} input channels of "
                                 f"node '{bad}'")
+        if settings.activations.clip != 1.0 and not self.dynamic_int_activations:
+            raise PerqError(f"--a-clip: the {self.name} target has no dynamic INT activation quantizer to clip")
         self.check(settings)
         return settings
 

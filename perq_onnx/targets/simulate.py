@@ -29,6 +29,7 @@ class Simulate(Target):
     default_rounding: Rounding = Rounding.RTN  # the paper's tables
     default_w_clip: Clip = Clip.MSE
     formats: tuple[NumberFormat, ...] = (NumberFormat.INT, NumberFormat.NVFP4, NumberFormat.MXFP4)
+    dynamic_int_activations: bool = True  # --a-clip applies
 
     def needs_calibration(self, settings: Settings) -> bool:
         return settings.activations_quantized and settings.activations.format is NumberFormat.NVFP4
@@ -40,6 +41,6 @@ class Simulate(Target):
             passes.append(self.quantize_weights(settings, lm_head=False, emit=fp4_lookup if fp4 else None))
         if settings.activations_quantized:
             a = settings.activations
-            quantizer = FP4QDQ.of(format_for(a.format)) if fp4 else IntQDQ(a.bits, a.symmetric)
+            quantizer = FP4QDQ.of(format_for(a.format)) if fp4 else IntQDQ(a.bits, a.symmetric, a.clip)
             passes.append(QuantizeActivations(quantizer, a.fused))
         return passes
