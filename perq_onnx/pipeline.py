@@ -309,7 +309,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
         structure = analyze(graph)
     linears = [lin for layer in structure.layers for lin in layer.linears().values()] + [structure.lm_head]
     settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears})
-    tgt.check_model(model_path.parent, structure)
+    tgt.check_model(model_path.parent, structure, graph)
     asked, settings = settings, _fit_rotations(settings, structure, report)
     choose = rotation_choice.applies(asked, settings)  # weight-only: do the rotations pay? (measured)
     with publish.staging(output_path.parent) as tmp:

@@ -100,7 +100,7 @@ def weight_errors(ctx: Context, settings: Settings, form: WeightQuant, residual:
                 if residual is not None:
                     w, h = np.asarray(ctx.weight(writer), np.float64), hessians[writer.input]
                     add("R1", w, h, residual.apply(w), h)
-            if heads is not None and layer.v.fused is None:
+            if heads is not None:
                 w = np.asarray(ctx.weight(layer.v), np.float64)
                 h = hessians[layer.v.input]
                 add("R2", w, h, heads.apply(w), h)
@@ -135,6 +135,8 @@ def choose_rotations(ctx: Context, asked: Settings, resolved: Settings, form: We
     (residual, heads) transforms the plan would use."""
     free = _free(asked, resolved)
     residual, heads = plan_rotations(resolved)
+    if any(layer.v.fused is not None for layer in ctx.structure.layers):
+        free.discard("R2")  # value columns inside a fused weight (Phi-3, packed QKV): not measured, R2 stays
     errors = weight_errors(ctx, resolved, form, residual if "R1" in free else None,
                            heads if "R2" in free and isinstance(heads, BlockDiagonal) else None, progress)
     changes, lines = {}, []

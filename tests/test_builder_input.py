@@ -193,3 +193,11 @@ def test_refusals_name_the_node(builder_model, tmp_path):
         path = _edited(builder_model, tmp_path / f"{change.__name__}.onnx", change)
         with pytest.raises(AnalysisError, match=message.replace("(", r"\(")):
             analyze(load_graph(path))
+
+
+def test_tensorrt_target_refuses_onnxruntime_ops_before_any_work(builder_model, tmp_path):
+    """The builder's fused norms and GroupQueryAttention are onnxruntime ops: --target tensorrt
+    refuses them up front, naming the first one, instead of failing its checker after the work."""
+    with pytest.raises(PerqError, match=r"node '.*LayerNorm.*': .*SimplifiedLayerNormalization is an onnxruntime op"):
+        optimize(builder_model, tmp_path / "out.onnx", Settings.parse(target="tensorrt", calib_samples=2, seq_len=16),
+                 progress=False)

@@ -76,9 +76,10 @@ class Target:
     def check(self, settings: Settings) -> None:
         """Refuse settings this target cannot express (a PerqError naming the option)."""
 
-    def check_model(self, source_dir: pathlib.Path, structure) -> None:
+    def check_model(self, source_dir: pathlib.Path, structure, graph) -> None:
         """Refuse, before any work, a model this target cannot write (a PerqError naming why);
-        `source_dir` holds the input model's config and tokenizer files."""
+        `source_dir` holds the input model's config and tokenizer files, `graph` is the input
+        as analysed."""
 
     def needs_calibration(self, settings: Settings) -> bool:
         """Whether lowering needs calibration data beyond what the settings ask for (static

@@ -29,7 +29,7 @@ class Genai(Ort):
     def session_config(self) -> dict[str, str]:
         return {}  # the accuracy level is an attribute of each MatMulNBits node
 
-    def check_model(self, source_dir: pathlib.Path, structure) -> None:
+    def check_model(self, source_dir: pathlib.Path, structure, graph) -> None:
         ModelConfig.read(source_dir / "config.json")
         check_structure(structure)
 

@@ -27,6 +27,7 @@ from ..passes.quantize_weights import fp4_lookup
 from ..passes.tensorrt_fp4_weights import TensorRTFP4Weights
 from ..passes.static_activation_qdq import StaticActivationQDQ
 from ..settings import NumberFormat, Settings
+from ..fused_ops import DEFAULT_DOMAINS, FUSED_RMSNORMS
 from .base import Target
 
 
@@ -54,6 +55,14 @@ class TensorRT(Target):
         if settings.quantize and a.bits not in (8, 16):
             raise PerqError(f"--a-bits {a.bits}: TensorRT's INT4 is weight-only; activations are "
                             "float (16) or INT8 static Q/DQ (8)")
+
+    def check_model(self, source_dir, structure, graph) -> None:
+        node = next((n for n in graph.nodes if n.op in FUSED_RMSNORMS or n.domain not in (None, *DEFAULT_DOMAINS, "perq")),
+                    None)
+        if node is not None:  # onnxruntime's fused norms and attention (the genai builder's graphs)
+            op = f"{node.domain}.{node.op}" if node.domain else node.op
+            raise PerqError(f"node '{node.name}': {op} is an onnxruntime op that TensorRT "
+                            "cannot run; give --target tensorrt a standard-op export (optimum)")
 
     @staticmethod
     def _fp4(settings: Settings) -> bool:
