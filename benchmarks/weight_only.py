@@ -174,8 +174,7 @@ def accuracy_level_check() -> dict:
 
 
 def grid_check(path: pathlib.Path) -> dict:
-    """Share of the decoder weights' blocks on a 16-level grid at blocks 32, 64, 128 (aligned and
-    shifted by half a block)."""
+    """Share of the decoder weights' blocks on a 16-level grid at 32, 64, 128 rows (and shifted by half)."""
     from perq_onnx.analysis import analyze
     from perq_onnx.graph import load_graph
     from perq_onnx.shapes import constant_value
@@ -286,8 +285,8 @@ def goals(res: dict) -> list[str]:
 
 def markdown(res: dict) -> str:
     c, fp = res["configs"], res["configs"].get("fp32", {}).get("ppl")
-    m = res["machine"]
-    w = res["windows"]
+    m, w = res["machine"], res["windows"]
+    loads = [v for r in c.values() for v in (r.get("eval_load_avg"), r.get("build", {}).get("build_load_avg")) if v]
     lines = ["# Weight-only INT4 on SmolLM2-135M at grid-neutral granularities", "",
              f"WikiText-2 test, {w['count']} x {SEQ_LEN} non-overlapping windows, indices {w['first']}-"
              f"{w['first'] + w['count'] - 1} (earlier benchmarks read 0-31); perq statistics and Hessians from "
@@ -313,8 +312,9 @@ def markdown(res: dict) -> str:
                      f"when shifted by {r['shift_rows']} rows")
     lines += ["", "Notes:", ""] + [f"* {n}" for n in notes(res)]
     lines += ["", f"Machine: {m['platform']}, {m['cpu']}, nproc {m['nproc']}, onnxruntime {m['onnxruntime']}, "
-              f"onnx {m['onnx']}, python {m['python']}; shared with other agents (load average per row in the "
-              "json: build_load_avg, eval_load_avg); started " + m["date"] + "."]
+              f"onnx {m['onnx']}, python {m['python']}; shared with other agents: 1-min load average "
+              f"{min(loads, default=0):.1f}-{max(loads, default=0):.1f} at the rows' build/eval starts (per row in "
+              "the json); started " + m["date"] + "."]
     return "\n".join(lines) + "\n"
 
 
