@@ -222,8 +222,7 @@ def graph_form(path: pathlib.Path) -> dict:
 # ----------------------------------------------------------------------------------- build
 
 def lm_head_node(path: pathlib.Path) -> str:
-    m = onnx.load(str(path), load_external_data=False)
-    return next(nd.name for nd in m.graph.node if "logits" in nd.output)
+    return next(nd.name for nd in onnx.load(str(path), load_external_data=False).graph.node if "logits" in nd.output)
 
 
 def build(name: str, src: pathlib.Path, stats: dict, valid: np.ndarray) -> dict:
@@ -358,7 +357,7 @@ def plot(res: dict, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    c = res["configs"]
+    c, w = res["configs"], res["windows"]
     fig, ax = plt.subplots(figsize=(13, 5))
     width = 0.8 / len(METHODS)
     colors = plt.cm.tab10(np.arange(len(METHODS)))
@@ -369,6 +368,8 @@ def plot(res: dict, path: pathlib.Path) -> None:
             if p is not None:
                 xs.append(j + (i - (len(METHODS) - 1) / 2) * width)
                 ys.append(p)
+        if not ys:
+            continue
         bars = ax.bar(xs, ys, width, color=colors[i], label=spec["label"].strip("*"))
         ax.bar_label(bars, fmt="%.1f", fontsize=6, rotation=90, padding=2)
     fp = c.get("fp32", {}).get("ppl")
@@ -376,8 +377,7 @@ def plot(res: dict, path: pathlib.Path) -> None:
         ax.axhline(fp, color="black", lw=1, ls="--", label=f"fp32 {fp:.2f}")
         ax.set_ylim(fp * 0.9, None)
     ax.set_xticks(range(len(GRANULARITIES)), [t for _, t in GRANULARITIES.values()])
-    ax.set_ylabel(f"WikiText-2 ppl (test windows {res['windows']['first']}-"
-                  f"{res['windows']['first'] + res['windows']['count'] - 1})")
+    ax.set_ylabel(f"WikiText-2 ppl (test windows {w['first']}-{w['first'] + w['count'] - 1})")
     ax.set_title("SmolLM2-135M weight-only INT4 (decoder linears; lm_head, embedding float)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
