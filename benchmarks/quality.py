@@ -209,7 +209,8 @@ def table(done, windows, seq_len) -> str:
                   f"{ref(MODEL['r12']):.1f}; {r12} + full-vector R3 {full:.2f})", "",
                   "| b | " + " | ".join(methods) + " | recovery none -> massdiff | down_proj act err none -> massdiff |",
                   "|---|" + "---|" * (len(methods) + 2)]
-        blocks = sorted({int(c.split()[0][1:]) for (s, c) in ppl if s == setting and c.startswith("b")})
+        blocks = sorted({int(c.split()[0][1:]) for (s, c) in ppl
+                         if s == setting and c.startswith("b") and "online" not in c})
         if not methods:  # no block configuration finished (other models only; SmolLM2 keeps its layout)
             lines[-2:] = ["(no block configuration evaluated at this window count)"]
         for b in blocks:
@@ -233,13 +234,15 @@ def plot(done, stats, windows, seq_len, block_for_mass=16):
 
     runs = {(r["setting"], r["config"]): r["ppl"] for r in done["runs"]
             if r["windows"] == windows and r["seq_len"] == seq_len}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     settings = SETTINGS if MODEL is MODELS["smollm2"] else [s for s in SETTINGS if any(k[0] == s for k in runs)]
+    panels = 2 if MODEL is MODELS["smollm2"] else max(2, len(settings))
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))
     for ax, setting in zip(axes, settings):
         for m in METHODS:
-            pts = [(b, runs[(setting, f"b{b} {m}")]) for b in BLOCKS if (setting, f"b{b} {m}") in runs]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m)
+            for suffix, marker in (("", "o"), (" + online R1", "s")):  # online R1: post-norm models
+                pts = [(b, runs[(setting, f"b{b} {m}{suffix}")]) for b in BLOCKS if (setting, f"b{b} {m}{suffix}") in runs]
+                if pts:
+                    ax.plot(*zip(*pts), marker=marker, label=m + suffix)
         for name, style in ((MODEL["r12full"], "--"), (MODEL["r12"], ":")):
             if (setting, name) in runs:
                 ax.axhline(runs[(setting, name)], ls=style, color="gray", label=name)
