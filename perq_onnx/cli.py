@@ -140,7 +140,8 @@ def cmd_inspect(args) -> int:
               + (f" (+{len(r.stats) - 1} more)" if len(r.stats) > 1 else ""))
         print(f"  {'':<20} folds into: {r.description}")
     if s.residual_blocker:  # output norms (Gemma 2/3, OLMo2): see post_norms.py
-        print(f"no residual region (R1 is skipped): {s.residual_blocker}")
+        print(f"no residual region (R1 is not exact; quantized activations get the online residual rotation "
+              f"instead): {s.residual_blocker}")
     if args.grid:
         from .shapes import constant_value
         from .weight_grid import grid_report

@@ -4,9 +4,11 @@ refused in one line.
 
 Gemma 1 is a pre-norm model (gamma = 1 + w, embedding scaled by sqrt(hidden), GeGLU): every
 rewrite applies, R1 included. Gemma 2/3 and OLMo2 put an RMSNorm with a per-channel gamma on each
-sublayer's output: R1 is skipped when left unset (one line in the report, see
-perq_onnx/post_norms.py), refused when asked for explicitly, and R2, P3, R3 apply; with a uniform
-output gamma R1 is exact again and is applied.
+sublayer's output: R1 is not exact there (perq_onnx/post_norms.py), refused when asked for
+explicitly; left unset, the online residual rotation takes its place when activations are
+quantized (a permutation of the stream, a block Hadamard at each pre-norm's output folded into the
+readers: exact too), else R1 is skipped (one line in the report either way); R2, P3, R3 apply;
+with a uniform output gamma R1 is exact again and is applied.
 """
 from __future__ import annotations
 
