@@ -101,7 +101,7 @@ def match_attention(view: GraphView, layer_index: int, readers: tuple[Linear, ..
         readers, pv, head_dim = packed
         v, path = readers[2], {readers[2].output}
     else:
-        v, pv, head_dim, path = _separate_values(view, layer_index, readers, graph_float)
+        readers, (v, pv, head_dim, path) = _separate_values(view, layer_index, readers, graph_float)
         readers = (*(r for r in readers if r is not v), v)
     o = next((w for w in writers if w.name in view.descendants(pv)
               and all(n.op in ("Transpose", "Reshape", "Identity", "Cast") and _keeps_last_axis(n, graph_float)
@@ -132,8 +132,8 @@ def _packed_attention(view: GraphView, readers: tuple[Linear, ...]):
 
 
 def _separate_values(view: GraphView, layer_index: int, readers: tuple[Linear, ...], graph_float: int):
-    """(v, the probabilities @ V MatMul or fused attention, head size, value path) of the q/k/v
-    `readers` (one fused qkv projection: its three column slices, fused_slices.py)."""
+    """(the q/k/v records, (v, the probabilities @ V MatMul or fused attention, head size, value
+    path)) of the `readers` (one fused qkv projection: its three column slices, fused_slices.py)."""
     if len(readers) == 1:
         readers = split_fused(view, readers[0], 3, f"the attention of layer {layer_index} (qkv)")
     if len(readers) != 3:
@@ -150,4 +150,4 @@ def _separate_values(view: GraphView, layer_index: int, readers: tuple[Linear, .
         node = blocked[0] if blocked else readers[0].name
         raise AnalysisError(node, f"layer {layer_index}: expected exactly one of q/k/v to reach softmax @ V through "
                                   f"layout ops only (per-head rotation needs that), found {len(found)}")
-    return found[0]
+    return readers, found[0]
