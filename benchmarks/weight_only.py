@@ -71,9 +71,7 @@ DECODER_LINEARS = 210  # 30 layers x q, k, v, o, gate, up, down
 GRANULARITIES = {"pc": (None, "per channel"), "b128": (128, "block 128"), "b64": (64, "block 64")}
 RUN_ORDER = ("pc", "b64", "b128")  # block 128 needs ragged blocks (K = 576) last; asymmetric perq rows after all
 NO_ROTATION = dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
-# R1 and R2 asked for explicitly: the defaults up to 4699d2c (since b564dd9 a weight-only build
-# chooses them by a rounding-error proxy, perq_onnx/rotation_choice.py); R3 b16 and P3 massdiff default
-ROTATIONS = dict(residual_rotation="full", head_rotation=True)
+ROTATIONS = dict(residual_rotation="full", head_rotation=True)  # forced ("auto": rotation_choice.py decides)
 PERQ_COMMON = dict(target="simulate", a_bits=16, w_bits=4, w_clip="act", threads=THREADS)
 METHODS = {
     "ort-rtn-sym": dict(peer="rtn-sym", label="onnxruntime RTN, symmetric"),
@@ -81,6 +79,7 @@ METHODS = {
     "ort-hqq": dict(peer="hqq", label="onnxruntime HQQ (asymmetric, float zero points)"),
     "perq-rtn-norot": dict(settings=dict(rounding="rtn", **NO_ROTATION), label="perq RTN, no rotations"),
     "perq-rtn-rot": dict(settings=dict(rounding="rtn", **ROTATIONS), label="perq RTN, rotations"),
+    "perq-rtn-auto": dict(settings=dict(rounding="rtn"), label="perq RTN, the rotations its planner keeps"),
     "perq-gptq-norot": dict(settings=dict(rounding="gptq", **NO_ROTATION), label="perq GPTQ, no rotations"),
     "perq-gptq-rot": dict(settings=dict(rounding="gptq", **ROTATIONS), label="**perq default: rotations + GPTQ**"),
     "perq-gptq-asym-norot": dict(settings=dict(rounding="gptq", w_symmetric=False, **NO_ROTATION),
@@ -275,10 +274,12 @@ def goals(res: dict) -> list[str]:
             verdict = "MET" if ok else "MISSED" if ok is not None else "INCOMPLETE"
             out.append(f"{title}: perq default (rotations + GPTQ) >= 3% below GPTQ without rotations and below "
                        f"onnxruntime's HQQ and RTN at the same block: **{verdict}** ({'; '.join(parts)})")
-        r, n = ppl.get(f"perq-rtn-rot@{g}"), ppl.get(f"perq-rtn-norot@{g}")
-        if r is not None and n is not None:
-            out.append(f"{title}: with RTN, rotations never worse than without: **{'MET' if r <= n else 'MISSED'}** "
-                       f"({r:.2f} with vs {n:.2f} without, {r / n - 1:+.1%})")
+        n = ppl.get(f"perq-rtn-norot@{g}")
+        for key, what in (("rot", "all rotations"), ("auto", "the rotations the planner keeps")):
+            r = ppl.get(f"perq-rtn-{key}@{g}")
+            if r is not None and n is not None:
+                out.append(f"{title}: with RTN, {what} never worse than none: **{'MET' if r <= n else 'MISSED'}** "
+                           f"({r:.2f} with vs {n:.2f} without, {r / n - 1:+.1%})")
     return out
 
 

@@ -81,3 +81,6 @@ def test_pipeline_chooses_only_unset_rotations_of_weight_only_settings(tmp_path)
     assert not [s for s in explicit.summaries if s.startswith("weight-only:")]
     w4a4 = optimize(path, out, Settings.parse(target="simulate", **CALIB), progress=False)
     assert not [s for s in w4a4.summaries if s.startswith("weight-only:")]
+    gptq = optimize(path, out, Settings.parse(target="ort", **CALIB), progress=False)  # GPTQ keeps them
+    assert not [s for s in gptq.summaries if s.startswith("weight-only:")]
+    assert any(s.startswith("RotateResidual") for s in gptq.summaries)
