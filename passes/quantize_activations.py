@@ -21,7 +21,6 @@ from perq_onnx.errors import PerqError
 from perq_onnx.check_fp4 import TRT_DOMAIN
 from perq_onnx.formats import NVFP4, FP4Format, emit_fp4_activation_qdq
 from perq_onnx.functions import BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, QDQ_TYPES, emit_activation_qdq
-from perq_onnx.settings import FUSED_CLIP
 from perq_onnx.shapes import constant_shape, producer
 
 from .base import (ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, ONLINE_ROTATION, QUANTIZED_ACTIVATION, Context, Pass,
@@ -138,8 +137,6 @@ class QuantizeActivations(Pass):
         self.quantizer, self.fused = quantizer, fused
         if fused and not isinstance(quantizer, IntQDQ):
             raise PerqError("--fused-ops fuses the online rotation with INT activation quantization only")
-        if fused and quantizer.clip != 1.0:
-            raise PerqError(FUSED_CLIP.format(clip=quantizer.clip))
         self.requires = (ACTIVATIONS_FLOAT, ONLINE_ROTATION) if fused else (ACTIVATIONS_FLOAT,)
 
     def run(self, ctx: Context) -> PassResult:

@@ -83,37 +83,36 @@ def weight_errors(ctx: Context, settings: Settings, form: WeightQuant, residual:
     todo = len(layers) * (7 * (residual is not None) + 2 * (heads is not None))
     bar = tqdm(total=todo, desc="rotation proxy", unit="linear", leave=False, disable=not progress)
 
-    def add(name, w, h, w_rotated, h_rotated):
-        errors[name][0] += rounding_error(w, h, form, settings)
-        errors[name][1] += rounding_error(w_rotated, h_rotated, form, settings)
+    unrotated: dict[str, float] = {}  # a linear's error without any rotation (o_proj serves R1 and R2)
+
+    def add(name, lin, hessians, rotate_weight, h_rotated):
+        w, h = np.asarray(ctx.weight(lin), np.float64), hessians[lin.input]
+        if lin.name not in unrotated:
+            unrotated[lin.name] = rounding_error(w, h, form, settings)
+        errors[name][0] += unrotated[lin.name]
+        errors[name][1] += rounding_error(rotate_weight(w), h if h_rotated is None else h_rotated, form, settings)
         bar.update()
 
     for group in layer_groups(layers, HESSIAN_BUDGET):
         tensors = {lin.input for layer in group for lin in layer.linears().values()}
         hessians = ctx.collect({t: "xtx" for t in tensors})
         for layer in group:
-            for norm in (layer.input_norm, layer.mlp_norm):
-                if residual is None:
-                    break
-                g = _gamma(ctx, norm)
-                for reader in {r.fused or r for r in norm.readers}:
-                    w, h = np.asarray(ctx.weight(reader), np.float64), hessians[reader.input]
+            if residual is not None:
+                for norm in (layer.input_norm, layer.mlp_norm):
+                    readers = {r.fused or r for r in norm.readers}
+                    h = hessians[next(iter(readers)).input]  # the readers share the norm's output
+                    g = _gamma(ctx, norm)
                     if g is None:
-                        add("R1", w, h, _rows(residual, w), _sandwich(residual, h))
-                        continue
+                        g = np.ones(h.shape[0])
                     inverse = np.divide(1.0, g, out=np.zeros_like(g), where=g != 0)
-                    add("R1", w, h, _rows(residual, g[:, None] * w),
-                        _sandwich(residual, inverse[:, None] * h * inverse[None, :]))
-            for writer in (layer.o, layer.down):
-                if residual is not None:
-                    w, h = np.asarray(ctx.weight(writer), np.float64), hessians[writer.input]
-                    add("R1", w, h, residual.apply(w), h)
+                    h_rotated = _sandwich(residual, inverse[:, None] * h * inverse[None, :])  # once per norm
+                    for reader in readers:
+                        add("R1", reader, hessians, lambda w: _rows(residual, g[:, None] * w), h_rotated)
+                for writer in (layer.o, layer.down):
+                    add("R1", writer, hessians, residual.apply, None)
             if heads is not None:
-                w = np.asarray(ctx.weight(layer.v), np.float64)
-                h = hessians[layer.v.input]
-                add("R2", w, h, heads.apply(w), h)
-                w, h = np.asarray(ctx.weight(layer.o), np.float64), hessians[layer.o.input]
-                add("R2", w, h, _rows(heads, w), _sandwich(heads, h))
+                add("R2", layer.v, hessians, heads.apply, None)
+                add("R2", layer.o, hessians, lambda w: _rows(heads, w), _sandwich(heads, hessians[layer.o.input]))
         del hessians
     bar.close()
     return {name: (off, on) for name, (off, on) in errors.items()}

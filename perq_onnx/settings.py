@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from .errors import PerqError
 
 MAX_SEQ_LEN = 32768
-FUSED_CLIP = ("--a-clip {clip:g}: the fused perq.BlockHadamardQuantize kernel quantizes the full range; "
-              "drop --fused-ops or --a-clip")
 
 
 class Choice(str, enum.Enum):
@@ -240,7 +238,8 @@ class ActivationConfig:
         if not 0.5 <= self.clip <= 1.0:
             raise PerqError(f"--a-clip {self.clip}: a fraction of each token's range in [0.5, 1]")
         if self.clip != 1.0 and self.fused:
-            raise PerqError(FUSED_CLIP.format(clip=self.clip))
+            raise PerqError(f"--a-clip {self.clip:g}: the fused perq.BlockHadamardQuantize kernel quantizes the "
+                            "full range; drop --fused-ops or --a-clip")
         if self.clip != 1.0 and self.format is not NumberFormat.INT:
             raise PerqError(f"--a-clip: --format {self.format} scales each block by the format's own rule")
         if self.format is not NumberFormat.INT and self.bits not in (None, 4, 16):
