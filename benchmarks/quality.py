@@ -56,7 +56,8 @@ SETTINGS = {"W4A4": dict(w_bits=4, a_bits=4), "W16A4": dict(w_bits=16, a_bits=4)
             "W4A4 act": dict(w_bits=4, a_bits=4, w_clip="act"),
             "W4A4 GPTQ": dict(w_bits=4, a_bits=4, rounding="gptq", w_clip="act"),
             # --a-clip 0.8: chosen on valid windows 32-47 at W16A4 b16 massdiff (1.0: 38.75, 0.9: 37.56,
-            # 0.8: 35.54, 0.7: 41.32), judged on the test windows
+            # 0.8: 35.54, 0.7: 41.32; git show ccc87c6:benchmarks/investigate_rotation_choice/README.md),
+            # judged on the test windows
             "W4A4 GPTQ a-clip 0.8": dict(w_bits=4, a_bits=4, rounding="gptq", w_clip="act", a_clip=0.8),
             "W4A4 act a-clip 0.8": dict(w_bits=4, a_bits=4, w_clip="act", a_clip=0.8),
             "W4A16 GPTQ": dict(w_bits=4, a_bits=16, rounding="gptq", w_clip="act"),

@@ -16,7 +16,8 @@ writer's largest absolute error, on SmolLM2's massive-activation channel, is the
 norms ignore. On SmolLM2, per-channel INT4 (Hessians from 8 valid windows): absolute errors kept R1
 for RTN (x0.77) where R1 alone costs 20% (test windows 32-39: 46.23 vs 38.62 without); relative
 errors say RTN x1.36 (off) and GPTQ x0.92 (kept, and GPTQ with rotations measures 29.54 against
-31.67 without, benchmarks/weight_only.py). One set of
+31.67 without, benchmarks/weight_only.py; the screens: git show
+ccc87c6:benchmarks/investigate_rotation_choice/README.md). One set of
 Hessians, collected on the unrotated graph, serves both sides: a rotation T of a linear's input
 channels maps (W, H) to (T^T W, T^T H T), of its output channels W to W T (H unchanged; the
 output error's norm is rotation invariant), and R1's gamma fold maps a reader's input x * g to x:
