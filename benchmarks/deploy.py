@@ -43,6 +43,25 @@ Measurements:
 * peak RSS: VmHWM of a fresh subprocess that loads the model and runs it (plain: one 512-token
   forward; with-past: 64 decode steps).
 
+onnxruntime-genai folders (``--part genai``; ``--part all`` runs both parts), timed where their
+users run them, in ``og.Generator``:
+
+* ``builder-fp32``, ``builder-int4``, ``builder-k_quant``, ``builder-k_quant_mixed``: onnxruntime-genai's
+  model builder (``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu``, the last two with
+  ``--extra_options algo_config=k_quant|k_quant_mixed``) from the recipe's Hugging Face folder. The
+  builder needs transformers 5: give its venv's python with ``--builder-python`` (these rows are
+  skipped without it). The builder is a peer run here, never part of perq-onnx.
+* ``perq-genai``: ``perq-onnx optimize smollm2 --target genai`` with its defaults, calibrated like
+  the rows above; ``perq-genai-acc0`` is the same folder with every MatMulNBits at accuracy level
+  0 (float activations in the kernel; the writer uses 4); ``perq-genai-floatemb`` adds
+  ``--float-embeddings`` (embedding and lm_head float).
+* ppl: the same test windows, the folder's model.onnx in a plain onnxruntime session; MB: every
+  file of the folder's model (.onnx and external data); og prompt: ``append_tokens`` of the first
+  512 test tokens into a fresh ``og.Generator``; og decode: then --genai-steps
+  ``generate_next_token`` calls, the median per token. Every folder in turn per round (the
+  builder's fp32 folder is the reference of the ratios), median over --runs rounds;
+  onnxruntime-genai picks its own thread count (all cores).
+
 Models are cached under $PERQ_CACHE/deploy; existing models are not rebuilt and perplexities
 already in deploy.json for the same window count are not re-evaluated (resumable). Results:
 benchmarks/results/deploy.json and deploy.md.
@@ -362,6 +381,7 @@ def markdown(res: dict) -> str:
     lines += ["", "Goals (perq-ort = `--target ort`, default rotations, weight blocks of 32):", ""]
     lines += [f"* {g}" for g in goals(res)]
     lines += ["", "Notes:", ""] + [f"* {n}" for n in res.get("notes", [])]
+    lines += genai_markdown(res)
     return "\n".join(lines) + "\n"
 
 
@@ -378,64 +398,186 @@ NOTES = [
 ]
 
 
-def main(argv=None) -> int:
-    global DECODE_STEPS
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--windows", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--only", default=None, help="comma-separated configuration names (fp32 is always timed)")
-    ap.add_argument("--no-latency", action="store_true", help="build and evaluate ppl/size only")
-    ap.add_argument("--no-rss", action="store_true")
-    ap.add_argument("--decode-steps", type=int, default=DECODE_STEPS, help=f"decode steps per run (default {DECODE_STEPS})")
-    ap.add_argument("--out", default=str(RESULTS / "deploy"), help="output stem (default results/deploy)")
-    args = ap.parse_args(argv)
-    DECODE_STEPS = args.decode_steps
-    names = DEFAULT if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+# ------------------------------------------------------------- onnxruntime-genai folders
+
+GENAI_CONFIGS = {
+    "builder-fp32": dict(kind="builder", precision="fp32", label="builder fp32 (the reference)"),
+    "builder-int4": dict(kind="builder", precision="int4", label="builder int4 (RTN, block 32: its default)"),
+    "builder-k_quant": dict(kind="builder", precision="int4", algo="k_quant", label="builder int4 k_quant"),
+    "builder-k_quant_mixed": dict(kind="builder", precision="int4", algo="k_quant_mixed",
+                                  label="builder int4 k_quant_mixed (lm_head and sensitive layers int8)"),
+    "perq-genai": dict(kind="perq", settings=dict(target="genai"),
+                       label="perq-onnx --target genai (defaults: R1+R2+P3+R3 b16, GPTQ, b32, acc 4)"),
+    "perq-genai-acc0": dict(kind="acc0", of="perq-genai", label="the same, MatMulNBits accuracy level 0"),
+    "perq-genai-floatemb": dict(kind="perq", settings=dict(target="genai", float_embeddings=True),
+                                label="perq-onnx --target genai --float-embeddings"),
+}
+GENAI_STEPS = 128
+
+
+def genai_folder(name: str) -> pathlib.Path:
+    return cache_root() / name
+
+
+def build_genai(name: str, stats, batches, builder_python: str | None, log) -> bool:
+    """Build the folder unless it exists; False when it cannot be built here (no builder venv)."""
+    cfg, dst = GENAI_CONFIGS[name], genai_folder(name)
+    if (dst / "genai_config.json").is_file():
+        return True
+    t0 = time.perf_counter()
+    if cfg["kind"] == "builder":
+        if not builder_python:
+            log(f"{name}: skipped (give --builder-python: the model builder needs its own venv)")
+            return False
+        hf = resolve("smollm2").parent.parent / "hf"
+        cmd = [builder_python, "-m", "onnxruntime_genai.models.builder", "-m", "HuggingFaceTB/SmolLM2-135M-Instruct",
+               "-i", str(hf), "-o", str(dst), "-p", cfg["precision"], "-e", "cpu",
+               "-c", str(cache_root() / "builder-cache")]
+        if cfg.get("algo"):
+            cmd += ["--extra_options", f"algo_config={cfg['algo']}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if r.returncode != 0:
+            raise SystemExit(f"{name}: the model builder failed:\n{r.stderr[-3000:]}")
+    elif cfg["kind"] == "acc0":
+        src = genai_folder(cfg["of"])
+        dst.mkdir(parents=True)
+        m = onnx.load(str(src / "model.onnx"), load_external_data=False)
+        for node in m.graph.node:
+            for a in node.attribute:
+                if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                    a.i = 0
+        for f in src.iterdir():
+            if f.name != "model.onnx":
+                os.link(f, dst / f.name)
+        onnx.save(m, str(dst / "model.onnx"))
+    else:
+        settings = Settings.parse(**dict(cfg["settings"]))
+        pipeline.optimize(resolve("smollm2"), dst / "model.onnx", settings, stats=stats, progress=False,
+                          batches=batches)
+    log(f"built {name} in {time.perf_counter() - t0:.0f} s")
+    return True
+
+
+def folder_bytes(folder: pathlib.Path) -> int:
+    """The folder's model: model.onnx and the external data files it references."""
+    return file_bytes(folder / "model.onnx")
+
+
+def og_seconds(model, ids: np.ndarray, steps: int) -> tuple[float, list[float]]:
+    """(prompt seconds, per-token decode seconds) in a fresh og.Generator."""
+    import onnxruntime_genai as og
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + steps + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    t0 = time.perf_counter()
+    gen.append_tokens(ids[0].astype(np.int32))
+    prompt = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        gen.generate_next_token()
+        times.append(time.perf_counter() - t0)
+    return prompt, times
+
+
+def genai_goals(r: dict) -> list[str]:
+    out = []
+    p, fp, b4 = r.get("perq-genai", {}), r.get("builder-fp32", {}), r.get("builder-int4", {})
+    if p.get("og_prompt_s") and fp.get("og_prompt_s") and b4.get("og_prompt_s"):
+        x, xb = fp["og_prompt_s"] / p["og_prompt_s"], fp["og_prompt_s"] / b4["og_prompt_s"]
+        ok = x >= 1.5 and p["og_prompt_s"] <= b4["og_prompt_s"]
+        out.append(f"prompt >= 1.5x fp32 and at least the builder's int4: {'MET' if ok else 'MISSED'} "
+                   f"({x:.2f}x fp32; builder int4 {xb:.2f}x)")
+    if p.get("og_decode_s") and b4.get("og_decode_s"):
+        ok = p["og_decode_s"] <= b4["og_decode_s"]
+        out.append(f"decode at least the builder's int4: {'MET' if ok else 'MISSED'} "
+                   f"({1 / p['og_decode_s']:.1f} vs {1 / b4['og_decode_s']:.1f} tokens/s)")
+    km = r.get("builder-k_quant_mixed", {})
+    if p.get("bytes") and km.get("bytes"):
+        out.append(f"weights no larger than the builder's k_quant_mixed: {'MET' if p['bytes'] <= km['bytes'] else 'MISSED'} "
+                   f"({p['bytes'] / 1e6:.1f} vs {km['bytes'] / 1e6:.1f} MB)")
+    builders = {n: c["ppl"] for n, c in r.items() if n.startswith("builder-") and n != "builder-fp32" and c.get("ppl")}
+    if p.get("ppl") and builders:
+        best = min(builders, key=builders.get)
+        out.append(f"ppl below every builder int4 variant: {'MET' if p['ppl'] < builders[best] else 'MISSED'} "
+                   f"({p['ppl']:.2f}; best builder {best} {builders[best]:.2f})")
+    return out
+
+
+def genai_markdown(res: dict) -> list[str]:
+    g = res.get("genai")
+    if not g:
+        return []
+    r, fp = g["configs"], g["configs"].get("builder-fp32", {})
+
+    def ratio(c, key):
+        return f" ({fp[key] / c[key]:.2f}x)" if c.get(key) and fp.get(key) else ""
+
+    lines = ["", "## onnxruntime-genai folders in og.Generator", "",
+             f"{g['machine']['date']}, load average {g['machine']['load_average_at_start']:.1f} at start, "
+             f"{g['machine'].get('load_average_at_end') or 0:.1f} at end; onnxruntime-genai {g['onnxruntime_genai']}. "
+             f"ppl: the same {res['windows']} x {SEQ_LEN} test windows. og prompt: {SEQ_LEN} test tokens appended to a "
+             f"fresh Generator; og decode: then {g['steps']} tokens, median per token; median of {g['runs']} "
+             "interleaved rounds; ratios (speed-up) to the builder's fp32 folder in the same run.", "",
+             "| folder | ppl | MB (x fp32) | og prompt ms (x) | og decode tok/s (x) |", "|---|---|---|---|---|"]
+    for name, c in sorted(r.items(), key=lambda kv: list(GENAI_CONFIGS).index(kv[0])):
+        size = f"{c['bytes'] / 1e6:.1f}" + (f" ({c['bytes'] / fp['bytes']:.2f}x)" if fp.get("bytes") else "")
+        lines.append(f"| {name}: {GENAI_CONFIGS[name]['label']} | {fmt(c.get('ppl'), '.2f')} | {size} | "
+                     f"{fmt(c.get('og_prompt_s') and c['og_prompt_s'] * 1e3, '.0f')}{ratio(c, 'og_prompt_s')} | "
+                     f"{fmt(c.get('og_decode_s') and 1 / c['og_decode_s'], '.1f')}{ratio(c, 'og_decode_s')} |")
+    lines += ["", "Goals (perq-genai against the builder):", ""] + [f"* {x}" for x in genai_goals(r)]
+    return lines
+
+
+def genai_part(args, res: dict, prev: dict, test: np.ndarray, valid: np.ndarray, stats_of, log, save) -> None:
+    import onnxruntime_genai as og
+    names = list(GENAI_CONFIGS) if not args.only else [n for n in args.only if n in GENAI_CONFIGS]
+    if "builder-fp32" not in names:
+        names = ["builder-fp32"] + names
+    need = [n for n in names if GENAI_CONFIGS[n]["kind"] == "perq" and not (genai_folder(n) / "genai_config.json").is_file()]
+    if "perq-genai-acc0" in names and "perq-genai" not in names:
+        names.insert(names.index("perq-genai-acc0"), "perq-genai")
+    stats = stats_of() if need else None
+    names = [n for n in names if build_genai(n, stats, valid, args.builder_python, log)]
+    old = prev.get("genai", {}).get("configs", {}) if prev.get("windows") == len(test) else {}
+    g = res["genai"] = {"machine": machine(), "runs": args.runs, "steps": args.genai_steps,
+                        "onnxruntime_genai": og.__version__, "configs": {}}
     for n in names:
-        if n not in CONFIGS:
-            ap.error(f"--only {n}: choose from {', '.join(CONFIGS)}")
-    if "fp32" not in names:
-        names = ["fp32"] + names
-    out_json, out_md = pathlib.Path(args.out + ".json"), pathlib.Path(args.out + ".md")
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    prev = json.loads(out_json.read_text()) if out_json.exists() else {}
-    start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.0f} s] {msg}", flush=True)
-
-    plain = resolve("smollm2")
-    resolve("smollm2-with-past")
-    tok = calibration.load_tokenizer(plain.parent)
-    test = calibration.windows(calibration.tokenize_file(DATA / "test.txt", tok), SEQ_LEN, args.windows, "test.txt")
-    valid = calibration.windows(calibration.tokenize_file(DATA / "valid.txt", tok), 512, 32, "valid.txt")
-
-    need_build = [n for n in names if CONFIGS[n]["kind"] != "fp32" and not model_paths(n)["plain"].exists()
-                  or timed(n) and not model_paths(n)["past"].exists()]
-    stats = None
-    if any(CONFIGS[n]["kind"] == "perq" for n in need_build):
-        stats_file = cache_root() / "stats.npz"
-        if stats_file.exists():
-            stats = dict(np.load(stats_file))
+        c = g["configs"][n] = {"folder": str(genai_folder(n)), "bytes": folder_bytes(genai_folder(n))}
+        if old.get(n, {}).get("ppl") is not None:
+            c["ppl"] = old[n]["ppl"]
         else:
-            log("calibrating (pipeline.calibrate on the plain export, valid 32 x 512) ...")
-            stats = pipeline.calibrate(plain, valid, threads=THREADS, progress=False)
-            stats_file.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(stats_file, **stats)
+            p = perplexity(genai_folder(n) / "model.onnx", test, threads=THREADS, progress=False)
+            c["ppl"] = p.ppl
+            log(f"{n}: ppl {p.ppl:.3f} ({p.seconds:.0f} s), {c['bytes'] / 1e6:.1f} MB")
+        save()
+    if args.no_latency:
+        return
+    models = {n: og.Model(str(genai_folder(n))) for n in names}
+    ids = test[0][None, :SEQ_LEN]
+    for m in models.values():  # warm-up
+        og_seconds(m, ids[:, :16], 4)
+    raw = {n: {"prompt": [], "decode": []} for n in names}
+    for r in range(args.runs):
+        for n, m in models.items():
+            prompt, steps = og_seconds(m, ids, args.genai_steps)
+            raw[n]["prompt"].append(prompt)
+            raw[n]["decode"].append(statistics.median(steps))
+            c = g["configs"][n]
+            c.update(og_prompt_samples_s=raw[n]["prompt"], og_decode_samples_s=raw[n]["decode"],
+                     og_prompt_s=statistics.median(raw[n]["prompt"]), og_decode_s=statistics.median(raw[n]["decode"]))
+            log(f"round {r + 1}/{args.runs} {n}: og prompt {prompt * 1e3:.0f} ms, decode {raw[n]['decode'][-1] * 1e3:.2f} ms/token")
+        save()
+    g["machine"]["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def ort_part(args, names: list[str], res: dict, prev: dict, test, valid, stats_of, log, save) -> None:
+    """Build, evaluate and time the plain-session configurations (CONFIGS)."""
     for n in names:
-        build(n, stats, valid, log)
-
-    res = {"machine": machine(), "windows": len(test), "runs": args.runs, "seq_len": SEQ_LEN,
-           "decode_steps": DECODE_STEPS, "threads": THREADS, "configs": {}, "notes": NOTES}
+        if CONFIGS[n]["kind"] != "fp32" and (not model_paths(n)["plain"].exists()
+                                             or timed(n) and not model_paths(n)["past"].exists()):
+            build(n, stats_of() if CONFIGS[n]["kind"] == "perq" else None, valid, log)
     old = prev.get("configs", {}) if prev.get("windows") == len(test) else {}
-    if args.no_latency and prev.get("windows") == len(test):
-        # a ppl/size-only run adds to the previous run: keep its latency settings and machine record
-        res.update({k: prev[k] for k in ("runs", "decode_steps", "machine") if k in prev})
-
-    def save():
-        out_json.write_text(json.dumps(res, indent=1))
-        out_md.write_text(markdown(res))
-
     # ppl, size, structure: per configuration (kept from a previous run with the same windows)
     for n in names:
         paths = model_paths(n)
@@ -445,7 +587,7 @@ def main(argv=None) -> int:
                   **lm_head_quantized(paths["plain"])})
         if old.get(n, {}).get("ppl") is not None:
             c["ppl"] = old[n]["ppl"]
-            log(f"{n}: ppl {c['ppl']:.3f} (from {out_json.name})")
+            log(f"{n}: ppl {c['ppl']:.3f} (from the previous run)")
         else:
             p = perplexity(paths["plain"], test, threads=THREADS, progress=False)
             c["ppl"] = p.ppl
@@ -488,6 +630,78 @@ def main(argv=None) -> int:
                 log(f"round {r + 1}/{args.runs} {n}: prefill {samples[n]['prefill'][-1] * 1e3:.0f} ms, "
                     f"decode {d * 1e3:.2f} ms/token")
             save()
+
+
+def main(argv=None) -> int:
+    global DECODE_STEPS
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("ort", "genai", "all"), default="all",
+                    help="plain-session configurations, onnxruntime-genai folders, or both (default)")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--only", default=None, help="comma-separated configuration names (fp32 / builder-fp32 are always timed)")
+    ap.add_argument("--no-latency", action="store_true", help="build and evaluate ppl/size only")
+    ap.add_argument("--no-rss", action="store_true")
+    ap.add_argument("--decode-steps", type=int, default=DECODE_STEPS, help=f"decode steps per run (default {DECODE_STEPS})")
+    ap.add_argument("--genai-steps", type=int, default=GENAI_STEPS, help=f"og decode steps per round (default {GENAI_STEPS})")
+    ap.add_argument("--builder-python", default=os.environ.get("PERQ_BUILDER_PYTHON"),
+                    help="python of a venv with onnxruntime-genai's model builder (transformers 5); "
+                         "default $PERQ_BUILDER_PYTHON; without it the builder rows are skipped")
+    ap.add_argument("--out", default=str(RESULTS / "deploy"), help="output stem (default results/deploy)")
+    args = ap.parse_args(argv)
+    DECODE_STEPS = args.decode_steps
+    args.only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    for n in args.only or []:
+        if n not in CONFIGS and n not in GENAI_CONFIGS:
+            ap.error(f"--only {n}: choose from {', '.join([*CONFIGS, *GENAI_CONFIGS])}")
+    names = DEFAULT if not args.only else [n for n in args.only if n in CONFIGS]
+    if "fp32" not in names:
+        names = ["fp32"] + names
+    out_json, out_md = pathlib.Path(args.out + ".json"), pathlib.Path(args.out + ".md")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    prev = json.loads(out_json.read_text()) if out_json.exists() else {}
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:6.0f} s, load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
+
+    plain = resolve("smollm2")
+    resolve("smollm2-with-past")
+    tok = calibration.load_tokenizer(plain.parent)
+    test = calibration.windows(calibration.tokenize_file(DATA / "test.txt", tok), SEQ_LEN, args.windows, "test.txt")
+    valid = calibration.windows(calibration.tokenize_file(DATA / "valid.txt", tok), 512, 32, "valid.txt")
+    stats = {}
+
+    def stats_of() -> dict:
+        """One calibration (valid 32 x 512) for every perq build, cached."""
+        if not stats:
+            stats_file = cache_root() / "stats.npz"
+            if stats_file.exists():
+                stats.update(np.load(stats_file))
+            else:
+                log("calibrating (pipeline.calibrate on the plain export, valid 32 x 512) ...")
+                stats.update(pipeline.calibrate(plain, valid, threads=THREADS, progress=False))
+                stats_file.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(stats_file, **stats)
+        return stats
+
+    res = {"machine": machine(), "windows": len(test), "runs": args.runs, "seq_len": SEQ_LEN,
+           "decode_steps": DECODE_STEPS, "threads": THREADS, "configs": {}, "notes": NOTES}
+    same = prev.get("windows") == len(test)
+    if same and (args.no_latency or args.part == "genai"):
+        # a run that does not time the plain-session part keeps that part's record
+        res.update({k: prev[k] for k in ("runs", "decode_steps", "machine", "configs") if k in prev})
+    if same and args.part == "ort" and "genai" in prev:
+        res["genai"] = prev["genai"]
+
+    def save():
+        out_json.write_text(json.dumps(res, indent=1))
+        out_md.write_text(markdown(res))
+
+    if args.part in ("ort", "all"):
+        ort_part(args, names, res, prev, test, valid, stats_of, log, save)
+    if args.part in ("genai", "all"):
+        genai_part(args, res, prev, test, valid, stats_of, log, save)
     res["seconds"] = time.perf_counter() - start
     res["machine"]["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     save()
