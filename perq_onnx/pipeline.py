@@ -324,11 +324,9 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
         report.stats = stats or {}
         if choose:
             with report.phase("choose rotations"):
-                def rotations(s):
-                    p = make_plan(s, ModelShape.of(structure), stats)
-                    return p.residual, p.heads
-                settings, lines = rotation_choice.choose_rotations(ctx, asked, settings, tgt.weight_form(settings),
-                                                                   rotations, progress)
+                settings, lines = rotation_choice.choose_rotations(
+                    ctx, asked, settings, tgt.weight_form(settings),
+                    lambda s: make_plan(s, ModelShape.of(structure), stats), progress)
                 for line in lines:
                     _note(report, line)
         with report.phase("plan"):

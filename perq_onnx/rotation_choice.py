@@ -22,9 +22,12 @@ Hessians, collected on the unrotated graph, serves both sides: a rotation T of a
 channels maps (W, H) to (T^T W, T^T H T), of its output channels W to W T (H unchanged; the
 output error's norm is rotation invariant), and R1's gamma fold maps a reader's input x * g to x:
 (W, H) to (diag(g) W, diag(1/g) H diag(1/g)). R1 touches every reader of the residual stream
-(rows) and every writer (o_proj, down_proj columns); R2 the value columns and o_proj rows. Each
-rotation is judged with the others off, on 8 layers spread over the depth (SAMPLED_LAYERS: the
-cost is that of rounding those layers twice); lm_head is not counted.
+(rows) and every writer (o_proj, down_proj columns); R2 the value columns and o_proj rows; R3
+(the default online block rotation, when --block was not given) down_proj's rows, with the MLP
+permutation P3 that comes with it (T = P3 then the block Hadamard; gate/up's columns move with P3,
+which changes none of their per-column scales). Each rotation is judged with the others off, on 8
+layers spread over the depth (SAMPLED_LAYERS: the cost is that of rounding those layers twice);
+lm_head is not counted.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ from .passes.base import Context, gamma_input
 from .passes.quantize_weights import HESSIAN_BUDGET, layer_groups
 from .rounding import WeightQuant, gptq, rtn
 from .settings import ResidualRotation, Rounding, Settings
-from .transforms import BlockDiagonal, Transform
+from .plan import Plan
+from .transforms import BlockDiagonal, Chain, Permutation, Transform
 
 SAMPLED_LAYERS = 8  # layers the proxy measures, spread over the depth (the errors' ratio is what it needs)
 
@@ -75,13 +79,14 @@ def sampled_layers(layers, count: int = SAMPLED_LAYERS) -> list:
 
 
 def weight_errors(ctx: Context, settings: Settings, form: WeightQuant, residual: Transform | None,
-                  heads: Transform | None, progress: bool = True) -> dict[str, tuple[float, float]]:
-    """{"R1": (error without, error with), "R2": (...)} over the linears each rotation touches
-    (a rotation given as None is not measured)."""
+                  heads: Transform | None, online=None, progress: bool = True) -> dict[str, tuple[float, float]]:
+    """{"R1": (error without, error with), "R2": (...), "R3": (...)} over the linears each
+    rotation touches (a rotation given as None is not measured; ``online(layer)`` is R3's
+    transform of that layer's down_proj input)."""
     structure = ctx.structure
     layers = sampled_layers(structure.layers)
-    errors = {name: [0.0, 0.0] for name, t in (("R1", residual), ("R2", heads)) if t is not None}
-    todo = len(layers) * (7 * (residual is not None) + 2 * (heads is not None))
+    errors = {name: [0.0, 0.0] for name, t in (("R1", residual), ("R2", heads), ("R3", online)) if t is not None}
+    todo = len(layers) * (7 * (residual is not None) + 2 * (heads is not None) + (online is not None))
     bar = tqdm(total=todo, desc="rotation proxy", unit="linear", leave=False, disable=not progress)
 
     unrotated: dict[str, float] = {}  # a linear's error without any rotation (o_proj serves R1 and R2)
@@ -114,17 +119,26 @@ def weight_errors(ctx: Context, settings: Settings, form: WeightQuant, residual:
             if heads is not None:
                 add("R2", layer.v, hessians, heads.apply, None)
                 add("R2", layer.o, hessians, lambda w: _rows(heads, w), _sandwich(heads, hessians[layer.o.input]))
+            if online is not None:
+                t = online(layer)
+                add("R3", layer.down, hessians, lambda w: _rows(t, w), _sandwich(t, hessians[layer.down.input]))
         del hessians
     bar.close()
     return {name: (off, on) for name, (off, on) in errors.items()}
 
 
+def down_input_transform(plan: Plan, layer: int) -> Transform:
+    """What P3 and R3 do to a layer's down_proj input: x -> x[..., p] then the online rotation."""
+    perm = plan.mlp_permutations.get(layer)
+    return plan.online if perm is None else Chain(Permutation(perm), plan.online)
+
+
 def applies(asked: Settings, resolved: Settings) -> bool:
-    """Whether the planner chooses R1/R2 by the proxy: weights quantized by round-to-nearest,
-    activations float, and at least one of R1 (where it is a full rotation) and R2 left unset.
-    GPTQ keeps them: it compensates what the fold costs, and the proxy's GPTQ estimates sit near
-    x1 (SmolLM2: x0.92 per channel, x0.98 at block 128, x1.05 at block 32, where turning R1 off
-    cost 4.9%: 32.65 vs 31.12 on the first 8 test windows)."""
+    """Whether the planner chooses rotations by the proxy: weights quantized by round-to-nearest,
+    activations float, and at least one of R1 (where it is a full rotation), R2 and R3 left to
+    the defaults. GPTQ keeps them: it compensates what the fold costs, and the proxy's GPTQ
+    estimates sit near x1 (SmolLM2: x0.92 per channel, x0.98 at block 128, x1.05 at block 32,
+    where turning R1 off cost 4.9%: 32.65 vs 31.12 on the first 8 test windows)."""
     if not resolved.weights_quantized or resolved.activations_quantized:
         return False
     if resolved.weights.rounding is not Rounding.RTN:
@@ -138,27 +152,35 @@ def _free(asked: Settings, resolved: Settings) -> set[str]:
         free.add("R1")
     if asked.rotation.heads is None and resolved.rotation.heads is not False:
         free.add("R2")
+    if not asked.rotation.online.given and resolved.rotation.online.block is not None:
+        free.add("R3")
     return free
 
 
-def choose_rotations(ctx: Context, asked: Settings, resolved: Settings, form: WeightQuant, plan_rotations,
+OFF = {"R1": {"residual_rotation": ResidualRotation.NONE}, "R2": {"head_rotation": False}, "R3": {"block": "none"}}
+
+
+def choose_rotations(ctx: Context, asked: Settings, resolved: Settings, form: WeightQuant, plan_of,
                      progress: bool = True) -> tuple[Settings, list[str]]:
     """The settings with each free rotation kept only where the proxy says it lowers the weights'
-    output error, and one report line per decision. ``plan_rotations(settings)`` gives the
-    (residual, heads) transforms the plan would use."""
+    output error, and one report line per decision. ``plan_of(settings)`` is the Plan those
+    settings give (its transforms are what is measured)."""
     free = _free(asked, resolved)
-    residual, heads = plan_rotations(resolved)
+    plan: Plan = plan_of(resolved)
     if any(layer.v.fused is not None for layer in ctx.structure.layers):
         free.discard("R2")  # value columns inside a fused weight (Phi-3, packed QKV): not measured, R2 stays
-    errors = weight_errors(ctx, resolved, form, residual if "R1" in free else None,
-                           heads if "R2" in free and isinstance(heads, BlockDiagonal) else None, progress)
+
+    errors = weight_errors(ctx, resolved, form, plan.residual if "R1" in free else None,
+                           plan.heads if "R2" in free and isinstance(plan.heads, BlockDiagonal) else None,
+                           (lambda layer: down_input_transform(plan, layer.index))
+                           if "R3" in free and plan.online is not None else None, progress)
     changes, lines = {}, []
     for name, (off, on) in errors.items():
         keep = on <= off
         ratio = on / off if off > 0 else float("inf")
-        lines.append(f"weight-only: {name} {'kept' if keep else 'off'} (its linears' relative output error "
+        what = "R3 (with P3)" if name == "R3" else name
+        lines.append(f"weight-only: {what} {'kept' if keep else 'off'} (its linears' relative output error "
                      f"under {resolved.weights.rounding} x{ratio:.2f} with it; rotation_choice.py)")
         if not keep:
-            changes.update({"R1": {"residual_rotation": ResidualRotation.NONE},
-                            "R2": {"head_rotation": False}}[name])
+            changes.update(OFF[name])
     return (resolved.replace(**changes) if changes else resolved), lines

@@ -99,9 +99,12 @@ def _power_of_two(option: str, value) -> None:
 
 @dataclass(frozen=True)
 class OnlineRotation:
-    """R3 at the down_proj inputs: a block size b, the full-vector rotation, or none."""
+    """R3 at the down_proj inputs: a block size b, the full-vector rotation, or none. ``given``:
+    the user chose it (--block), rather than the default (which the weight-only planner may turn
+    off, perq_onnx/rotation_choice.py)."""
     block: int | None = 16
     full: bool = False
+    given: bool = dataclasses.field(default=True, compare=False)
 
     @classmethod
     def parse(cls, text: str) -> "OnlineRotation":
@@ -125,7 +128,7 @@ class OnlineRotation:
 class RotationConfig:
     """The function-preserving rewrites: R1 (residual), R2 (heads), P3 (MLP permutation) and R3
     (online block rotation at down_proj)."""
-    online: OnlineRotation = OnlineRotation()
+    online: OnlineRotation = OnlineRotation(given=False)
     permute: Permute = Permute.MASSDIFF
     residual: ResidualRotation | None = None  # None: full where exact, else none (see pipeline)
     residual_block: int | None = None         # a block residual rotation's size (default: online block)
@@ -301,7 +304,7 @@ class Settings:
         int and nvfp4, 32 for mxfp4)."""
         if values.get("block") is None:
             fmt = NumberFormat.parse(values.get("format") or "int", "--format")
-            values["block"] = str(fmt.block or 16)
+            values["block"] = OnlineRotation(fmt.block or 16, given=False)
         return cls().replace(**values)
 
     def replace(self, **values) -> "Settings":

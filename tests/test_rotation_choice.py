@@ -1,4 +1,4 @@
-"""perq_onnx.rotation_choice: the weight-only proxy that decides whether R1 / R2 pay.
+"""perq_onnx.rotation_choice: the weight-only proxy that decides whether R1 / R2 / R3 pay.
 
 The proxy computes the rotated side from Hessians of the *unrotated* graph; the first test checks
 that algebra against the real thing: the same errors measured on the graph after the rotation
@@ -51,12 +51,18 @@ def test_proxy_equals_the_error_on_the_rotated_graph(tmp_path, rounding):
     settings = Settings.parse(target="simulate", a_bits=16, rounding=rounding, w_clip="absmax", block="none",
                               permute="none")
     form = WeightQuant(4, None, True, "absmax", True)
-    plan = make_plan(settings.replace(residual_rotation="full"), ModelShape.of(analyze(load_graph(path))))
+    plan = make_plan(settings.replace(residual_rotation="full", block=16, permute="random"),
+                     ModelShape.of(analyze(load_graph(path))))
     ctx = _context(path, tmp_path / "a", batches)
-    errors = rotation_choice.weight_errors(ctx, settings, form, plan.residual, plan.heads, progress=False)
+    errors = rotation_choice.weight_errors(ctx, settings, form, plan.residual, plan.heads,
+                                           lambda layer: rotation_choice.down_input_transform(plan, layer.index),
+                                           progress=False)
 
     all_kinds = ("q", "k", "v", "o", "gate", "up", "down")
-    for name, kinds, passes in (("R1", all_kinds, float_passes(plan)[:2]), ("R2", ("v", "o"), float_passes(plan)[2:3])):
+    passes = float_passes(plan)  # FoldNormGammas, RotateResidual, RotateHeads, PermuteMLP, InsertOnlineRotation
+    assert [p.name for p in passes[3:]] == ["PermuteMLP", "InsertOnlineRotation"]
+    for name, kinds, passes in (("R1", all_kinds, passes[:2]), ("R2", ("v", "o"), passes[2:3]),
+                                ("R3", ("down",), passes[3:])):
         plain = _context(path, tmp_path / f"{name}-plain", batches)
         rotated = _context(path, tmp_path / f"{name}-rotated", batches)
         PassManager(passes, False).run(rotated)
@@ -71,13 +77,14 @@ def test_pipeline_chooses_only_unset_rotations_of_weight_only_settings(tmp_path)
     out = tmp_path / "out.onnx"
     report = optimize(path, out, Settings.parse(target="simulate", a_bits=16, w_clip="act", **CALIB), progress=False)
     lines = [s for s in report.summaries if s.startswith("weight-only:")]
-    assert [line.split()[1] for line in lines] == ["R1", "R2"]
+    assert [line.split()[1] for line in lines] == ["R1", "R2", "R3"]
     for line in lines:  # what it chose is what the output was built with
-        name, verdict = line.split()[1:3]
-        applied = any(s.startswith({"R1": "RotateResidual", "R2": "RotateHeads"}[name]) for s in report.summaries)
+        name, verdict = line.split()[1], "kept" if " kept (" in line else "off"
+        pass_name = {"R1": "RotateResidual", "R2": "RotateHeads", "R3": "InsertOnlineRotation"}[name]
+        applied = any(s.startswith(pass_name) for s in report.summaries)
         assert applied == (verdict == "kept"), line
     explicit = optimize(path, out, Settings.parse(target="simulate", a_bits=16, w_clip="act", residual_rotation="full",
-                                                  head_rotation=True, **CALIB), progress=False)
+                                                  head_rotation=True, block=16, **CALIB), progress=False)
     assert not [s for s in explicit.summaries if s.startswith("weight-only:")]
     w4a4 = optimize(path, out, Settings.parse(target="simulate", **CALIB), progress=False)
     assert not [s for s in w4a4.summaries if s.startswith("weight-only:")]
