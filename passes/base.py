@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
 from perq_onnx.analysis import DecoderStructure, Fold, Linear
-from perq_onnx.calibration import Calibrator, with_outputs
+from perq_onnx.calibration import Calibrator, tensor_names, with_outputs
 from perq_onnx.errors import InternalError, PerqError
 from perq_onnx.functions import DOMAIN, function_for
 from perq_onnx.fused_ops import fused_gamma_input
@@ -49,11 +49,11 @@ class Context:
                                  if self.functions else self.min_opset)
         return self.store.session_path(with_outputs(model, outputs), self.graph)
 
-    def collect(self, requests: dict[str, str]) -> dict[str, np.ndarray]:
+    def collect(self, requests: dict) -> dict:
         """Statistics (see Calibrator) of tensors of the graph as rewritten so far."""
         if self.calibrator is None:
             raise InternalError("a pass asked for calibration statistics but no calibrator was set up")
-        return self.calibrator.collect(self.session(list(requests)), requests)
+        return self.calibrator.collect(self.session(tensor_names(requests)), requests)
 
     def record(self, kind: str, tensor: str) -> None:
         """Note that a pass inserted `tensor` as a `kind` (ONLINE_ROTATED, QUANTIZED_ACTIVATION):

@@ -18,10 +18,16 @@ graph no longer needs to run in onnxruntime for calibration.)
 GPTQ and activation-aware clipping need the Hessian
 X^T X of each linear's input: it is collected on the graph *as rotated and permuted so far*, a
 few layers per calibration run so that the Hessians held at once stay under HESSIAN_BUDGET.
+With ``float_target`` (GPTQ, run after the activations' quantize-dequantize: the simulate target
+orders it so), each linear's input is the quantized X~ and the pass also collects X~^T X against
+the float X that the activation quantizer reads, and rounds toward the float output
+(rounding.float_target).
 lm_head and embeddings stay float. ``metrics`` reports each weight's relative error
 ||W - Q(W)||^2 / ||W||^2.
 """
 from __future__ import annotations
+
+import json
 
 import ml_dtypes
 import numpy as np
@@ -29,8 +35,9 @@ import onnx
 import onnx_graphsurgeon as gs
 from tqdm import tqdm
 
+from perq_onnx.errors import InternalError
 from perq_onnx.formats import FP4Format, Quantized, emit_fp4_weight
-from perq_onnx.rounding import WeightQuant, gptq, relative_error, rtn
+from perq_onnx.rounding import WeightQuant, float_target, gptq, relative_error, rtn
 from perq_onnx.settings import GPTQConfig, Rounding
 
 from .base import QUANTIZED_WEIGHT, WEIGHTS_FLOAT, WEIGHTS_QUANTIZED, Context, Pass, PassResult
@@ -68,17 +75,31 @@ class QuantizeWeights(Pass):
     def needs_hessians(self) -> bool:
         return self.rounding is Rounding.GPTQ or self.form.clip == "act"
 
+    def _float_inputs(self, ctx: Context) -> dict[str, str]:
+        """Quantized input -> the float tensor its quantizer reads (float_target only)."""
+        if not (self.gptq.float_target and self.rounding is Rounding.GPTQ):
+            return {}
+        records = json.loads(ctx.metadata.get("perq.activation_qdq", "[]"))
+        if not records:
+            raise InternalError("GPTQ toward the float output runs after the activations' quantize-dequantize")
+        return {r["output"]: r["input"] for r in records if not r.get("fused")}
+
     def run(self, ctx: Context) -> PassResult:
         errors = {}
         layers = ctx.structure.layers
-        groups = list(layer_groups(layers, HESSIAN_BUDGET)) if self.needs_hessians else [layers]
+        floats = self._float_inputs(ctx)
+        budget = HESSIAN_BUDGET // 2 if floats else HESSIAN_BUDGET  # the cross terms are as large
+        groups = list(layer_groups(layers, budget)) if self.needs_hessians else [layers]
         for group in groups:
             linears = [(layer, kind, lin) for layer in group for kind, lin in layer.linears().items()]
             inputs = {lin.name: ctx.node(lin.name).inputs[0].name for _, _, lin in linears}  # as rewritten
-            hessians = ctx.collect({t: "xtx" for t in inputs.values()}) if self.needs_hessians else {}
+            requests = {t: "xtx" for t in inputs.values()} if self.needs_hessians else {}
+            requests.update({(t, floats[t]): "xty" for t in inputs.values() if t in floats})
+            stats = ctx.collect(requests) if requests else {}
             for layer, kind, lin in tqdm(linears, desc="weights", unit="linear", leave=False,
                                          disable=len(linears) < 50):
-                errors[f"layers.{layer.index}.{kind}"] = self._quantize(ctx, lin, hessians.get(inputs[lin.name]))
+                t = inputs[lin.name]
+                errors[f"layers.{layer.index}.{kind}"] = self._quantize(ctx, lin, stats.get(t), cross=stats.get((t, floats.get(t))))
         if self.lm_head is not None:  # round to nearest: its input statistics are not collected
             errors["lm_head"] = self._quantize(ctx, ctx.structure.lm_head, None, self.lm_head, Rounding.RTN)
         ctx.min_opset = max(ctx.min_opset or 0, 21)
@@ -87,16 +108,19 @@ class QuantizeWeights(Pass):
         name = fmt.name.upper() if isinstance(fmt, FP4Format) else f"INT{fmt.bits}"
         if not fmt.symmetric:
             name += " asymmetric"
-        return PassResult(f"{name} weights ({gran}, {self.rounding}, {self.form.clip} scales) "
+        toward = " toward the float output" if floats else ""
+        return PassResult(f"{name} weights ({gran}, {self.rounding}{toward}, {self.form.clip} scales) "
                           f"on {len(errors)} linears", {"weight_rel_error": errors})
 
-    def _quantize(self, ctx: Context, lin, hessian, form: WeightQuant | None = None, rounding=None) -> float:
+    def _quantize(self, ctx: Context, lin, hessian, form: WeightQuant | None = None, rounding=None,
+                  cross=None) -> float:
         form, rounding = form or self.form, rounding or self.rounding
         original = ctx.weight(lin)
         dtype = np.dtype(original.dtype)  # scales and the dequantized weight keep the graph's type
         w = np.asarray(original, dtype=np.float32)
         if rounding is Rounding.GPTQ:
-            q = gptq(w, hessian, form, act_order=self.gptq.act_order, damp=self.gptq.damp, block=self.gptq.block)
+            target = w if cross is None else float_target(w, hessian, cross, self.gptq.damp)
+            q = gptq(target, hessian, form, act_order=self.gptq.act_order, damp=self.gptq.damp, block=self.gptq.block)
         else:
             q = rtn(w, form, hessian)
         weight = self.emit(ctx, lin.name, q, dtype)

@@ -164,11 +164,13 @@ def generate(model_path, count: int, seq_len: int, seed: int = 0, threads=None, 
     return ids
 
 
-STATISTICS = ("mean_abs", "absmax", "xtx")
+STATISTICS = ("mean_abs", "absmax", "xtx", "xty")
 
 
-def _accumulate(kind: str, acc, x: np.ndarray):
+def _accumulate(kind: str, acc, x: np.ndarray, y: np.ndarray | None = None):
     x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    if kind == "xty":
+        return (0.0 if acc is None else acc) + x.T @ y.reshape(-1, y.shape[-1]).astype(np.float64)
     if kind == "mean_abs":
         return (0.0 if acc is None else acc) + np.abs(x).sum(axis=0)
     if kind == "absmax":
@@ -183,7 +185,9 @@ class Calibrator:
 
     * ``mean_abs``: mean |x| per channel (what the permutations read),
     * ``absmax``: max |x| per channel (static activation scales),
-    * ``xtx``: X^T X over all tokens (the Hessian of a linear layer's output error; GPTQ).
+    * ``xtx``: X^T X over all tokens (the Hessian of a linear layer's output error; GPTQ),
+    * ``xty``: X^T Y of a pair of tensors, requested as the key (x, y) (GPTQ toward the float
+      output: the quantized input against the float one).
 
     Memory: onnxruntime's copy of the model plus one batch's activations and the accumulators.
     """
@@ -197,21 +201,33 @@ class Calibrator:
     def tokens(self) -> int:
         return int(self.batches.size)
 
-    def collect(self, session_path, requests: dict[str, str]) -> dict[str, np.ndarray]:
-        """requests: tensor name -> statistic; returns tensor name -> value. session_path is a
-        model file in which every requested tensor is a graph output."""
+    def collect(self, session_path, requests: dict) -> dict:
+        """requests: tensor name (a pair of names for ``xty``) -> statistic; returns the same keys
+        -> value. session_path is a model file in which every requested tensor is a graph output."""
         for kind in set(requests.values()):
             if kind not in STATISTICS:
                 raise ValueError(f"unknown statistic {kind!r}")
         sess = session(session_path, self.threads)
-        names = list(requests)
-        acc: dict[str, np.ndarray] = {}
+        names = tensor_names(requests)
+        acc: dict = {}
         for ids in tqdm(self.batches, desc="calibration", unit="seq", leave=False, disable=not self.progress):
-            outs = sess.run(names, make_feeds(sess, ids[None, :]))
-            for name, x in zip(names, outs):
-                acc[name] = _accumulate(requests[name], acc.get(name), x)
+            outs = dict(zip(names, sess.run(names, make_feeds(sess, ids[None, :]))))
+            for key, kind in requests.items():
+                if isinstance(key, tuple):
+                    acc[key] = _accumulate(kind, acc.get(key), outs[key[0]], outs[key[1]])
+                else:
+                    acc[key] = _accumulate(kind, acc.get(key), outs[key])
         del sess
         return {name: value / self.tokens if requests[name] == "mean_abs" else value for name, value in acc.items()}
+
+
+def tensor_names(requests) -> list[str]:
+    """The tensors a set of requests reads (a pair key (x, y) reads both)."""
+    names = {}
+    for key in requests:
+        for name in key if isinstance(key, tuple) else (key,):
+            names[name] = None
+    return list(names)
 
 
 def with_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:

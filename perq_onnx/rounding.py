@@ -285,6 +285,23 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
     return fmt.package(codes, scale, zero, per_channel=fmt.group is None)
 
 
+def float_target(w, hessian, cross, damp=0.01) -> np.ndarray:
+    """The weight that GPTQ should round when the layer's input is quantized: ``w [in, out]`` is
+    applied to the float input X, the quantized weight will see the quantized input X~, and the
+    error to minimise is ||X W - X~ Q||^2. With H~ = X~^T X~ (``hessian``) and C = X~^T X
+    (``cross``), W' = H~^-1 C W is the least-squares best weight for X~, and the error splits
+    into ||X W - X~ W'||^2 (independent of Q) plus ||X~ (W' - Q)||^2: GPTQ of W' against H~
+    minimises the whole. The solve is damped toward W, not toward zero: W' minimises the error
+    plus lambda ||W' - W||^2, lambda = ``damp`` times H~'s mean diagonal (GPTQ's damping), so
+    that directions the calibration tokens barely excite keep the original weight."""
+    w, h, c = _check_weight(w), np.asarray(hessian, np.float64), np.asarray(cross, np.float64)
+    if h.shape != (w.shape[0],) * 2 or c.shape != h.shape:
+        raise RoundingError(f"float_target: Hessian {h.shape} and cross term {c.shape} do not fit W {w.shape}")
+    lam = damp * max(np.diag(h).mean(), 1e-30)
+    w = w.astype(np.float64)
+    return np.linalg.solve(h + lam * np.eye(h.shape[0]), c @ w + lam * w)
+
+
 def relative_error(w, q: Quantized, hessian=None) -> float:
     """``||W - Q||^2 / ||W||^2``, or with the Hessian ``tr((W-Q)^T H (W-Q)) / tr(W^T H W)``."""
     w = _check_weight(w).astype(np.float64)

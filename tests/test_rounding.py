@@ -415,3 +415,23 @@ def test_invalid_forms_raise():
         gptq(w, np.eye(COLS), WeightQuant())
     with pytest.raises(ValueError, match="not positive definite"):
         gptq(w, -np.ones((ROWS, ROWS)) + 2 * np.eye(ROWS), WeightQuant(), damp=0.0)
+
+
+def test_float_target_splits_the_error_and_is_the_weight_when_inputs_are_exact():
+    """||X W - X~ Q||^2 = ||X W - X~ W'||^2 + ||X~ (W' - Q)||^2 for any Q (W' the least-squares
+    weight for the quantized input X~), so GPTQ of W' against H~ minimises the whole; with X~ = X
+    the target is W itself."""
+    from perq_onnx.rounding import float_target
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 24)) @ rng.standard_normal((24, 24))
+    xq = x + 0.3 * rng.standard_normal(x.shape) * np.abs(x)  # a quantizer's error, larger on large inputs
+    w = rng.standard_normal((24, 8))
+    h, c = xq.T @ xq, xq.T @ x
+    target = float_target(w, h, c, damp=1e-12)
+    q = gptq(target, h, WeightQuant(4, None, True, "mse")).dequantize().astype(np.float64)
+    whole = np.sum((x @ w - xq @ q) ** 2)
+    split = np.sum((x @ w - xq @ target) ** 2) + np.sum((xq @ (target - q)) ** 2)
+    assert whole == pytest.approx(split, rel=1e-6)
+    q_plain = gptq(w, h, WeightQuant(4, None, True, "mse")).dequantize().astype(np.float64)
+    assert whole < np.sum((x @ w - xq @ q_plain) ** 2)  # rounding W itself leaves the activation error
+    np.testing.assert_allclose(float_target(w, x.T @ x, x.T @ x, damp=1e-12), w, rtol=1e-6, atol=1e-8)

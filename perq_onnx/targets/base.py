@@ -70,6 +70,12 @@ class Target:
                                 f"node '{bad}'")
         if settings.activations.clip != 1.0 and not self.dynamic_int_activations:
             raise PerqError(f"--a-clip: the {self.name} target has no dynamic INT activation quantizer to clip")
+        if settings.weights.gptq.float_target and not (
+                self.name == "simulate" and settings.weights.rounding is Rounding.GPTQ
+                and settings.weights_quantized and settings.activations_quantized and not settings.activations.fused):
+            raise PerqError("--gptq-float-target rounds GPTQ toward the float output of quantized activations: it "
+                            "needs the simulate target, --rounding gptq, quantized weights and activations "
+                            "and no --fused-ops")
         self.check(settings)
         return settings
 
