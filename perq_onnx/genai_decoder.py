@@ -212,6 +212,10 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
+    def shared(self, name: str, value: np.ndarray) -> str:
+        """A constant every layer reads (added once)."""
+        return name if name in self._names else self.const(name, value)
+
     def op(self, op_type: str, inputs, name: str, outputs: int | list[str] = 1, domain: str = "", **attrs):
         if isinstance(outputs, int):
             outputs = [f"{name}/output_{i}" for i in range(outputs)]
@@ -317,7 +321,6 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
         return (gamma if gamma is not None else np.ones(hidden, np.float32)), eps
 
     residual, pending = h, None  # pending: the sublayer output still to be added to the residual
-    hadamards: dict[int, str] = {}
     for layer in layers:
         p = f"layers.{layer.index}"
         for which, norm in (("input_layernorm", layer.input_norm), ("post_attention_layernorm", _mlp_norm(layer))):
@@ -361,13 +364,16 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
             act = b.op("Mul", [act, up], f"{p}/mlp/Mul")
             rotation, arg = r.online_rotation(layer)
             if rotation == "block":
-                if arg not in hadamards:
-                    hadamards[arg] = b.const(f"hadamard_{arg}", hadamard(arg, np.float32))
-                shape = b.op("Shape", [act], f"{p}/mlp/online_rotation/Shape")
-                blocks = b.op("Reshape", [act, b.const(f"{p}.mlp.online_rotation.blocks",
-                                                       np.array([-1, arg], np.int64))], f"{p}/mlp/online_rotation/Reshape")
-                rotated = b.op("MatMul", [blocks, hadamards[arg]], f"{p}/mlp/online_rotation/MatMul")
-                act = b.op("Reshape", [rotated, shape], f"{p}/mlp/online_rotation/Reshape_1")
+                # [batch, seq, n] -> [batch, seq, n / b, b] and back: a 0 in Reshape's shape keeps that
+                # input dimension, so no Shape op runs per layer and step
+                n = layer.down.in_features
+                blocks = b.op("Reshape", [act, b.shared(f"mlp.online_rotation.blocks_{n}_{arg}",
+                                                       np.array([0, 0, n // arg, arg], np.int64))],
+                              f"{p}/mlp/online_rotation/Reshape")
+                rotated = b.op("MatMul", [blocks, b.shared(f"hadamard_{arg}", hadamard(arg, np.float32))],
+                               f"{p}/mlp/online_rotation/MatMul")
+                act = b.op("Reshape", [rotated, b.shared(f"mlp.online_rotation.rows_{n}", np.array([0, 0, n], np.int64))],
+                           f"{p}/mlp/online_rotation/Reshape_1")
             elif rotation == "full":
                 act = b.op("MatMul", [act, b.const(f"{p}.mlp.online_rotation.matrix", arg)],
                            f"{p}/mlp/online_rotation/MatMul")
