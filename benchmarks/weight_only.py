@@ -332,9 +332,9 @@ def notes(res: dict) -> list[str]:
         out.append(f"'Rotations' (as recorded in the model): residual {opts.get('residual_rotation')}, "
                    f"heads {opts.get('head_rotation')}, online block {opts.get('block')}, permutation "
                    f"{opts.get('permute')}: R1 and R2 asked for explicitly, the defaults up to 4699d2c (since "
-                   "b564dd9 a weight-only build left unset chooses R1/R2 by a rounding-error proxy, "
-                   "rotation_choice.py: not what these rows measure). 'No rotations' = residual none, no head "
-                   "rotation, block none, permute none.")
+                   "b564dd9 a weight-only RTN build left unset chooses R1/R2, and R3 since fffe03b, by a "
+                   "rounding-error proxy, rotation_choice.py: what the planner row measures, its choices in the "
+                   "row's build summaries). 'No rotations' = residual none, no head rotation, block none, permute none.")
     out.append("perq rows: `--target simulate --a-bits 16 --w-clip act` (INT4 DequantizeLinear -> MatMul). The simulate "
                "target's own defaults are RTN with the weight-MSE clip rule (the paper's tables); every perq row sets "
                "--w-clip act (the ort/tensorrt default), so RTN and GPTQ rows differ in rounding only.")
