@@ -56,6 +56,14 @@ def configurations(block: int, residual: bool = True):
     yield f"{family} b{block} PeRQ", dict(block=str(block), permute="massdiff", **extra)
     yield f"{family} b{block} PeRQ + GPTQ", dict(block=str(block), permute="massdiff", rounding="gptq", w_clip="act",
                                                  **extra)
+    # GPTQ rounding toward the float output from the quantized activations (--gptq-float-target)
+    yield f"{family} b{block} PeRQ + GPTQ float target", dict(block=str(block), permute="massdiff", rounding="gptq",
+                                                              w_clip="act", gptq_float_target=True, **extra)
+
+
+def row_names(block: int, residual: bool) -> list[str]:
+    """The table's columns: no rotation, block rotation, PeRQ, PeRQ + GPTQ, and with the float target."""
+    return ["no rotation"] + [n for n, _ in configurations(block, residual) if not n.startswith("no rotation")]
 
 
 def rows():
@@ -121,7 +129,7 @@ def run(args, model, prefix):
         p = perplexity(model_path, test, progress=False)
         record({"format": "fp32", "config": "float", "ppl": p.ppl, "seconds": p.seconds})
         print(f"fp32: ppl {p.ppl:.2f}")
-    todo = [r for r in rows() if (r[0], r[1]) not in finished]
+    todo = [r for r in rows() if (r[0], r[1]) not in finished and (not args.only or f"{r[0]}:{r[1]}" in args.only)]
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "model.onnx"
         for fmt, name, cfg in tqdm(todo, desc="configurations", unit="cfg"):
@@ -140,14 +148,14 @@ def table(done) -> str:
              f"Machine: {done['machine']}; one run per configuration. fp32 ppl {fp:.2f}.", ""]
     for fmt, block in BLOCK_OF.items():
         lines += [f"### {fmt} (block {block}) against INT4 W4A4 with the same rotations", "",
-                  "| format | rotations | no rotation | block rotation | PeRQ (massdiff) | PeRQ + GPTQ | best / fp32 |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| format | rotations | no rotation | block rotation | PeRQ (massdiff) | PeRQ + GPTQ "
+                  "| PeRQ + GPTQ float target | best / fp32 |",
+                  "|---|---|---|---|---|---|---|---|"]
         gptq = ppl.get((fmt, "no rotation + GPTQ"), float("nan"))
         for row, residual in ((fmt, True), (fmt, False), ("INT4", True)):
-            names = ["no rotation"] + [n for n, _ in configurations(block, residual)][-3:]
-            vals = [ppl.get((row, n), float("nan")) for n in names]
+            vals = [ppl.get((row, n), float("nan")) for n in row_names(block, residual)]
             family = "R1+R2+R3" if residual else f"R3 only (b{block})"
-            lines.append(f"| {row} | {family} | " + " | ".join(f"{v:.2f}" for v in vals)
+            lines.append(f"| {row} | {family} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in vals)
                          + f" | {np.nanmin(vals) / fp:.2f}x |")
         lines += ["", f"{fmt} with GPTQ and no rotation (GPTQ alone): {gptq:.2f} ({gptq / fp:.2f}x fp32).", ""]
     return "\n".join(lines)
@@ -161,11 +169,11 @@ def plot(done, stats, prefix):
     ppl = {(r["format"], r["config"]): r["ppl"] for r in done["runs"]}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, (fmt, block) in zip(axes, BLOCK_OF.items()):
-        names = ["no rotation", "block rotation", "PeRQ", "PeRQ + GPTQ"]
+        names = ["no rotation", "block rotation", "PeRQ", "PeRQ + GPTQ", "+ float target"]
         x = np.arange(len(names))
         series = [(f"{fmt}, R1+R2+R3", fmt, True), (f"{fmt}, R3 only", fmt, False), ("INT4, R1+R2+R3", "INT4", True)]
         for i, (label, row, residual) in enumerate(series):
-            keys = ["no rotation"] + [n for n, _ in configurations(block, residual)][-3:]
+            keys = row_names(block, residual)
             ax.bar(x + (i - 1) * 0.27, [ppl.get((row, k), np.nan) for k in keys], 0.27, label=label)
         if ("fp32", "float") in ppl:
             ax.axhline(ppl[("fp32", "float")], color="black", lw=0.8, label="fp32")
@@ -199,6 +207,7 @@ def main():
     ap.add_argument("--windows", type=int, default=16, help="test windows of 512 tokens")
     ap.add_argument("--calib-samples", type=int, default=16, help="valid windows of 512 tokens")
     ap.add_argument("--resume", action="store_true", help="keep finished configurations of the results json")
+    ap.add_argument("--only", nargs="+", help='only these rows, as FORMAT:CONFIG (e.g. "MXFP4:R1+R2+R3 b32 PeRQ + GPTQ")')
     ap.add_argument("--choose", action="store_true", help="only the W16A4 comparison on held-out valid windows "
                                                           "that chose the FP4 default rotations (fp4_choice.json)")
     ap.add_argument("--choose-windows", type=int, default=4, help="held-out valid windows for --choose")
