@@ -94,11 +94,14 @@ def test_odd_output_paths(model, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGTERM])
 def test_terminating_signals_leave_nothing(model, tmp_path, sig):
     out = tmp_path / "out.onnx"
-    # a terminal's default dispositions: under nohup the child would inherit an ignored SIGHUP, which
-    # the tool keeps ignored (publish.install_handlers), and the run would rightly finish
+    # a terminal's default dispositions: under nohup (SIGHUP) or as a shell's background job (SIGINT,
+    # SIGQUIT) the child would inherit them ignored, which the tool keeps (publish.install_handlers),
+    # and the run would rightly finish
+    def terminal_defaults():
+        for s in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(s, signal.SIG_DFL)
     p = subprocess.Popen([sys.executable, "-m", "perq_onnx.cli", "optimize", str(model), "-o", str(out), *SLOW_RUN],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=terminal_defaults)
     deadline = time.monotonic() + 120
     while not any(tmp_path.glob(".perq*")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -126,6 +126,7 @@ def test_second_interrupt_during_cleanup_still_removes_staging(tmp_path, monkeyp
 def test_signals_are_held_while_publishing(tmp_path, sig):
     saved = {s: signal.getsignal(s) for s in publish.TERMINATING}
     try:
+        signal.signal(sig, signal.SIG_DFL)  # as from a terminal: a background or nohup run inherits it ignored
         publish.install_handlers()
         (tmp_path / "a").write_text("a")
         (tmp_path / "b").write_text("b")
