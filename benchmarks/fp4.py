@@ -56,9 +56,9 @@ def configurations(block: int, residual: bool = True):
     yield f"{family} b{block} PeRQ", dict(block=str(block), permute="massdiff", **extra)
     yield f"{family} b{block} PeRQ + GPTQ", dict(block=str(block), permute="massdiff", rounding="gptq", w_clip="act",
                                                  **extra)
-    # GPTQ rounding toward the float output from the quantized activations (--gptq-float-target)
+    # GPTQ of the weights refitted toward the float output from the quantized activations (--float-target)
     yield f"{family} b{block} PeRQ + GPTQ float target", dict(block=str(block), permute="massdiff", rounding="gptq",
-                                                              w_clip="act", gptq_float_target=True, **extra)
+                                                              w_clip="act", float_target=True, **extra)
 
 
 def row_names(block: int, residual: bool) -> list[str]:

@@ -18,10 +18,10 @@ graph no longer needs to run in onnxruntime for calibration.)
 GPTQ and activation-aware clipping need the Hessian
 X^T X of each linear's input: it is collected on the graph *as rotated and permuted so far*, a
 few layers per calibration run so that the Hessians held at once stay under HESSIAN_BUDGET.
-With ``float_target`` (GPTQ, run after the activations' quantize-dequantize: the simulate target
-orders it so), each linear's input is the quantized X~ and the pass also collects X~^T X against
-the float X that the activation quantizer reads, and rounds toward the float output
-(rounding.float_target).
+With ``float_target`` (run after the activations' quantize-dequantize: the simulate target orders
+it so), each linear's input is the quantized X~; the pass also collects X~^T X against the float X
+that the activation quantizer reads, refits each weight toward the float output
+(rounding.float_target) and rounds the refitted weight (RTN or GPTQ against X~^T X~).
 lm_head and embeddings stay float. ``metrics`` reports each weight's relative error
 ||W - Q(W)||^2 / ||W||^2.
 """
@@ -67,21 +67,22 @@ class QuantizeWeights(Pass):
     ensures = (WEIGHTS_QUANTIZED,)
 
     def __init__(self, form: WeightQuant, rounding: Rounding = Rounding.RTN, lm_head: WeightQuant | None = None,
-                 gptq: GPTQConfig = GPTQConfig(), emit=None):
+                 gptq: GPTQConfig = GPTQConfig(), emit=None, float_target: bool = False):
         self.form, self.rounding, self.lm_head, self.gptq = form, rounding, lm_head, gptq
+        self.float_target = float_target
         self.emit = emit or int_dequantize  # the weight form (functions below)
 
     @property
     def needs_hessians(self) -> bool:
-        return self.rounding is Rounding.GPTQ or self.form.clip == "act"
+        return self.rounding is Rounding.GPTQ or self.form.clip == "act" or self.float_target
 
     def _float_inputs(self, ctx: Context) -> dict[str, str]:
         """Quantized input -> the float tensor its quantizer reads (float_target only)."""
-        if not (self.gptq.float_target and self.rounding is Rounding.GPTQ):
+        if not self.float_target:
             return {}
         records = json.loads(ctx.metadata.get("perq.activation_qdq", "[]"))
         if not records:
-            raise InternalError("GPTQ toward the float output runs after the activations' quantize-dequantize")
+            raise InternalError("the float target is fitted after the activations' quantize-dequantize")
         return {r["output"]: r["input"] for r in records if not r.get("fused")}
 
     def run(self, ctx: Context) -> PassResult:
@@ -118,11 +119,11 @@ class QuantizeWeights(Pass):
         original = ctx.weight(lin)
         dtype = np.dtype(original.dtype)  # scales and the dequantized weight keep the graph's type
         w = np.asarray(original, dtype=np.float32)
+        target = w if cross is None else float_target(w, hessian, cross, self.gptq.damp)
         if rounding is Rounding.GPTQ:
-            target = w if cross is None else float_target(w, hessian, cross, self.gptq.damp)
             q = gptq(target, hessian, form, act_order=self.gptq.act_order, damp=self.gptq.damp, block=self.gptq.block)
         else:
-            q = rtn(w, form, hessian)
+            q = rtn(target, form, hessian)
         weight = self.emit(ctx, lin.name, q, dtype)
         ctx.record(QUANTIZED_WEIGHT, weight.name)
         ctx.node(lin.name).inputs[1] = weight

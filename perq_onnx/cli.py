@@ -303,9 +303,10 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
     o.add_argument("--gptq-block", type=int, default=128, help="GPTQ lazy-update block in rows (default 128)")
     o.add_argument("--gptq-no-act-order", action="store_true", help="GPTQ in natural row order (default: act order)")
-    o.add_argument("--gptq-float-target", action="store_true",
-                   help="simulate W4A4: GPTQ rounds toward the float model's output from the quantized inputs, so "
-                        "that the weights also compensate the activation quantization's error")
+    o.add_argument("--float-target", action="store_true",
+                   help="simulate W4A4: each weight is refitted toward the float model's output from its quantized "
+                        "input, then rounded (RTN or GPTQ), so that the weights also compensate the activation "
+                        "quantization's error")
     o.add_argument("--fused-ops", action="store_true", help="emit perq.BlockHadamardQuantize (rotation + activation QDQ)")
     o.add_argument("--random-orthogonal", action="store_true",
                    help="use a seeded random orthogonal matrix where no Hadamard construction exists")

@@ -187,13 +187,10 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """GPTQ's knobs (rounding.gptq): relative damping, lazy-update block, activation order, and
-    ``float_target``: with quantized activations, round toward the float model's output (the
-    weights also compensate the activation quantization's error; rounding.float_target)."""
+    """GPTQ's knobs (rounding.gptq): relative damping, lazy-update block, activation order."""
     damp: float = 0.01
     block: int = 128
     act_order: bool = True
-    float_target: bool = False
 
     def __post_init__(self):
         if not 0 < self.damp <= 1:
@@ -210,6 +207,7 @@ class WeightConfig:
     rounding: Rounding | None = None   # None: the target's default
     clip: Clip | None = None           # None: the target's default
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    float_target: bool = False         # round toward the float output from quantized inputs (rounding.float_target)
 
     def __post_init__(self):
         if self.bits not in (4, 8, 16):
@@ -265,7 +263,7 @@ OPTIONS = {
     "w_symmetric": ("weights", "symmetric"), "rounding": ("weights", "rounding"),
     "w_clip": ("weights", "clip"),
     "gptq_damp": ("weights.gptq", "damp"), "gptq_block": ("weights.gptq", "block"),
-    "gptq_act_order": ("weights.gptq", "act_order"), "gptq_float_target": ("weights.gptq", "float_target"),
+    "gptq_act_order": ("weights.gptq", "act_order"), "float_target": ("weights", "float_target"),
     "a_bits": ("activations", "bits"), "a_symmetric": ("activations", "symmetric"),
     "a_clip": ("activations", "clip"),
     "fused_ops": ("activations", "fused"),

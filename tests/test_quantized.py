@@ -174,26 +174,33 @@ def test_activation_clip_is_refused_where_it_cannot_apply(tmp_path):
             optimize(path, tmp_path / "x.onnx", Settings.parse(calib_samples=2, seq_len=32, **kwargs), progress=False)
 
 
-def test_gptq_float_target_compensates_the_activation_error(tmp_path):
-    """--gptq-float-target: the activations are quantized first, GPTQ collects X~^T X~ and X~^T X
-    on the graph with them, and each weight rounds toward the float output; on held-out inputs its
-    W4A4 logits are closer to the float model's than plain GPTQ's (most where --a-clip 0.8 makes
-    the activation error large and biased: 0.073 vs 0.112 relative here)."""
+@pytest.mark.parametrize("rounding", ["gptq", "rtn"])
+def test_float_target_compensates_the_activation_error(tmp_path, rounding):
+    """--float-target: the activations are quantized first, the weight pass collects X~^T X~ and
+    X~^T X on the graph with them and rounds each weight refitted toward the float output; on
+    held-out inputs the W4A4 logits are closer to the float model's than without (most where
+    --a-clip 0.8 makes the activation error large and biased: GPTQ 0.073 vs 0.112 relative here)."""
     from handmade import build_decoder, VOCAB
     path = build_decoder(tmp_path / "model.onnx")
-    common = dict(target="simulate", rounding="gptq", block="16", a_clip=0.8, calib_samples=8, seq_len=32)
+    common = dict(target="simulate", rounding=rounding, w_clip="act", block="16", a_clip=0.8, calib_samples=8,
+                  seq_len=32)
     ids = random_ids(vocab=VOCAB, batch=4, seq=32, seed=5)
     reference = logits(session(path), ids)
     errors = {}
     for float_target in (False, True):
         out = tmp_path / f"ft-{float_target}.onnx"
-        report = optimize(path, out, Settings.parse(gptq_float_target=float_target, **common), progress=False)
+        report = optimize(path, out, Settings.parse(float_target=float_target, **common), progress=False)
         assert any("toward the float output" in s for s in report.summaries) == float_target
         got = logits(session(out), ids)
         errors[float_target] = float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
     assert errors[True] < 0.8 * errors[False], errors
-    for kwargs in (dict(target="ort"), dict(target="simulate", rounding="rtn"), dict(target="simulate", a_bits=16,
-                                                                                  rounding="gptq")):
-        with pytest.raises(PerqError, match="--gptq-float-target"):
-            optimize(path, tmp_path / "x.onnx", Settings.parse(gptq_float_target=True, calib_samples=2, seq_len=32,
-                                                               **kwargs), progress=False)
+
+
+def test_float_target_is_refused_where_it_cannot_apply(tmp_path):
+    from handmade import build_decoder
+    path = build_decoder(tmp_path / "model.onnx")
+    for kwargs in (dict(target="ort"), dict(target="simulate", a_bits=16, rounding="gptq"),
+                   dict(target="simulate", fused_ops=True, block="16")):
+        with pytest.raises(PerqError, match="--float-target"):
+            optimize(path, tmp_path / "x.onnx", Settings.parse(float_target=True, calib_samples=2, seq_len=32, **kwargs),
+                     progress=False)

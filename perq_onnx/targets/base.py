@@ -70,12 +70,11 @@ class Target:
                                 f"node '{bad}'")
         if settings.activations.clip != 1.0 and not self.dynamic_int_activations:
             raise PerqError(f"--a-clip: the {self.name} target has no dynamic INT activation quantizer to clip")
-        if settings.weights.gptq.float_target and not (
-                self.name == "simulate" and settings.weights.rounding is Rounding.GPTQ
-                and settings.weights_quantized and settings.activations_quantized and not settings.activations.fused):
-            raise PerqError("--gptq-float-target rounds GPTQ toward the float output of quantized activations: it "
-                            "needs the simulate target, --rounding gptq, quantized weights and activations "
-                            "and no --fused-ops")
+        if settings.weights.float_target and not (
+                self.name == "simulate" and settings.weights_quantized and settings.activations_quantized
+                and not settings.activations.fused):
+            raise PerqError("--float-target refits the weights toward the float output of quantized activations: "
+                            "it needs the simulate target, quantized weights and activations and no --fused-ops")
         self.check(settings)
         return settings
 
@@ -145,4 +144,5 @@ class Target:
         head = None
         if lm_head and not settings.float_embeddings:
             head = dataclasses.replace(form, clip="mse" if form.clip == "act" else form.clip)
-        return QuantizeWeights(form, settings.weights.rounding, lm_head=head, gptq=settings.weights.gptq, emit=emit)
+        return QuantizeWeights(form, settings.weights.rounding, lm_head=head, gptq=settings.weights.gptq, emit=emit,
+                               float_target=settings.weights.float_target)

@@ -43,6 +43,6 @@ class Simulate(Target):
             a = settings.activations
             quantizer = FP4QDQ.of(format_for(a.format)) if fp4 else IntQDQ(a.bits, a.symmetric, a.clip)
             passes.append(QuantizeActivations(quantizer, a.fused))
-        if settings.weights.gptq.float_target:  # GPTQ then sees the quantized inputs (passes/quantize_weights.py)
+        if settings.weights.float_target:  # the weight pass then sees the quantized inputs (passes/quantize_weights.py)
             passes.reverse()
         return passes
