@@ -65,6 +65,8 @@ SETTINGS = {"W4A4": dict(w_bits=4, a_bits=4), "W16A4": dict(w_bits=16, a_bits=4)
             "W4A4 GPTQ a-clip 0.8 float-target": dict(w_bits=4, a_bits=4, rounding="gptq", w_clip="act", a_clip=0.8,
                                                       float_target=True),
             "W4A4 act a-clip 0.8 float-target": dict(w_bits=4, a_bits=4, w_clip="act", a_clip=0.8, float_target=True),
+            # the reference's own setting (full range) with the refit: against Brevitas's full-rotation RTN
+            "W4A4 act float-target": dict(w_bits=4, a_bits=4, w_clip="act", float_target=True),
             "W4A16 GPTQ": dict(w_bits=4, a_bits=16, rounding="gptq", w_clip="act"),
             # the deployment form: --target ort (INT4 blocks, lm_head INT4, embedding INT8; its
             # defaults GPTQ + activation-aware scales, or RTN), next to onnxruntime's own quantizer
