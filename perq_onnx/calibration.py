@@ -186,8 +186,8 @@ class Calibrator:
     * ``mean_abs``: mean |x| per channel (what the permutations read),
     * ``absmax``: max |x| per channel (static activation scales),
     * ``xtx``: X^T X over all tokens (the Hessian of a linear layer's output error; GPTQ),
-    * ``xty``: X^T Y of a pair of tensors, requested as the key (x, y) (GPTQ toward the float
-      output: the quantized input against the float one).
+    * ``xty``: X^T Y of a pair of tensors, requested as the key (x, y) (the float target of
+      rounding.float_target: the quantized input against the float one).
 
     Memory: onnxruntime's copy of the model plus one batch's activations and the accumulators.
     """

@@ -325,8 +325,8 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
         if choose:
             with report.phase("choose rotations"):
                 settings, lines = rotation_choice.choose_rotations(
-                    ctx, asked, settings, tgt.weight_form(settings),
-                    lambda s: make_plan(s, ModelShape.of(structure), stats), progress)
+                    ctx, asked, settings, tgt.weight_form(settings), make_plan(settings, ModelShape.of(structure), stats),
+                    progress)
                 for line in lines:
                     _note(report, line)
         with report.phase("plan"):

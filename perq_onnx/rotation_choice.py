@@ -160,16 +160,14 @@ def _free(asked: Settings, resolved: Settings) -> set[str]:
 OFF = {"R1": {"residual_rotation": ResidualRotation.NONE}, "R2": {"head_rotation": False}, "R3": {"block": "none"}}
 
 
-def choose_rotations(ctx: Context, asked: Settings, resolved: Settings, form: WeightQuant, plan_of,
+def choose_rotations(ctx: Context, asked: Settings, resolved: Settings, form: WeightQuant, plan: Plan,
                      progress: bool = True) -> tuple[Settings, list[str]]:
     """The settings with each free rotation kept only where the proxy says it lowers the weights'
-    output error, and one report line per decision. ``plan_of(settings)`` is the Plan those
-    settings give (its transforms are what is measured)."""
+    output error, and one report line per decision. ``plan`` is the resolved settings' Plan (its
+    transforms are what is measured)."""
     free = _free(asked, resolved)
-    plan: Plan = plan_of(resolved)
     if any(layer.v.fused is not None for layer in ctx.structure.layers):
         free.discard("R2")  # value columns inside a fused weight (Phi-3, packed QKV): not measured, R2 stays
-
     errors = weight_errors(ctx, resolved, form, plan.residual if "R1" in free else None,
                            plan.heads if "R2" in free and isinstance(plan.heads, BlockDiagonal) else None,
                            (lambda layer: down_input_transform(plan, layer.index))

@@ -286,12 +286,12 @@ def gptq(w, hessian, form: WeightQuant, *, act_order=True, damp=0.01, block=128)
 
 
 def float_target(w, hessian, cross, damp=0.01) -> np.ndarray:
-    """The weight that GPTQ should round when the layer's input is quantized: ``w [in, out]`` is
+    """The weight to round (RTN or GPTQ) when the layer's input is quantized: ``w [in, out]`` is
     applied to the float input X, the quantized weight will see the quantized input X~, and the
     error to minimise is ||X W - X~ Q||^2. With H~ = X~^T X~ (``hessian``) and C = X~^T X
     (``cross``), W' = H~^-1 C W is the least-squares best weight for X~, and the error splits
     into ||X W - X~ W'||^2 (independent of Q) plus ||X~ (W' - Q)||^2: GPTQ of W' against H~
-    minimises the whole. The solve is damped toward W, not toward zero: W' minimises the error
+    minimises the whole; RTN rounds the same W'. The solve is damped toward W, not toward zero: W' minimises the error
     plus lambda ||W' - W||^2, lambda = ``damp`` times H~'s mean diagonal (GPTQ's damping), so
     that directions the calibration tokens barely excite keep the original weight."""
     w, h, c = _check_weight(w), np.asarray(hessian, np.float64), np.asarray(cross, np.float64)

@@ -35,14 +35,15 @@ class Simulate(Target):
         return settings.activations_quantized and settings.activations.format is NumberFormat.NVFP4
 
     def passes(self, settings: Settings) -> list[Pass]:
-        passes: list[Pass] = []
+        weights: list[Pass] = []
+        activations: list[Pass] = []
         fp4 = settings.weights.format is not NumberFormat.INT
         if settings.weights_quantized:
-            passes.append(self.quantize_weights(settings, lm_head=False, emit=fp4_lookup if fp4 else None))
+            weights.append(self.quantize_weights(settings, lm_head=False, emit=fp4_lookup if fp4 else None))
         if settings.activations_quantized:
             a = settings.activations
             quantizer = FP4QDQ.of(format_for(a.format)) if fp4 else IntQDQ(a.bits, a.symmetric, a.clip)
-            passes.append(QuantizeActivations(quantizer, a.fused))
-        if settings.weights.float_target:  # the weight pass then sees the quantized inputs (passes/quantize_weights.py)
-            passes.reverse()
-        return passes
+            activations.append(QuantizeActivations(quantizer, a.fused))
+        if settings.weights.float_target:  # the weight pass sees the quantized inputs (passes/quantize_weights.py)
+            return activations + weights
+        return weights + activations
