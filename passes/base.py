@@ -268,9 +268,13 @@ def _embedding_float(ctx: Context) -> str | None:
 
 
 def _embedding_quantized(ctx: Context) -> str | None:
+    table = ctx.node(ctx.structure.embedding).inputs[0]
+    producer = table.inputs[0] if table.inputs else None
+    if producer is not None and producer.op == "Transpose" and producer.inputs[0].name in ctx.recorded(QUANTIZED_WEIGHT):
+        return None  # tied: gathers from lm_head's quantized weight
     dtype = _embedding_table(ctx)
     if dtype is None or not np.issubdtype(dtype, np.integer):
-        return f"the embedding '{ctx.structure.embedding}' does not gather from an integer table"
+        return f"the embedding '{ctx.structure.embedding}' gathers neither an integer table nor a quantized weight"
     return None
 
 

@@ -1,9 +1,13 @@
-"""INT8 token embedding in gather-then-dequantize form (standard ops).
+"""The token embedding quantized: INT8 in gather-then-dequantize form, or tied to lm_head's weight.
 
 The [vocab, hidden] table becomes int8 codes with one symmetric scale per row (per token):
 ``E[t] ~ codes[t] * scale[t]``. The graph gathers first and dequantizes only the gathered rows:
 Gather(codes, ids) -> Cast(float) -> Mul(Unsqueeze(Gather(scale, ids), -1)), so no run pays for
 dequantizing the whole table. The embedding's consumers read the Mul's output instead.
+
+When TieLmHead made lm_head read the table (``TIED_EMBEDDING``), the embedding instead gathers
+from lm_head's weight as the weight pass left it: Gather(Transpose(lm_head's dequantized weight)),
+which the onnxruntime-genai writer turns into GatherBlockQuantized over the same INT4 codes.
 """
 from __future__ import annotations
 
@@ -11,7 +15,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import EMBEDDING_FLOAT, EMBEDDING_QUANTIZED, Context, Pass, PassResult
+from perq_onnx.errors import InternalError
+
+from .base import EMBEDDING_FLOAT, EMBEDDING_QUANTIZED, QUANTIZED_WEIGHT, Context, Pass, PassResult
+from .tie_lm_head import TIED_EMBEDDING
 
 
 class QuantizeEmbedding(Pass):
@@ -19,6 +26,8 @@ class QuantizeEmbedding(Pass):
     ensures = (EMBEDDING_QUANTIZED,)
 
     def run(self, ctx: Context) -> PassResult:
+        if ctx.recorded(TIED_EMBEDDING):
+            return self._tie(ctx)
         gather = ctx.node(ctx.structure.embedding)
         original = ctx.constant(gather.name, 0)
         dtype = np.dtype(original.dtype)
@@ -44,3 +53,15 @@ class QuantizeEmbedding(Pass):
         ctx.add(gs.Node("Mul", f"{name}/dequantize", {}, [rows, s_cols], [out]))
         return PassResult(f"INT8 embedding (per-token scales, gathered before dequantization), "
                           f"relative error {err:.2e}", {"embedding_rel_error": err})
+
+    @staticmethod
+    def _tie(ctx: Context) -> PassResult:
+        gather = ctx.node(ctx.structure.embedding)
+        (head,) = ctx.recorded(TIED_EMBEDDING)
+        weight = ctx.node(head).inputs[1]
+        if weight.name not in ctx.recorded(QUANTIZED_WEIGHT):
+            raise InternalError(f"the tied embedding gathers from '{head}', whose weight is not quantized yet")
+        table = gs.Variable(f"{gather.name}/tied_table", dtype=weight.dtype)
+        ctx.add(gs.Node("Transpose", f"{gather.name}/tied_transpose", {"perm": [1, 0]}, [weight], [table]))
+        gather.inputs[0] = table
+        return PassResult(f"embedding gathered from {head}'s quantized weight (tied: one table)")

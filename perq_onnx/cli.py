@@ -28,7 +28,8 @@ def settings_from(args):
     derived = dict(head_rotation=False if args.no_head_rotation else (True if args.head_rotation else None),
                    quantize=not args.no_quant,
                    gptq_act_order=not args.gptq_no_act_order, w_symmetric=not args.w_asymmetric)
-    options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "seed")
+    options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "separate_embedding",
+                                                   "seed")
                if key not in derived}
     options.update(derived)
     return Settings.parse(**options)  # an unset --block is the format's scale block
@@ -286,6 +287,9 @@ def parser() -> argparse.ArgumentParser:
                    help="INT weights with a zero point per scale (uint4 codes; ort, genai and simulate; default symmetric)")
     o.add_argument("--float-embeddings", action="store_true",
                    help="keep the embedding and lm_head float (ort and tensorrt quantize them by default)")
+    o.add_argument("--separate-embedding", action="store_true",
+                   help="genai: an INT8 embedding table of its own (default: a tied embedding gathers from "
+                        "lm_head's INT4 codes, one table for both)")
     o.add_argument("--rounding", choices=Rounding.values(),
                    help="weight rounding: round-to-nearest or GPTQ with Hessians from calibration data "
                         "(default: rtn for simulate, gptq for ort and tensorrt)")

@@ -175,9 +175,24 @@ class _Reader:
                              "gating Mul nor an online rotation")
         return "none", None
 
-    def embedding(self, name: str):
-        """('float', table) or ('int8', codes, row scales) of the token-embedding Gather."""
+    def lm_head_map(self, lm) -> np.ndarray | None:
+        """The hidden x hidden matrix in front of lm_head (passes/tie_lm_head.py), or None."""
+        node = _producer(self.node(lm.name).inputs[0])
+        if node is None or node.op != "MatMul":
+            return None
+        m = _value(node.inputs[1])
+        if m is None or m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[1] != lm.in_features:
+            raise GenaiError(f"node '{node.name}': a MatMul in front of lm_head that is not a square constant map")
+        return np.asarray(m, dtype=np.float32)
+
+    def embedding(self, name: str, lm_head: str):
+        """('float', table), ('int8', codes, row scales) or ('tied',) (gathered from lm_head's
+        weight, transposed) of the token-embedding Gather."""
         gather = self.node(name)
+        transpose = _producer(gather.inputs[0])
+        if transpose is not None and transpose.op == "Transpose" and \
+                transpose.inputs[0] is self.node(lm_head).inputs[1]:
+            return ("tied",)
         table = _need(gather.inputs[0], "the embedding table")
         if np.issubdtype(table.dtype, np.floating):
             return "float", np.asarray(table, dtype=np.float32)
@@ -246,6 +261,30 @@ class _Builder:
         return y
 
 
+    def tied_embedding(self, weight, name: str, hidden: int) -> str:
+        """Token rows gathered from the INT4 codes of linear `name` (built later by ``linear``):
+        its [N, blocks, b/2] MatMulNBits bytes are [N, blocks * b / 2] rows for
+        GatherBlockQuantized, scales and zero points as they are; a ragged last block's padding is
+        sliced off."""
+        if not isinstance(weight, BlockInt4):
+            raise GenaiError(f"'{name}': the tied embedding gathers INT4 block codes; this weight is float")
+        n, blocks, b = weight.shape[1], weight.scale.shape[0], weight.block
+        rows = self.op("Reshape", [f"{name}.weight_Q4", self.const(f"{name}.weight_Q4_rows",
+                                                                     np.array([n, blocks * b // 2], np.int64))],
+                       "embed_tokens/Reshape")
+        inputs = [rows, "input_ids", f"{name}.weight_scales"]
+        if np.any(weight.zero != 8):
+            inputs.append(f"{name}.weight_zero_points")
+        h = self.op("GatherBlockQuantized", inputs, "embed_tokens/GatherBlockQuantized", domain=MS, bits=4,
+                    block_size=b, gather_axis=0, quantize_axis=1)
+        if blocks * b != hidden:
+            h = self.op("Slice", [h, self.const("embed_tokens.slice_start", np.array([0], np.int64)),
+                                  self.const("embed_tokens.slice_end", np.array([hidden], np.int64)),
+                                  self.const("embed_tokens.slice_axis", np.array([-1], np.int64))],
+                        "embed_tokens/Slice")
+        return h
+
+
 def _nibbles(u: np.ndarray) -> np.ndarray:
     """Pairs of 4-bit values along the last axis in one byte each, the first in the low nibble."""
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
@@ -306,8 +345,11 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
     cos, sin = source_rope_caches(graph, config, d)
     cos_cache, sin_cache = b.const("cos_cache", cos), b.const("sin_cache", sin)
 
-    kind = r.embedding(structure.embedding)
-    if kind[0] == "float":
+    lm = structure.lm_head
+    kind = r.embedding(structure.embedding, lm.name)
+    if kind[0] == "tied":
+        h = b.tied_embedding(r.weight(lm), "lm_head", hidden)
+    elif kind[0] == "float":
         h = b.op("Gather", [b.const("embed_tokens.weight", kind[1]), "input_ids"], "embed_tokens/Gather")
     else:
         rows = b.op("Gather", [b.const("embed_tokens.int8", kind[1]), "input_ids"], "embed_tokens/Gather")
@@ -381,7 +423,9 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
     gamma, eps = gamma_of(structure.final_norm)
     x = b.op("SkipSimplifiedLayerNormalization", [residual, pending, b.const("norm.weight", gamma)], "final_norm",
              outputs=["final_norm/output_0"], domain=MS, epsilon=eps)
-    lm = structure.lm_head
+    tie_map = r.lm_head_map(lm)
+    if tie_map is not None:
+        x = b.op("MatMul", [x, b.const("lm_head.tie_map", tie_map)], "lm_head/tie_map")
     b.linear(x, r.weight(lm), r.bias(lm), "lm_head", output="logits")
 
     n_layers = len(layers)

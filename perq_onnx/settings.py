@@ -281,6 +281,7 @@ class Settings:
     target: TargetName = TargetName.SIMULATE
     quantize: bool = True
     float_embeddings: bool = False     # keep embedding and lm_head float (ort/tensorrt quantize them)
+    separate_embedding: bool = False   # genai: an INT8 embedding of its own, not lm_head's INT4 codes
     seed: int = 0                      # random permutations / orthogonals, data-free calibration
 
     def __post_init__(self):
@@ -348,6 +349,7 @@ class Settings:
             value = getattr(owner, name)
             d[option] = str(value) if isinstance(value, (Choice, OnlineRotation)) else value
         d.update(target=str(self.target), quantize=self.quantize, float_embeddings=self.float_embeddings,
+                 separate_embedding=self.separate_embedding,
                  seed=self.seed, format=str(self.weights.format))
         del d["threads"]
         return d

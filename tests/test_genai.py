@@ -244,3 +244,92 @@ def test_genai_target_refuses_before_any_work(tmp_path):
     with pytest.raises(GenaiError, match="config.json"):
         pipeline.optimize(model, out, Settings.parse(target="genai", calib_samples=2, seq_len=16), progress=False)
     assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+# ------------------------------------------------------------------------ tied embedding
+
+def _float_rewrite_context(tiny_models, tmp_path, tied: bool):
+    from perq_onnx.analysis import analyze
+    from perq_onnx.graph import load_graph
+    from perq_onnx.passes.base import Context
+    from perq_onnx.weights import WeightStore
+    src = tiny_models("llama", past=False, tied=tied)
+    out = tmp_path / f"float-{tied}" / "model.onnx"
+    pipeline.optimize(src, out, Settings.parse(target="ort", quantize=False, block="none", calib_samples=4, seq_len=32),
+                      progress=False)
+    graph = load_graph(out)
+    (tmp_path / f"staging-{tied}").mkdir()
+    return src, Context(graph, analyze(graph), WeightStore(tmp_path / f"staging-{tied}"))
+
+
+@pytest.mark.slow
+def test_tie_lm_head_is_exact_and_leaves_untied_models_alone(tiny_models, tmp_path):
+    """After R1, the gamma fold and the permutations, a tied lm_head is W = M T^T with T the
+    embedding table as rewritten: the pass reads the table through M (same logits, 1e-5), and on
+    an untied model it changes nothing and says why."""
+    from perq_onnx.passes.base import PassManager
+    from perq_onnx.passes.tie_lm_head import TieLmHead
+    from perq_onnx.runtime import make_feeds, session
+    src, ctx = _float_rewrite_context(tiny_models, tmp_path, tied=True)
+    lm = ctx.structure.lm_head
+    ((_, result),) = PassManager([TieLmHead()], progress=False).run(ctx)
+    assert result.metrics == {"tied_embedding": True}, result.summary
+    table = ctx.constant(ctx.structure.embedding, 0)
+    np.testing.assert_array_equal(ctx.weight(lm), table.T)  # lm_head's weight is the table itself
+    ids = np.random.default_rng(6).integers(0, 512, size=(2, 16))
+    ref, new = session(src), session(ctx.session())
+    a, b = ref.run(["logits"], make_feeds(ref, ids))[0], new.run(["logits"], make_feeds(new, ids))[0]
+    assert np.abs(a - b).max() / np.abs(a).max() < 1e-5
+
+    _, untied = _float_rewrite_context(tiny_models, tmp_path, tied=False)
+    before = untied.node(untied.structure.lm_head.name).inputs[0].name
+    ((_, result),) = PassManager([TieLmHead()], progress=False).run(untied)
+    assert result.metrics == {"tied_embedding": False} and "kept separate" in result.summary
+    assert untied.node(untied.structure.lm_head.name).inputs[0].name == before
+
+
+@pytest.mark.slow
+def test_genai_target_ties_the_embedding_to_lm_head_codes(tiny_models, tmp_path, monkeypatch):
+    """--target genai on a tied model: one INT4 table (GatherBlockQuantized over lm_head's
+    MatMulNBits codes, no other table), the same logits through the KV cache as the quantized
+    graph the pipeline rebuilt it from (accuracy level 0), also with zero points and a ragged
+    block (sliced off); --separate-embedding keeps INT8 and a larger file; the option is refused
+    where nothing is tied."""
+    import onnx
+
+    import perq_onnx.targets.genai
+    from perq_onnx.errors import PerqError
+    monkeypatch.setattr(perq_onnx.targets.genai, "ACCURACY_LEVEL", 0)
+    graphs = []
+    write = perq_onnx.targets.genai.Genai.write
+
+    def keep_graph(self, ctx, path, source_dir):  # the quantized graph as onnxruntime runs it
+        graphs.append(onnx.load(str(ctx.session())))
+        return write(self, ctx, path, source_dir)
+    monkeypatch.setattr(perq_onnx.targets.genai.Genai, "write", keep_graph)
+    src = tiny_models("llama", past=True, tied=True)
+    options = dict(target="genai", calib_samples=4, seq_len=32)
+    tied, separate = tmp_path / "tied", tmp_path / "separate"
+    pipeline.optimize(src, tied / "model.onnx", Settings.parse(**options), progress=False)
+    pipeline.optimize(src, separate / "model.onnx", Settings.parse(**options, separate_embedding=True), progress=False)
+    ragged = tmp_path / "ragged"
+    pipeline.optimize(src, ragged / "model.onnx", Settings.parse(**options, w_group=256, w_symmetric=False),
+                      progress=False)
+    onnx.save_model(graphs[0], str(tmp_path / "graph.onnx"))
+    onnx.save_model(graphs[2], str(tmp_path / "ragged.onnx"))
+
+    model = onnx.load(str(tied / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert ops.count("Gather") == 1 and "Transpose" not in ops  # the Gather left reads the mask's shape
+    assert gather.input[2] == next(n for n in model.graph.node if n.name == "lm_head/MatMulNBits").input[2]
+    assert (tied / "model.onnx.data").stat().st_size < (separate / "model.onnx.data").stat().st_size
+    ids = np.random.default_rng(8).integers(0, 512, size=(1, 12))
+    assert _relative(greedy_logits(tmp_path / "graph.onnx", ids, 2), greedy_logits(tied / "model.onnx", ids, 2)) < TOL
+    model = onnx.load(str(ragged / "model.onnx"), load_external_data=False)
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert len(gather.input) == 4 and any(n.op_type == "Slice" for n in model.graph.node)  # zero points, padding
+    assert _relative(greedy_logits(tmp_path / "ragged.onnx", ids, 2), greedy_logits(ragged / "model.onnx", ids, 2)) < TOL
+    with pytest.raises(PerqError, match="only genai"):
+        pipeline.optimize(src, tmp_path / "ort" / "model.onnx",
+                          Settings.parse(target="ort", separate_embedding=True), progress=False)

@@ -2,7 +2,6 @@
 (for tensorrt) the documented-constraints checker."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import onnx

@@ -37,11 +37,17 @@ class Target:
     ragged_groups: bool = True               # an INT group need not divide K (the last one is shorter)
     dynamic_int_activations: bool = False    # quantizes activations per token in the graph (--a-clip)
     formats: tuple[NumberFormat, ...] = (NumberFormat.INT,)  # the number formats it can express
+    ties_embedding: bool = False             # a tied embedding gathers from lm_head's INT4 codes
 
     # ------------------------------------------------------------------------------ settings
     def resolve(self, settings: Settings, in_features: dict[str, int]) -> Settings:
         """Settings with the target's defaults filled in and checked against what it supports and
         against the model's linears (in_features: a linear's name -> its input channels)."""
+        if settings.separate_embedding and not self.ties_embedding:
+            raise PerqError(f"--separate-embedding: the {self.name} target never ties the embedding to lm_head "
+                            "(only genai does)")
+        if settings.separate_embedding and settings.float_embeddings:
+            raise PerqError("--separate-embedding with --float-embeddings: a float embedding is separate already")
         w = settings.weights
         if settings.quantize and w.format not in self.formats:
             raise PerqError(f"--format {w.format}: the {self.name} target expresses "

@@ -1,7 +1,9 @@
 """``genai``: the ort target's quantization, written as an onnxruntime-genai model folder.
 
 The same rounding and weight form as ``ort`` (INT4 blocks of 32 with GPTQ and activation-aware
-full-range scales, lm_head INT4, embedding INT8), but the decoder is rebuilt in onnxruntime's
+full-range scales, lm_head INT4), but a tied embedding gathers from lm_head's INT4 codes
+(passes/tie_lm_head.py; an untied one, or ``--separate-embedding``, is INT8 as in ``ort``), and
+the decoder is rebuilt in onnxruntime's
 fused LLM form (perq_onnx/genai.py: GroupQueryAttention with a KV cache and rotary inside,
 Skip/SimplifiedLayerNormalization, MatMulNBits with accuracy_level 4 in the nodes, the online
 rotation as standard ops) and written with ``genai_config.json``, config.json, the tokenizer and
@@ -16,7 +18,9 @@ from dataclasses import dataclass
 
 from ..genai import write_genai_files
 from ..genai_decoder import ModelConfig, check_structure
-from ..passes.base import Context
+from ..passes.base import Context, Pass
+from ..passes.tie_lm_head import TieLmHead
+from ..settings import Settings
 from .ort import Ort
 
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: 1.38x faster decode than level 0 here (benchmarks/deploy.py)
@@ -25,6 +29,13 @@ ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: 1.38x faster decode t
 @dataclass(frozen=True)
 class Genai(Ort):
     name: str = "genai"
+    ties_embedding: bool = True
+
+    def passes(self, settings: Settings) -> list[Pass]:
+        passes = super().passes(settings)
+        if settings.quantize and not settings.float_embeddings and not settings.separate_embedding:
+            passes.insert(0, TieLmHead())
+        return passes
 
     def session_config(self) -> dict[str, str]:
         return {}  # the accuracy level is an attribute of each MatMulNBits node
