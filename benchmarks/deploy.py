@@ -53,9 +53,10 @@ users run them, in ``og.Generator``:
   skipped without it). The builder is a peer run here, never part of perq-onnx.
 * ``perq-genai``: ``perq-onnx optimize smollm2 --target genai`` with its defaults, calibrated like
   the rows above; ``perq-genai-acc0`` is the same folder with every MatMulNBits at accuracy level
-  0 (float activations in the kernel; the writer uses 4); ``perq-genai-separate`` adds
-  ``--separate-embedding`` (an INT8 embedding table of its own instead of gathering from lm_head's
-  INT4 codes); ``perq-genai-floatemb`` adds ``--float-embeddings`` (embedding and lm_head float).
+  0 (float activations in the kernel; the writer uses 4); ``perq-genai-tied`` and
+  ``perq-genai-int8`` change the embedding's form (``--embedding tied``: gathered from lm_head's
+  INT4 codes, one table; ``int8``: one scale per token; the default is INT4 blocks of its own);
+  ``perq-genai-floatemb`` adds ``--float-embeddings`` (embedding and lm_head float).
 * ppl: the same test windows, the folder's model.onnx in a plain onnxruntime session; MB: every
   file of the folder's model (.onnx and external data); og prompt: ``append_tokens`` of the first
   512 test tokens into a fresh ``og.Generator``; og decode: then --genai-steps
@@ -408,10 +409,12 @@ GENAI_CONFIGS = {
     "builder-k_quant_mixed": dict(kind="builder", precision="int4", algo="k_quant_mixed",
                                   label="builder int4 k_quant_mixed (lm_head and sensitive layers int8)"),
     "perq-genai": dict(kind="perq", settings=dict(target="genai"),
-                       label="perq-onnx --target genai (defaults: R1+R2+P3+R3 b16, GPTQ, b32, acc 4)"),
+                       label="perq-onnx --target genai (defaults: R1+R2+P3+R3 b16, GPTQ, b32, acc 4, embedding INT4)"),
     "perq-genai-acc0": dict(kind="acc0", of="perq-genai", label="the same, MatMulNBits accuracy level 0"),
-    "perq-genai-separate": dict(kind="perq", settings=dict(target="genai", separate_embedding=True),
-                                label="perq-onnx --target genai --separate-embedding (an INT8 table of its own)"),
+    "perq-genai-tied": dict(kind="perq", settings=dict(target="genai", embedding="tied"),
+                            label="perq-onnx --target genai --embedding tied (lm_head's INT4 codes)"),
+    "perq-genai-int8": dict(kind="perq", settings=dict(target="genai", embedding="int8"),
+                            label="perq-onnx --target genai --embedding int8"),
     "perq-genai-floatemb": dict(kind="perq", settings=dict(target="genai", float_embeddings=True),
                                 label="perq-onnx --target genai --float-embeddings"),
 }

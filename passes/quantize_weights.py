@@ -22,7 +22,9 @@ With ``float_target`` (run after the activations' quantize-dequantize: the simul
 it so), each linear's input is the quantized X~; the pass also collects X~^T X against the float X
 that the activation quantizer reads, refits each weight toward the float output
 (rounding.float_target) and rounds the refitted weight (RTN or GPTQ against X~^T X~).
-lm_head and embeddings stay float. ``metrics`` reports each weight's relative error
+lm_head is quantized when the target asks (``lm_head``: its form): its input's Hessian comes with
+the last calibration run and it is rounded like the decoder's linears (RTN without Hessians).
+The embedding is not this pass's. ``metrics`` reports each weight's relative error
 ||W - Q(W)||^2 / ||W||^2.
 """
 from __future__ import annotations
@@ -91,18 +93,25 @@ class QuantizeWeights(Pass):
         floats = self._float_inputs(ctx)
         budget = HESSIAN_BUDGET // 2 if floats else HESSIAN_BUDGET  # the cross terms are as large
         groups = list(layer_groups(layers, budget)) if self.needs_hessians else [layers]
-        for group in groups:
+        head = ctx.structure.lm_head
+        head_input = ctx.node(head.name).inputs[0].name if self.lm_head is not None and self.needs_hessians else None
+        head_hessian = None
+        for index, group in enumerate(groups):
             linears = [(layer, kind, lin) for layer in group for kind, lin in layer.linears().items()]
             inputs = {lin.name: ctx.node(lin.name).inputs[0].name for _, _, lin in linears}  # as rewritten
             requests = {t: "xtx" for t in inputs.values()} if self.needs_hessians else {}
             requests.update({(t, floats[t]): "xty" for t in inputs.values() if t in floats})
+            if head_input is not None and index == len(groups) - 1:  # lm_head's, in the last run
+                requests[head_input] = "xtx"
             stats = ctx.collect(requests) if requests else {}
+            head_hessian = stats.get(head_input, head_hessian)
             for layer, kind, lin in tqdm(linears, desc="weights", unit="linear", leave=False,
                                          disable=len(linears) < 50):
                 t = inputs[lin.name]
                 errors[f"layers.{layer.index}.{kind}"] = self._quantize(ctx, lin, stats.get(t), cross=stats.get((t, floats.get(t))))
-        if self.lm_head is not None:  # round to nearest: its input statistics are not collected
-            errors["lm_head"] = self._quantize(ctx, ctx.structure.lm_head, None, self.lm_head, Rounding.RTN)
+        if self.lm_head is not None:  # rounded like the decoder's linears when its Hessian is collected
+            errors["lm_head"] = self._quantize(ctx, head, head_hessian, self.lm_head,
+                                               self.rounding if head_hessian is not None else Rounding.RTN)
         ctx.min_opset = max(ctx.min_opset or 0, 21)
         fmt = self.form.format
         gran = "per output channel" if fmt.group is None else f"per group of {fmt.group}"

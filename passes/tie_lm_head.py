@@ -4,8 +4,7 @@ In a tied model lm_head reads the embedding table E transposed, but the rewrites
 R1 turns the table into E Q while lm_head, a reader of the final norm, also takes that norm's
 gamma (and any permutation): W = Q^T diag(g) E^T. W still factors through the table the graph
 now has, T = E Q, as W = M T^T with a hidden x hidden M (here Q^T diag(g) Q). The pass finds M by
-least squares, M = W T (T^T T)^-1, and when the factorization is exact (an untied model leaves a
-residual: the pass then changes nothing and says so) rewrites
+least squares, M = W T (T^T T)^-1, and when the factorization is exact rewrites
 
     final norm -> lm_head(W)        into    final norm -> MatMul(M) -> lm_head(T^T)
 
@@ -13,12 +12,15 @@ and records lm_head's weight as the embedding's table (``TIED_EMBEDDING``): Quan
 later gathers the embedding from lm_head's weight in whatever form the weight pass gave it, and
 the onnxruntime-genai writer emits ``GatherBlockQuantized`` over lm_head's MatMulNBits codes. The
 file then holds the table once, as INT4; M costs hidden^2 multiply-adds per token. The function
-is unchanged up to float rounding (M is solved in float64).
+is unchanged up to float rounding (M is solved in float64). An untied model leaves a residual:
+the pass refuses it with the reason (``--embedding tied`` asked for what the model does not have).
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from perq_onnx.errors import PerqError
 
 from .base import EMBEDDING_FLOAT, WEIGHTS_FLOAT, Context, Pass, PassResult
 
@@ -53,16 +55,16 @@ class TieLmHead(Pass):
         gather = ctx.node(ctx.structure.embedding)
         table = np.asarray(ctx.constant(gather.name, 0))
         w = np.asarray(ctx.weight(lm))
+        refuse = f"node '{lm.name}': --embedding tied: lm_head is not the embedding table transposed"
         if w.shape != table.shape[::-1]:
-            return PassResult(f"lm_head {list(w.shape)} is not the embedding table {list(table.shape)} "
-                              "transposed: kept separate", {"tied_embedding": False})
+            raise PerqError(f"{refuse} ({list(w.shape)} vs {list(table.shape)})")
         try:
             m, residual = factor_through_table(w, table)
         except np.linalg.LinAlgError:  # a table of dependent columns
-            m, residual = None, float("inf")
+            raise PerqError(f"{refuse} (its columns are dependent)") from None
         if residual > EXACT:
-            return PassResult(f"lm_head is not the embedding table up to a {table.shape[1]}x{table.shape[1]} map "
-                              f"(relative residual {residual:.1e}): kept separate", {"tied_embedding": False})
+            raise PerqError(f"{refuse} up to a {table.shape[1]}x{table.shape[1]} map (relative residual "
+                            f"{residual:.1e}): the model's embeddings are untied; use --embedding int4 or int8")
         node = ctx.node(lm.name)
         dtype = np.dtype(w.dtype)
         mapped = gs.Variable(f"{lm.name}/tied_input", dtype=dtype)
@@ -72,4 +74,4 @@ class TieLmHead(Pass):
         ctx.set_constant(lm.name, 1, np.ascontiguousarray(table.T), f"{lm.name}.weight")
         ctx.record(TIED_EMBEDDING, lm.name)
         return PassResult(f"lm_head reads the embedding table through a {m.shape[0]}x{m.shape[1]} map "
-                          f"(relative residual {residual:.1e}): one table for both", {"tied_embedding": True})
+                          f"(relative residual {residual:.1e}): one table for both")

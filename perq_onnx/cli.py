@@ -28,8 +28,7 @@ def settings_from(args):
     derived = dict(head_rotation=False if args.no_head_rotation else (True if args.head_rotation else None),
                    quantize=not args.no_quant,
                    gptq_act_order=not args.gptq_no_act_order, w_symmetric=not args.w_asymmetric)
-    options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "separate_embedding",
-                                                   "seed")
+    options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "embedding", "seed")
                if key not in derived}
     options.update(derived)
     return Settings.parse(**options)  # an unset --block is the format's scale block
@@ -258,7 +257,7 @@ def cmd_build_ops(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .settings import Clip, NumberFormat, Permute, ResidualRotation, Rounding, TargetName
+    from .settings import Clip, Embedding, NumberFormat, Permute, ResidualRotation, Rounding, TargetName
     p = argparse.ArgumentParser(prog="perq-onnx", description="PeRQ low-bit quantization of ONNX decoder LLMs")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     sub = p.add_subparsers(dest="command", required=True)
@@ -287,9 +286,9 @@ def parser() -> argparse.ArgumentParser:
                    help="INT weights with a zero point per scale (uint4 codes; ort, genai and simulate; default symmetric)")
     o.add_argument("--float-embeddings", action="store_true",
                    help="keep the embedding and lm_head float (ort and tensorrt quantize them by default)")
-    o.add_argument("--separate-embedding", action="store_true",
-                   help="genai: an INT8 embedding table of its own (default: a tied embedding gathers from "
-                        "lm_head's INT4 codes, one table for both)")
+    o.add_argument("--embedding", choices=Embedding.values(),
+                   help="the quantized embedding: int4 (its own INT4 blocks; genai's default), int8 (one scale "
+                        "per token; ort's), tied (gathered from lm_head's INT4 codes, one table for both; genai)")
     o.add_argument("--rounding", choices=Rounding.values(),
                    help="weight rounding: round-to-nearest or GPTQ with Hessians from calibration data "
                         "(default: rtn for simulate, gptq for ort and tensorrt)")

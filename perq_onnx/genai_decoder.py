@@ -82,17 +82,18 @@ class _Reader:
         w = self.node(lin.name).inputs[1]
         dq = _producer(w)
         if dq is not None and dq.op == "DequantizeLinear":
-            return self._dequantize_linear(lin, dq)
+            return self._block_int4(dq, lin.name, (lin.in_features, lin.out_features))
         value = _need(w, f"the weight of '{lin.name}'")
         if value.shape != (lin.in_features, lin.out_features):
             raise GenaiError(f"node '{lin.name}': weight of shape {value.shape}, expected "
                              f"{(lin.in_features, lin.out_features)}")
         return np.ascontiguousarray(value, dtype=np.float32)
 
-    def _dequantize_linear(self, lin, dq: gs.Node) -> BlockInt4:
-        codes = _need(dq.inputs[0], f"the codes of '{lin.name}'")
-        scale = _need(dq.inputs[1], f"the scales of '{lin.name}'")
-        zp = _need(dq.inputs[2], f"the zero point of '{lin.name}'") if len(dq.inputs) > 2 and dq.inputs[2].name else None
+    def _block_int4(self, dq: gs.Node, what: str, shape: tuple[int, int]) -> BlockInt4:
+        """The INT4 blocks of a [K, N] weight's DequantizeLinear (codes, scales, zero points)."""
+        codes = _need(dq.inputs[0], f"the codes of '{what}'")
+        scale = _need(dq.inputs[1], f"the scales of '{what}'")
+        zp = _need(dq.inputs[2], f"the zero point of '{what}'") if len(dq.inputs) > 2 and dq.inputs[2].name else None
         block, axis = dq.attrs.get("block_size", 0), dq.attrs.get("axis", 1)
         kind = onnx.helper.np_dtype_to_tensor_dtype(codes.dtype)
         if kind not in (TensorProto.INT4, TensorProto.UINT4):
@@ -102,7 +103,7 @@ class _Reader:
                              f"(axis 0); this weight has axis {axis}, block_size {block}")
         k, n = codes.shape
         blocks = -(-k // block)
-        if (k, n) != (lin.in_features, lin.out_features) or scale.shape != (blocks, n) or (
+        if (k, n) != shape or scale.shape != (blocks, n) or (
                 zp is not None and zp.shape != scale.shape):
             raise GenaiError(f"node '{dq.name}': codes {codes.shape} / scales {scale.shape} do not form blocks of "
                              f"{block} rows")
@@ -185,14 +186,20 @@ class _Reader:
             raise GenaiError(f"node '{node.name}': a MatMul in front of lm_head that is not a square constant map")
         return np.asarray(m, dtype=np.float32)
 
-    def embedding(self, name: str, lm_head: str):
-        """('float', table), ('int8', codes, row scales) or ('tied',) (gathered from lm_head's
-        weight, transposed) of the token-embedding Gather."""
+    def embedding(self, name: str, lm_head: str, hidden: int):
+        """('float', table), ('int8', codes, row scales), ('int4', BlockInt4 [hidden, vocab]) or
+        ('tied',) (gathered from lm_head's weight) of the token-embedding Gather."""
         gather = self.node(name)
         transpose = _producer(gather.inputs[0])
-        if transpose is not None and transpose.op == "Transpose" and \
-                transpose.inputs[0] is self.node(lm_head).inputs[1]:
-            return ("tied",)
+        if transpose is not None and transpose.op == "Transpose":
+            if transpose.inputs[0] is self.node(lm_head).inputs[1]:
+                return ("tied",)
+            dq = _producer(transpose.inputs[0])
+            if dq is None or dq.op != "DequantizeLinear":
+                raise GenaiError(f"node '{transpose.name}': the embedding gathers a transposed tensor that is "
+                                 "neither lm_head's weight nor INT4 blocks")
+            codes = _need(dq.inputs[0], "the embedding's codes")
+            return "int4", self._block_int4(dq, name, (hidden, codes.shape[1]))
         table = _need(gather.inputs[0], "the embedding table")
         if np.issubdtype(table.dtype, np.floating):
             return "float", np.asarray(table, dtype=np.float32)
@@ -241,17 +248,12 @@ class _Builder:
     def linear(self, x: str, weight, bias, name: str, output: str | None = None) -> str:
         if isinstance(weight, BlockInt4):
             k, n = weight.shape
-            b, blocks = weight.block, weight.scale.shape[0]
-            u = np.repeat(weight.zero, b, axis=0)                                   # padding decodes to 0
-            u[:k] = weight.codes                                                    # [blocks * b, N], 0..15
-            u = np.ascontiguousarray(u.T).reshape(n, blocks, b)                     # [N, blocks, b]
-            inputs = [x, self.const(f"{name}.weight_Q4", _nibbles(u)),
-                      self.const(f"{name}.weight_scales", np.ascontiguousarray(weight.scale.T))]
-            if np.any(weight.zero != 8):  # else MatMulNBits' default zero point
-                zero = np.pad(weight.zero.T, ((0, 0), (0, blocks % 2)), constant_values=8)
-                inputs.append(self.const(f"{name}.weight_zero_points", _nibbles(zero)))
+            codes, scales, zero = _matmulnbits_layout(weight)
+            inputs = [x, self.const(f"{name}.weight_Q4", codes), self.const(f"{name}.weight_scales", scales)]
+            if zero is not None:
+                inputs.append(self.const(f"{name}.weight_zero_points", zero))
             y = self.op("MatMulNBits", inputs,
-                        f"{name}/MatMulNBits", domain=MS, K=k, N=n, bits=4, block_size=b,
+                        f"{name}/MatMulNBits", domain=MS, K=k, N=n, bits=4, block_size=weight.block,
                         accuracy_level=self.accuracy_level, outputs=[output] if output and bias is None else 1)
         else:
             y = self.op("MatMul", [x, self.const(f"{name}.weight", weight)], f"{name}/MatMul",
@@ -261,20 +263,27 @@ class _Builder:
         return y
 
 
-    def tied_embedding(self, weight, name: str, hidden: int) -> str:
-        """Token rows gathered from the INT4 codes of linear `name` (built later by ``linear``):
-        its [N, blocks, b/2] MatMulNBits bytes are [N, blocks * b / 2] rows for
-        GatherBlockQuantized, scales and zero points as they are; a ragged last block's padding is
-        sliced off."""
+    def gathered_int4(self, weight, name: str, hidden: int, own: bool = False) -> str:
+        """Token rows gathered from INT4 blocks [hidden, vocab] by GatherBlockQuantized: the
+        MatMulNBits bytes of linear `name` (built later by ``linear``; [N, blocks, b/2] read as
+        [N, blocks * b / 2] rows), or with ``own`` a table of the same layout written here; scales
+        and zero points in MatMulNBits' layout; a ragged last block's padding is sliced off."""
         if not isinstance(weight, BlockInt4):
             raise GenaiError(f"'{name}': the tied embedding gathers INT4 block codes; this weight is float")
         n, blocks, b = weight.shape[1], weight.scale.shape[0], weight.block
-        rows = self.op("Reshape", [f"{name}.weight_Q4", self.const(f"{name}.weight_Q4_rows",
-                                                                     np.array([n, blocks * b // 2], np.int64))],
-                       "embed_tokens/Reshape")
-        inputs = [rows, "input_ids", f"{name}.weight_scales"]
-        if np.any(weight.zero != 8):
-            inputs.append(f"{name}.weight_zero_points")
+        if own:
+            codes, scales, zero = _matmulnbits_layout(weight)
+            rows = self.const(f"{name}.weight_Q4", codes.reshape(n, blocks * b // 2))
+            inputs = [rows, "input_ids", self.const(f"{name}.weight_scales", scales)]
+            if zero is not None:
+                inputs.append(self.const(f"{name}.weight_zero_points", zero))
+        else:
+            rows = self.op("Reshape", [f"{name}.weight_Q4", self.const(f"{name}.weight_Q4_rows",
+                                                                         np.array([n, blocks * b // 2], np.int64))],
+                           "embed_tokens/Reshape")
+            inputs = [rows, "input_ids", f"{name}.weight_scales"]
+            if np.any(weight.zero != 8):
+                inputs.append(f"{name}.weight_zero_points")
         h = self.op("GatherBlockQuantized", inputs, "embed_tokens/GatherBlockQuantized", domain=MS, bits=4,
                     block_size=b, gather_axis=0, quantize_axis=1)
         if blocks * b != hidden:
@@ -283,6 +292,20 @@ class _Builder:
                                   self.const("embed_tokens.slice_axis", np.array([-1], np.int64))],
                         "embed_tokens/Slice")
         return h
+
+
+def _matmulnbits_layout(weight: BlockInt4):
+    """(codes [N, blocks, b/2] two per byte, scales [N, blocks], packed zero points or None when
+    all are MatMulNBits' default 8) of INT4 blocks [K, N]."""
+    k, n = weight.shape
+    b, blocks = weight.block, weight.scale.shape[0]
+    u = np.repeat(weight.zero, b, axis=0)                                   # padding decodes to 0
+    u[:k] = weight.codes                                                    # [blocks * b, N], 0..15
+    u = np.ascontiguousarray(u.T).reshape(n, blocks, b)                     # [N, blocks, b]
+    zero = None
+    if np.any(weight.zero != 8):
+        zero = _nibbles(np.pad(weight.zero.T, ((0, 0), (0, blocks % 2)), constant_values=8))
+    return _nibbles(u), np.ascontiguousarray(weight.scale.T), zero
 
 
 def _nibbles(u: np.ndarray) -> np.ndarray:
@@ -346,9 +369,11 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
     cos_cache, sin_cache = b.const("cos_cache", cos), b.const("sin_cache", sin)
 
     lm = structure.lm_head
-    kind = r.embedding(structure.embedding, lm.name)
+    kind = r.embedding(structure.embedding, lm.name, hidden)
     if kind[0] == "tied":
-        h = b.tied_embedding(r.weight(lm), "lm_head", hidden)
+        h = b.gathered_int4(r.weight(lm), "lm_head", hidden)
+    elif kind[0] == "int4":
+        h = b.gathered_int4(kind[1], "embed_tokens", hidden, own=True)
     elif kind[0] == "float":
         h = b.op("Gather", [b.const("embed_tokens.weight", kind[1]), "input_ids"], "embed_tokens/Gather")
     else:
@@ -393,15 +418,9 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
                             do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
                 pending = b.linear(attn, r.weight(layer.o), r.bias(layer.o), f"{p}.attn.o_proj")
                 continue
-            gate_up = [layer.gate, layer.up]
-            packed = _pack([r.weight(lin) for lin in gate_up], [r.bias(lin) for lin in gate_up])
-            if packed is not None:  # one linear (one activation quantization at accuracy level 4), then Split
-                both = b.linear(x, *packed, f"{p}.mlp.gate_up_proj")
-                sizes = b.const(f"{p}.mlp.gate_up_split", np.array([layer.gate.out_features] * 2, np.int64))
-                gate, up = b.op("Split", [both, sizes], f"{p}/mlp/gate_up/Split", outputs=2, axis=-1)
-            else:
-                gate, up = (b.linear(x, r.weight(lin), r.bias(lin), f"{p}.mlp.{n}_proj")
-                            for lin, n in zip(gate_up, ("gate", "up")))
+            # gate and up as two linears: packed into one behind a Split, decode was slower here
+            gate, up = (b.linear(x, r.weight(lin), r.bias(lin), f"{p}.mlp.{n}_proj")
+                        for lin, n in zip((layer.gate, layer.up), ("gate", "up")))
             act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")], f"{p}/mlp/act_fn/Mul")
             act = b.op("Mul", [act, up], f"{p}/mlp/Mul")
             rotation, arg = r.online_rotation(layer)

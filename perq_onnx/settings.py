@@ -55,6 +55,12 @@ class ResidualRotation(Choice):
     NONE = "none"
 
 
+class Embedding(Choice):
+    INT4 = "int4"    # its own INT4 block codes (GatherBlockQuantized in the genai form)
+    INT8 = "int8"    # INT8 codes, one scale per token, gathered then dequantized
+    TIED = "tied"    # gathered from lm_head's INT4 codes (passes/tie_lm_head.py)
+
+
 class Rounding(Choice):
     RTN = "rtn"
     GPTQ = "gptq"
@@ -269,7 +275,7 @@ OPTIONS = {
     "fused_ops": ("activations", "fused"),
 }
 CHOICES = {"permute": Permute, "residual_rotation": ResidualRotation, "rounding": Rounding, "w_clip": Clip,
-           "target": TargetName, "format": NumberFormat}
+           "target": TargetName, "format": NumberFormat, "embedding": Embedding}
 
 
 @dataclass(frozen=True)
@@ -281,7 +287,7 @@ class Settings:
     target: TargetName = TargetName.SIMULATE
     quantize: bool = True
     float_embeddings: bool = False     # keep embedding and lm_head float (ort/tensorrt quantize them)
-    separate_embedding: bool = False   # genai: an INT8 embedding of its own, not lm_head's INT4 codes
+    embedding: Embedding | None = None  # the quantized embedding's form (targets choose; None: the target's)
     seed: int = 0                      # random permutations / orthogonals, data-free calibration
 
     def __post_init__(self):
@@ -349,7 +355,7 @@ class Settings:
             value = getattr(owner, name)
             d[option] = str(value) if isinstance(value, (Choice, OnlineRotation)) else value
         d.update(target=str(self.target), quantize=self.quantize, float_embeddings=self.float_embeddings,
-                 separate_embedding=self.separate_embedding,
+                 embedding=self.embedding and str(self.embedding),
                  seed=self.seed, format=str(self.weights.format))
         del d["threads"]
         return d

@@ -129,7 +129,7 @@ def test_int4_ort_output_as_matmulnbits(rewritten, tmp_path):
     src, _, q = rewritten("llama")
     folder = genai_from_model(q, src, tmp_path / "genai", accuracy_level=0)
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * 4 + 1  # qkv, o, gate_up, down; lm_head
+    assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == 2 * 5 + 1  # qkv, o, gate, up, down; lm_head
     ids = np.random.default_rng(2).integers(0, 512, size=(1, 20))
     assert _relative(greedy_logits(q, ids, 3), greedy_logits(folder / "model.onnx", ids, 3)) < TOL
 
@@ -146,7 +146,7 @@ def test_asymmetric_ragged_blocks_as_matmulnbits(tiny_models, tmp_path):
     import onnx
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 2 * 4 + 1 and all(len(n.input) == 4 for n in nbits)  # every one has zero points
+    assert len(nbits) == 2 * 5 + 1 and all(len(n.input) == 4 for n in nbits)  # every one has zero points
     ids = np.random.default_rng(4).integers(0, 512, size=(1, 20))
     assert _relative(greedy_logits(q, ids, 3), greedy_logits(folder / "model.onnx", ids, 3)) < TOL
 
@@ -210,7 +210,8 @@ def test_genai_target_writes_the_ort_models_folder(tiny_models, tmp_path, capsys
     options = dict(calib_samples=4, seq_len=32)
     ort_out, folder = tmp_path / "ort" / "model.onnx", tmp_path / "genai"
     pipeline.optimize(src, ort_out, Settings.parse(target="ort", **options), progress=False)
-    pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", **options), progress=False)
+    pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", embedding="int8", **options),
+                      progress=False)  # the ort target's embedding form (test_genai_embedding_forms: the others)
     for name in ("genai_config.json", "config.json", "tokenizer.json", "model.onnx.data"):
         assert (folder / name).is_file(), name
     ids = np.random.default_rng(4).integers(0, 512, size=(1, 12))
@@ -263,17 +264,18 @@ def _float_rewrite_context(tiny_models, tmp_path, tied: bool):
 
 
 @pytest.mark.slow
-def test_tie_lm_head_is_exact_and_leaves_untied_models_alone(tiny_models, tmp_path):
+def test_tie_lm_head_is_exact_and_refuses_untied_models(tiny_models, tmp_path):
     """After R1, the gamma fold and the permutations, a tied lm_head is W = M T^T with T the
-    embedding table as rewritten: the pass reads the table through M (same logits, 1e-5), and on
-    an untied model it changes nothing and says why."""
+    embedding table as rewritten: the pass reads the table through M (same logits, 1e-5); an
+    untied model is refused with the reason, the graph unchanged."""
+    from perq_onnx.errors import PerqError
     from perq_onnx.passes.base import PassManager
     from perq_onnx.passes.tie_lm_head import TieLmHead
     from perq_onnx.runtime import make_feeds, session
     src, ctx = _float_rewrite_context(tiny_models, tmp_path, tied=True)
     lm = ctx.structure.lm_head
     ((_, result),) = PassManager([TieLmHead()], progress=False).run(ctx)
-    assert result.metrics == {"tied_embedding": True}, result.summary
+    assert "one table for both" in result.summary
     table = ctx.constant(ctx.structure.embedding, 0)
     np.testing.assert_array_equal(ctx.weight(lm), table.T)  # lm_head's weight is the table itself
     ids = np.random.default_rng(6).integers(0, 512, size=(2, 16))
@@ -283,18 +285,18 @@ def test_tie_lm_head_is_exact_and_leaves_untied_models_alone(tiny_models, tmp_pa
 
     _, untied = _float_rewrite_context(tiny_models, tmp_path, tied=False)
     before = untied.node(untied.structure.lm_head.name).inputs[0].name
-    ((_, result),) = PassManager([TieLmHead()], progress=False).run(untied)
-    assert result.metrics == {"tied_embedding": False} and "kept separate" in result.summary
+    with pytest.raises(PerqError, match="--embedding tied: lm_head is not the embedding table.*untied"):
+        PassManager([TieLmHead()], progress=False).run(untied)
     assert untied.node(untied.structure.lm_head.name).inputs[0].name == before
 
 
 @pytest.mark.slow
-def test_genai_target_ties_the_embedding_to_lm_head_codes(tiny_models, tmp_path, monkeypatch):
-    """--target genai on a tied model: one INT4 table (GatherBlockQuantized over lm_head's
-    MatMulNBits codes, no other table), the same logits through the KV cache as the quantized
-    graph the pipeline rebuilt it from (accuracy level 0), also with zero points and a ragged
-    block (sliced off); --separate-embedding keeps INT8 and a larger file; the option is refused
-    where nothing is tied."""
+def test_genai_embedding_forms(tiny_models, tmp_path, monkeypatch):
+    """--target genai's embeddings: INT4 blocks of its own (the default), tied to lm_head's
+    MatMulNBits codes (one table), INT8; each with the same logits through
+    the KV cache as the quantized graph the pipeline rebuilt it from (accuracy level 0), the
+    INT4 ones also with zero points and a ragged block (sliced off); --embedding refused where a
+    target does not write that form."""
     import onnx
 
     import perq_onnx.targets.genai
@@ -309,27 +311,30 @@ def test_genai_target_ties_the_embedding_to_lm_head_codes(tiny_models, tmp_path,
     monkeypatch.setattr(perq_onnx.targets.genai.Genai, "write", keep_graph)
     src = tiny_models("llama", past=True, tied=True)
     options = dict(target="genai", calib_samples=4, seq_len=32)
-    tied, separate = tmp_path / "tied", tmp_path / "separate"
-    pipeline.optimize(src, tied / "model.onnx", Settings.parse(**options), progress=False)
-    pipeline.optimize(src, separate / "model.onnx", Settings.parse(**options, separate_embedding=True), progress=False)
-    ragged = tmp_path / "ragged"
-    pipeline.optimize(src, ragged / "model.onnx", Settings.parse(**options, w_group=256, w_symmetric=False),
-                      progress=False)
-    onnx.save_model(graphs[0], str(tmp_path / "graph.onnx"))
-    onnx.save_model(graphs[2], str(tmp_path / "ragged.onnx"))
-
-    model = onnx.load(str(tied / "model.onnx"), load_external_data=False)
-    ops = [n.op_type for n in model.graph.node]
-    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    assert ops.count("Gather") == 1 and "Transpose" not in ops  # the Gather left reads the mask's shape
-    assert gather.input[2] == next(n for n in model.graph.node if n.name == "lm_head/MatMulNBits").input[2]
-    assert (tied / "model.onnx.data").stat().st_size < (separate / "model.onnx.data").stat().st_size
+    runs = {"int4": {}, "tied": {"embedding": "tied"}, "int8": {"embedding": "int8"},
+            "int4-ragged": {"w_group": 256, "w_symmetric": False},
+            "tied-ragged": {"embedding": "tied", "w_group": 256, "w_symmetric": False}}
     ids = np.random.default_rng(8).integers(0, 512, size=(1, 12))
-    assert _relative(greedy_logits(tmp_path / "graph.onnx", ids, 2), greedy_logits(tied / "model.onnx", ids, 2)) < TOL
-    model = onnx.load(str(ragged / "model.onnx"), load_external_data=False)
-    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    assert len(gather.input) == 4 and any(n.op_type == "Slice" for n in model.graph.node)  # zero points, padding
-    assert _relative(greedy_logits(tmp_path / "ragged.onnx", ids, 2), greedy_logits(ragged / "model.onnx", ids, 2)) < TOL
-    with pytest.raises(PerqError, match="only genai"):
-        pipeline.optimize(src, tmp_path / "ort" / "model.onnx",
-                          Settings.parse(target="ort", separate_embedding=True), progress=False)
+    size = {}
+    for name, extra in runs.items():
+        folder = tmp_path / name
+        pipeline.optimize(src, folder / "model.onnx", Settings.parse(**options, **extra), progress=False)
+        onnx.save_model(graphs[-1], str(tmp_path / f"{name}.onnx"))
+        assert _relative(greedy_logits(tmp_path / f"{name}.onnx", ids, 2), greedy_logits(folder / "model.onnx", ids, 2)) < TOL, name
+        size[name] = (folder / "model.onnx.data").stat().st_size
+        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        nodes = {n.name: n for n in model.graph.node}
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("Gather") == (3 if name == "int8" else 1)  # the mask's width; INT8: rows and scales
+        if name == "int8":
+            continue
+        gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+        shared = gather.input[2] == nodes["lm_head/MatMulNBits"].input[2]
+        assert shared == name.startswith("tied") and ("lm_head/tie_map" in nodes) == shared
+        assert len(gather.input) == (4 if "ragged" in name else 3)          # zero points
+        assert ("Slice" in ops) == ("ragged" in name)                        # a ragged block's padding
+    assert max(size["tied"], size["int4"]) < size["int8"]  # (tied is the smallest once the table outweighs M)
+    for target, form in (("ort", "int4"), ("simulate", "int8")):
+        with pytest.raises(PerqError, match=f"--embedding {form}: the {target} target"):
+            pipeline.optimize(src, tmp_path / target / "model.onnx",
+                              Settings.parse(target=target, embedding=form), progress=False)

@@ -29,7 +29,7 @@ from perq_onnx.calibration import with_outputs
 from perq_onnx.errors import InternalError
 from perq_onnx.graph import export_structure, load_graph
 from perq_onnx.hadamard import hadamard, random_orthogonal
-from perq_onnx.passes.base import GAMMAS_FOLDED, Context, Pass, PassManager, PassResult
+from perq_onnx.passes.base import GAMMAS_FOLDED, QUANTIZED_WEIGHT, Context, Pass, PassManager, PassResult
 from perq_onnx.passes.fold_norm_gammas import FoldNormGammas
 from perq_onnx.passes.online_rotation import InsertOnlineRotation
 from perq_onnx.passes.permute_mlp import PermuteMLP
@@ -40,7 +40,7 @@ from perq_onnx.passes.rotate_residual import RotateResidual
 from perq_onnx.pipeline import optimize
 from perq_onnx.rounding import WeightQuant, relative_error, rtn
 from perq_onnx.runtime import make_feeds, session
-from perq_onnx.settings import Settings
+from perq_onnx.settings import Rounding, Settings
 from perq_onnx.targets import Simulate
 from perq_onnx.transforms import BlockDiagonal, Chain, Dense, Permutation
 from perq_onnx.weights import WeightStore
@@ -240,6 +240,26 @@ def test_quantize_weights_rtn(mha, tmp_path, group):
     diff = relative(run(mha)["logits"], run(out)["logits"])
     assert 1e-4 < diff < 0.5
 
+
+
+def test_lm_head_rounded_by_gptq_with_its_own_hessian(mha, tmp_path, monkeypatch):
+    """When the target quantizes lm_head and GPTQ rounds, lm_head's input Hessian comes with the
+    last calibration run and GPTQ rounds lm_head against it, as it rounds the decoder's linears."""
+    from perq_onnx.calibration import Calibrator
+    from perq_onnx.passes import quantize_weights
+    calls, real = [], quantize_weights.gptq
+
+    def spy(w, hessian, form, **kwargs):
+        calls.append((w.shape, hessian.shape))
+        return real(w, hessian, form, **kwargs)
+    monkeypatch.setattr(quantize_weights, "gptq", spy)
+    form = WeightQuant(4, 16, True, "mse")
+    ctx = new_context(mha, tmp_path)
+    ctx.calibrator = Calibrator(IDS, 1, False)
+    PassManager([QuantizeWeights(form, Rounding.GPTQ, lm_head=form)], progress=False).run(ctx)
+    assert calls[-1] == ((HIDDEN, VOCAB), (HIDDEN, HIDDEN)) and len(calls) == 2 * len(LINEARS) + 1
+    head = ctx.node(ctx.structure.lm_head.name).inputs[1]
+    assert head.name in ctx.recorded(QUANTIZED_WEIGHT)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "gqa"])

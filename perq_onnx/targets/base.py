@@ -21,7 +21,7 @@ from ..graph import export_structure
 from ..passes.base import Context, Pass, PassManager, PassResult, register_functions
 from ..passes.quantize_weights import QuantizeWeights
 from ..rounding import WeightQuant
-from ..settings import Clip, NumberFormat, Rounding, Settings
+from ..settings import Clip, Embedding, NumberFormat, Rounding, Settings
 
 OPSET = 21  # int4 and blocked DequantizeLinear
 
@@ -37,17 +37,19 @@ class Target:
     ragged_groups: bool = True               # an INT group need not divide K (the last one is shorter)
     dynamic_int_activations: bool = False    # quantizes activations per token in the graph (--a-clip)
     formats: tuple[NumberFormat, ...] = (NumberFormat.INT,)  # the number formats it can express
-    ties_embedding: bool = False             # a tied embedding gathers from lm_head's INT4 codes
+    embeddings: tuple[Embedding, ...] = ()   # the quantized embedding forms it writes, its default first
 
     # ------------------------------------------------------------------------------ settings
     def resolve(self, settings: Settings, in_features: dict[str, int]) -> Settings:
         """Settings with the target's defaults filled in and checked against what it supports and
         against the model's linears (in_features: a linear's name -> its input channels)."""
-        if settings.separate_embedding and not self.ties_embedding:
-            raise PerqError(f"--separate-embedding: the {self.name} target never ties the embedding to lm_head "
-                            "(only genai does)")
-        if settings.separate_embedding and settings.float_embeddings:
-            raise PerqError("--separate-embedding with --float-embeddings: a float embedding is separate already")
+        if settings.embedding is not None and settings.embedding not in self.embeddings:
+            kept = f"writes {', '.join(map(str, self.embeddings))}" if self.embeddings else "keeps the embedding float"
+            raise PerqError(f"--embedding {settings.embedding}: the {self.name} target {kept}")
+        if settings.embedding is not None and settings.float_embeddings:
+            raise PerqError(f"--embedding {settings.embedding} with --float-embeddings: choose one")
+        if settings.embedding is None and self.embeddings and settings.quantize and not settings.float_embeddings:
+            settings = dataclasses.replace(settings, embedding=self.embeddings[0])
         w = settings.weights
         if settings.quantize and w.format not in self.formats:
             raise PerqError(f"--format {w.format}: the {self.name} target expresses "
@@ -142,13 +144,17 @@ class Target:
             return WeightQuant(format=format_for(w.format), clip=str(w.clip))
         return WeightQuant(w.bits, w.group, w.symmetric, str(w.clip), self.full_range and w.symmetric)
 
-    def quantize_weights(self, settings: Settings, lm_head: bool, emit=None) -> QuantizeWeights:
-        """The weight pass in the weight form ``emit`` (passes/quantize_weights.py); lm_head (no
-        Hessian collected for it) gets round-to-nearest with the weight-error clip rule where the
-        form's rule needs activations."""
+    def table_form(self, settings: Settings) -> WeightQuant:
+        """lm_head's and an INT4 embedding's form: the weights', with the weight-error clip rule
+        where the weights' rule needs activations."""
         form = self.weight_form(settings)
-        head = None
-        if lm_head and not settings.float_embeddings:
-            head = dataclasses.replace(form, clip="mse" if form.clip == "act" else form.clip)
+        return dataclasses.replace(form, clip="mse" if form.clip == "act" else form.clip)
+
+    def quantize_weights(self, settings: Settings, lm_head: bool, emit=None) -> QuantizeWeights:
+        """The weight pass in the weight form ``emit`` (passes/quantize_weights.py); lm_head is
+        rounded like the decoder's linears (GPTQ against its own input Hessian where the target
+        rounds by GPTQ) with the weight-error clip rule where the form's rule needs activations."""
+        form = self.weight_form(settings)
+        head = self.table_form(settings) if lm_head and not settings.float_embeddings else None
         return QuantizeWeights(form, settings.weights.rounding, lm_head=head, gptq=settings.weights.gptq, emit=emit,
                                float_target=settings.weights.float_target)

@@ -1,9 +1,9 @@
 """``genai``: the ort target's quantization, written as an onnxruntime-genai model folder.
 
 The same rounding and weight form as ``ort`` (INT4 blocks of 32 with GPTQ and activation-aware
-full-range scales, lm_head INT4), but a tied embedding gathers from lm_head's INT4 codes
-(passes/tie_lm_head.py; an untied one, or ``--separate-embedding``, is INT8 as in ``ort``), and
-the decoder is rebuilt in onnxruntime's
+full-range scales, lm_head INT4), but the embedding is INT4 blocks of its own by default
+(``--embedding int8`` as in ``ort``; ``--embedding tied`` gathers from lm_head's INT4 codes: one
+table, see passes/tie_lm_head.py), and the decoder is rebuilt in onnxruntime's
 fused LLM form (perq_onnx/genai.py: GroupQueryAttention with a KV cache and rotary inside,
 Skip/SimplifiedLayerNormalization, MatMulNBits with accuracy_level 4 in the nodes, the online
 rotation as standard ops) and written with ``genai_config.json``, config.json, the tokenizer and
@@ -20,7 +20,7 @@ from ..genai import write_genai_files
 from ..genai_decoder import ModelConfig, check_structure
 from ..passes.base import Context, Pass
 from ..passes.tie_lm_head import TieLmHead
-from ..settings import Settings
+from ..settings import Embedding, Settings
 from .ort import Ort
 
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: 1.38x faster decode than level 0 here (benchmarks/deploy.py)
@@ -29,11 +29,11 @@ ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: 1.38x faster decode t
 @dataclass(frozen=True)
 class Genai(Ort):
     name: str = "genai"
-    ties_embedding: bool = True
+    embeddings: tuple[Embedding, ...] = (Embedding.INT4, Embedding.INT8, Embedding.TIED)
 
     def passes(self, settings: Settings) -> list[Pass]:
         passes = super().passes(settings)
-        if settings.quantize and not settings.float_embeddings and not settings.separate_embedding:
+        if settings.quantize and settings.embedding is Embedding.TIED:
             passes.insert(0, TieLmHead())
         return passes
 

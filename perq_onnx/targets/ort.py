@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..errors import PerqError
 from ..passes.base import Pass
 from ..passes.quantize_embedding import QuantizeEmbedding
-from ..settings import Settings
+from ..settings import Embedding, Settings
 from .base import Target
 
 ACCURACY_LEVEL = "4"  # int8 activations inside MatMulNBits
@@ -28,6 +28,7 @@ ACCURACY_LEVEL = "4"  # int8 activations inside MatMulNBits
 class Ort(Target):
     name: str = "ort"
     default_w_groups: tuple[int, ...] = (32,)
+    embeddings: tuple[Embedding, ...] = (Embedding.INT8,)
 
     def check(self, settings: Settings) -> None:
         if settings.quantize and settings.activations.bits != 16:
@@ -44,8 +45,8 @@ class Ort(Target):
         if not settings.quantize:
             return []
         passes: list[Pass] = [self.quantize_weights(settings, lm_head=True)]
-        if not settings.float_embeddings:
-            passes.append(QuantizeEmbedding())
+        if settings.embedding is not None:
+            passes.append(QuantizeEmbedding(settings.embedding, self.table_form(settings)))
         return passes
 
     def session_config(self) -> dict[str, str]:
