@@ -65,7 +65,8 @@ users run them, in ``og.Generator``:
   onnxruntime-genai picks its own thread count (all cores).
 
 Models are cached under $PERQ_CACHE/deploy; existing models are not rebuilt and perplexities
-already in deploy.json for the same window count are not re-evaluated (resumable). Results:
+already in deploy.json for the same window count and the same model file (its mtime) are not
+re-evaluated (resumable; delete a cached model to rebuild it with the current perq-onnx). Results:
 benchmarks/results/deploy.json and deploy.md.
 """
 from __future__ import annotations
@@ -464,6 +465,12 @@ def build_genai(name: str, stats, batches, builder_python: str | None, log) -> b
     return True
 
 
+def reusable_ppl(record: dict, model_mtime_ns: int) -> bool:
+    """A previous run's ppl stands only for the very model file it measured (a rebuilt model,
+    e.g. by a newer perq-onnx, is measured again)."""
+    return record.get("ppl") is not None and record.get("model_mtime_ns") == model_mtime_ns
+
+
 def folder_bytes(folder: pathlib.Path) -> int:
     """The folder's model: model.onnx and the external data files it references."""
     return file_bytes(folder / "model.onnx")
@@ -549,8 +556,9 @@ def genai_part(args, res: dict, prev: dict, test: np.ndarray, valid: np.ndarray,
     g = res["genai"] = {"machine": machine(), "runs": args.runs, "steps": args.genai_steps,
                         "onnxruntime_genai": og.__version__, "configs": {}}
     for n in names:
-        c = g["configs"][n] = {"folder": str(genai_folder(n)), "bytes": folder_bytes(genai_folder(n))}
-        if old.get(n, {}).get("ppl") is not None:
+        c = g["configs"][n] = {"folder": str(genai_folder(n)), "bytes": folder_bytes(genai_folder(n)),
+                               "model_mtime_ns": (genai_folder(n) / "model.onnx").stat().st_mtime_ns}
+        if reusable_ppl(old.get(n, {}), c["model_mtime_ns"]):
             c["ppl"] = old[n]["ppl"]
         else:
             p = perplexity(genai_folder(n) / "model.onnx", test, threads=THREADS, progress=False)
@@ -591,7 +599,10 @@ def ort_part(args, names: list[str], res: dict, prev: dict, test, valid, stats_o
         c.update({"plain": str(paths["plain"]), "past": str(paths["past"]), "bytes": file_bytes(paths["plain"]),
                   **({"bytes_past": file_bytes(paths["past"])} if paths["past"].exists() else {}),
                   **lm_head_quantized(paths["plain"])})
-        if old.get(n, {}).get("ppl") is not None:
+        mtime = paths["plain"].stat().st_mtime_ns
+        reuse = reusable_ppl(old.get(n, {}), mtime)  # (c may be old's own record: check first)
+        c["model_mtime_ns"] = mtime
+        if reuse:
             c["ppl"] = old[n]["ppl"]
             log(f"{n}: ppl {c['ppl']:.3f} (from the previous run)")
         else:
