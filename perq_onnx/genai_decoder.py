@@ -262,7 +262,6 @@ class _Builder:
             y = self.op("Add", [y, self.const(f"{name}.bias", bias)], f"{name}/Add", outputs=[output] if output else 1)
         return y
 
-
     def gathered_int4(self, weight, name: str, hidden: int, own: bool = False) -> str:
         """Token rows gathered from INT4 blocks [hidden, vocab] by GatherBlockQuantized: the
         MatMulNBits bytes of linear `name` (built later by ``linear``), or with ``own`` a table of
@@ -271,7 +270,7 @@ class _Builder:
         og.Generator here); scales and zero points in MatMulNBits' layout; a ragged last block's
         padding is sliced off."""
         if not isinstance(weight, BlockInt4):
-            raise GenaiError(f"'{name}': the tied embedding gathers INT4 block codes; this weight is float")
+            raise GenaiError(f"'{name}': the embedding gathers INT4 block codes; this weight is float")
         n, blocks, b = weight.shape[1], weight.scale.shape[0], weight.block
         if own:
             codes, scales, zero = _matmulnbits_layout(weight)
@@ -315,8 +314,8 @@ def _nibbles(u: np.ndarray) -> np.ndarray:
 
 
 def _pack(weights: list, biases: list):
-    """Linears reading one input (q, k, v; gate, up) as one, columns concatenated, when their
-    forms agree, else None."""
+    """Linears reading one input (q, k, v) as one, columns concatenated, when their forms agree,
+    else None."""
     if all(isinstance(w, np.ndarray) for w in weights):
         w = np.concatenate(weights, axis=1)
     elif all(isinstance(w, BlockInt4) for w in weights) and len({w.block for w in weights}) == 1:
@@ -370,9 +369,10 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
     cos_cache, sin_cache = b.const("cos_cache", cos), b.const("sin_cache", sin)
 
     lm = structure.lm_head
+    lm_weight = r.weight(lm)  # read once: a tied embedding gathers from it too
     kind = r.embedding(structure.embedding, lm.name, hidden)
     if kind[0] == "tied":
-        h = b.gathered_int4(r.weight(lm), "lm_head", hidden)
+        h = b.gathered_int4(lm_weight, "lm_head", hidden)
     elif kind[0] == "int4":
         h = b.gathered_int4(kind[1], "embed_tokens", hidden, own=True)
     elif kind[0] == "float":
@@ -446,7 +446,7 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
     tie_map = r.lm_head_map(lm)
     if tie_map is not None:
         x = b.op("MatMul", [x, b.const("lm_head.tie_map", tie_map)], "lm_head/tie_map")
-    b.linear(x, r.weight(lm), r.bias(lm), "lm_head", output="logits")
+    b.linear(x, lm_weight, r.bias(lm), "lm_head", output="logits")
 
     n_layers = len(layers)
     cache = ["batch_size", kv_heads, "past_sequence_length", d]
