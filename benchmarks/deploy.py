@@ -38,8 +38,8 @@ Measurements:
   as past_key_values.* (attention_mask growing, position_ids = past length); the median
   per-step time of a run; tokens/s = 1 / that.
 * latency is the median over --runs rounds; in each round every configuration is loaded, warmed
-  up and timed once, configurations in a fixed round-robin order, so that load on this shared
-  machine affects all alike; 2 intra-op threads. Ratios are to fp32 of the same run.
+  up and timed once, in an order shuffled per round (seed: the round), so that load on this
+  shared machine and position in the round affect all alike; 2 intra-op threads. Ratios are to fp32 of the same run.
 * peak RSS: VmHWM of a fresh subprocess that loads the model and runs it (plain: one 512-token
   forward; with-past: 64 decode steps).
 
@@ -56,13 +56,17 @@ users run them, in ``og.Generator``:
   0 (float activations in the kernel; the writer uses 4); ``perq-genai-tied`` and
   ``perq-genai-int8`` change the embedding's form (``--embedding tied``: gathered from lm_head's
   INT4 codes, one table; ``int8``: one scale per token; the default is INT4 blocks of its own);
-  ``perq-genai-floatemb`` adds ``--float-embeddings`` (embedding and lm_head float).
+  ``perq-genai-floatemb`` adds ``--float-embeddings`` (embedding and lm_head float);
+  ``perq-genai-kernel-int8`` adds ``--kernel int8`` (q/k/v/o/gate/up by DynamicQuantizeMatMul
+  over INT8 weights widened from the INT4 file at load).
 * ppl: the same test windows, the folder's model.onnx in a plain onnxruntime session; MB: every
   file of the folder's model (.onnx and external data); og prompt: ``append_tokens`` of the first
   512 test tokens into a fresh ``og.Generator``; og decode: then --genai-steps
-  ``generate_next_token`` calls, the median per token. Every folder in turn per round (the
-  builder's fp32 folder is the reference of the ratios), median over --runs rounds;
-  onnxruntime-genai picks its own thread count (all cores).
+  ``generate_next_token`` calls, the median per token. Every folder once per round in a shuffled
+  order (the builder's fp32 folder is the reference of the ratios), median over --runs rounds;
+  every folder runs with onnxruntime-genai's default threads (on this 2-vCPU machine one intra-op
+  thread: the builder's fp32 prompt takes as long as a one-thread plain session, half as long
+  with ``"intra_op_num_threads": 2`` in genai_config.json).
 
 Models are cached under $PERQ_CACHE/deploy; existing models are not rebuilt and perplexities
 already in deploy.json for the same window count and the same model file (its mtime) are not
@@ -78,6 +82,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -418,6 +423,8 @@ GENAI_CONFIGS = {
                             label="perq-onnx --target genai --embedding int8"),
     "perq-genai-floatemb": dict(kind="perq", settings=dict(target="genai", float_embeddings=True),
                                 label="perq-onnx --target genai --float-embeddings"),
+    "perq-genai-kernel-int8": dict(kind="perq", settings=dict(target="genai", kernel="int8"),
+                                   label="perq-onnx --target genai --kernel int8 (DynamicQuantizeMatMul but down_proj, lm_head)"),
 }
 GENAI_STEPS = 128
 
@@ -465,6 +472,14 @@ def build_genai(name: str, stats, batches, builder_python: str | None, log) -> b
     return True
 
 
+def shuffled(names, round_: int) -> list[str]:
+    """The configurations in this round's order: shuffled with the round as seed (a fixed order
+    showed ~10% position effects between folders in og.Generator here)."""
+    order = list(names)
+    random.Random(round_).shuffle(order)
+    return order
+
+
 def reusable_ppl(record: dict, model_mtime_ns: int) -> bool:
     """A previous run's ppl stands only for the very model file it measured (a rebuilt model,
     e.g. by a newer perq-onnx, is measured again)."""
@@ -493,9 +508,9 @@ def og_seconds(model, ids: np.ndarray, steps: int) -> tuple[float, list[float]]:
     return prompt, times
 
 
-def genai_goals(r: dict) -> list[str]:
+def genai_goals(r: dict, name: str = "perq-genai") -> list[str]:
     out = []
-    p, fp, b4 = r.get("perq-genai", {}), r.get("builder-fp32", {}), r.get("builder-int4", {})
+    p, fp, b4 = r.get(name, {}), r.get("builder-fp32", {}), r.get("builder-int4", {})
     if p.get("og_prompt_s") and fp.get("og_prompt_s") and b4.get("og_prompt_s"):
         x, xb = fp["og_prompt_s"] / p["og_prompt_s"], fp["og_prompt_s"] / b4["og_prompt_s"]
         ok = x >= 1.5 and p["og_prompt_s"] <= b4["og_prompt_s"]
@@ -538,7 +553,9 @@ def genai_markdown(res: dict) -> list[str]:
         lines.append(f"| {name}: {GENAI_CONFIGS[name]['label']} | {fmt(c.get('ppl'), '.2f')} | {size} | "
                      f"{fmt(c.get('og_prompt_s') and c['og_prompt_s'] * 1e3, '.0f')}{ratio(c, 'og_prompt_s')} | "
                      f"{fmt(c.get('og_decode_s') and 1 / c['og_decode_s'], '.1f')}{ratio(c, 'og_decode_s')} |")
-    lines += ["", "Goals (perq-genai against the builder):", ""] + [f"* {x}" for x in genai_goals(r)]
+    for name in ("perq-genai", "perq-genai-kernel-int8"):
+        if name in r:
+            lines += ["", f"Goals ({name} against the builder):", ""] + [f"* {x}" for x in genai_goals(r, name)]
     return lines
 
 
@@ -573,8 +590,8 @@ def genai_part(args, res: dict, prev: dict, test: np.ndarray, valid: np.ndarray,
         og_seconds(m, ids[:, :16], 4)
     raw = {n: {"prompt": [], "decode": []} for n in names}
     for r in range(args.runs):
-        for n, m in models.items():
-            prompt, steps = og_seconds(m, ids, args.genai_steps)
+        for n in shuffled(models, r):
+            prompt, steps = og_seconds(models[n], ids, args.genai_steps)
             raw[n]["prompt"].append(prompt)
             raw[n]["decode"].append(statistics.median(steps))
             c = g["configs"][n]
@@ -633,7 +650,7 @@ def ort_part(args, names: list[str], res: dict, prev: dict, test, valid, stats_o
         first = int(test[0][0])
         samples = {n: {"prefill": [], "decode": []} for n in names if timed(n)}
         for r in range(args.runs):
-            for n in samples:
+            for n in shuffled(samples, r):
                 paths = model_paths(n)
                 samples[n]["prefill"].append(prefill_time(paths["plain"], ids))
                 d, tokens = decode_time(paths["past"], first)

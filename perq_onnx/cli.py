@@ -28,7 +28,7 @@ def settings_from(args):
     derived = dict(head_rotation=False if args.no_head_rotation else (True if args.head_rotation else None),
                    quantize=not args.no_quant,
                    gptq_act_order=not args.gptq_no_act_order, w_symmetric=not args.w_asymmetric)
-    options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "embedding", "seed")
+    options = {key: getattr(args, key) for key in (*OPTIONS, "format", "target", "float_embeddings", "embedding", "kernel", "seed")
                if key not in derived}
     options.update(derived)
     return Settings.parse(**options)  # an unset --block is the format's scale block
@@ -257,7 +257,7 @@ def cmd_build_ops(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .settings import Clip, Embedding, NumberFormat, Permute, ResidualRotation, Rounding, TargetName
+    from .settings import Clip, Embedding, Kernel, NumberFormat, Permute, ResidualRotation, Rounding, TargetName
     p = argparse.ArgumentParser(prog="perq-onnx", description="PeRQ low-bit quantization of ONNX decoder LLMs")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     sub = p.add_subparsers(dest="command", required=True)
@@ -289,6 +289,11 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--embedding", choices=Embedding.values(),
                    help="the quantized embedding: int4 (its own INT4 blocks; genai's default), int8 (one scale "
                         "per token; ort's), tied (gathered from lm_head's INT4 codes, one table for both; genai)")
+    o.add_argument("--kernel", choices=Kernel.values(),
+                   help="genai: how the INT4 decoder weights are multiplied: nbits (MatMulNBits; the default) or "
+                        "int8 (q/k/v/o/gate/up widened to INT8 when the model loads, DynamicQuantizeMatMul with "
+                        "per-tensor int8 activations: faster prompts where MatMulNBits has no int8 kernel, e.g. "
+                        "x86 without AVX2; decode reads twice the bytes; the file stays INT4)")
     o.add_argument("--rounding", choices=Rounding.values(),
                    help="weight rounding: round-to-nearest or GPTQ with Hessians from calibration data "
                         "(default: rtn for simulate, gptq for ort and tensorrt)")

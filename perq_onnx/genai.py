@@ -90,13 +90,14 @@ def genai_config(structure, config: ModelConfig, filename: str = "model.onnx") -
 
 
 def write_genai_files(graph: gs.Graph, structure, path, config_json, tokenizer_dir=None, accuracy_level: int = 4,
-                      metadata: dict[str, str] | None = None) -> list[pathlib.Path]:
+                      metadata: dict[str, str] | None = None, int8_linears: bool = False) -> list[pathlib.Path]:
     """Write the genai-form model at `path` (its weights in `path`.data), genai_config.json, config.json
-    and the tokenizer files beside it; the files written, the model first."""
+    and the tokenizer files beside it; the files written, the model first. int8_linears: see
+    ``build_decoder``."""
     path, config_json = pathlib.Path(path), pathlib.Path(config_json)
     tokenizer_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir else config_json.parent
     config = ModelConfig.read(config_json)
-    model = build_decoder(graph, structure, config, accuracy_level)
+    model = build_decoder(graph, structure, config, accuracy_level, int8_linears)
     for key, value in (metadata or {}).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

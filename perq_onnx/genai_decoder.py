@@ -3,8 +3,9 @@
 ``build_decoder(graph, structure, config)`` reads the weights of the graph as perq-onnx rewrote it
 by the analysis records' node names and emits the decoder with SimplifiedLayerNormalization /
 SkipSimplifiedLayerNormalization, GroupQueryAttention (KV cache, rotary inside, cos/sin caches
-from the source, genai_source.py), MatMulNBits for INT4 blocks and the online rotation as
-standard ops. A projection that is a column range of a fused weight (onnxruntime-genai's builder's
+from the source, genai_source.py), MatMulNBits for INT4 blocks (or, with ``int8_linears``,
+DynamicQuantizeMatMul over INT8 weights that onnxruntime widens from the INT4 file when it loads
+the model) and the online rotation as standard ops. A projection that is a column range of a fused weight (onnxruntime-genai's builder's
 packed qkv_proj) is read as those columns of it and packed again.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -22,7 +24,7 @@ from .hadamard import hadamard
 from .shapes import constant_value as _value  # Identity / Transpose / Constant nodes followed
 from .shapes import producer as _producer
 
-__all__ = ["BlockInt4", "GenaiError", "ModelConfig", "build_decoder", "check_structure"]
+__all__ = ["BlockInt4", "GenaiError", "ModelConfig", "build_decoder", "check_structure", "int8_columns", "int8_weight"]
 
 MS = "com.microsoft"
 OPSET = 21
@@ -245,8 +247,11 @@ class _Builder:
                                            **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def linear(self, x: str, weight, bias, name: str, output: str | None = None) -> str:
-        if isinstance(weight, BlockInt4):
+    def linear(self, x: str, weight, bias, name: str, output: str | None = None, int8: bool = False) -> str:
+        """x @ weight (+ bias); INT4 blocks by MatMulNBits, or with int8 by ``int8_matmul``."""
+        if isinstance(weight, BlockInt4) and int8:
+            y = self.int8_matmul(x, weight, name, output if bias is None else None)
+        elif isinstance(weight, BlockInt4):
             k, n = weight.shape
             codes, scales, zero = _matmulnbits_layout(weight)
             inputs = [x, self.const(f"{name}.weight_Q4", codes), self.const(f"{name}.weight_scales", scales)]
@@ -261,6 +266,28 @@ class _Builder:
         if bias is not None:
             y = self.op("Add", [y, self.const(f"{name}.bias", bias)], f"{name}/Add", outputs=[output] if output else 1)
         return y
+
+    def int8_matmul(self, x: str, weight: BlockInt4, name: str, output: str | None) -> str:
+        """x @ W by DynamicQuantizeMatMul (x quantized to uint8 with one scale per call): W's INT4
+        codes are stored as UINT4 [blocks, b, N], widened to INT8 with one scale per column by
+        constant nodes (``int8_columns``) that onnxruntime folds into an INT8 initializer when it
+        loads the model, so the file stays 4-bit."""
+        k, n = weight.shape
+        codes, zero, ratio, scale = int8_columns(weight)
+        f = self.op("Cast", [self.const(f"{name}.weight_Q4", codes.astype(ml_dtypes.uint4))], f"{name}/int8/Cast",
+                    to=TensorProto.FLOAT)
+        zero = self.const(f"{name}.weight_zero", zero) if zero.size > 1 else self.shared("int4_zero_8", zero)
+        f = self.op("Mul", [self.op("Sub", [f, zero], f"{name}/int8/Sub"), self.const(f"{name}.weight_ratio", ratio)],
+                    f"{name}/int8/Mul")
+        w = self.op("Cast", [self.op("Round", [f], f"{name}/int8/Round")], f"{name}/int8/Cast_1", to=TensorProto.INT8)
+        w = self.op("Reshape", [w, self.const(f"{name}.weight_rows", np.array([codes.shape[0] * codes.shape[1], n],
+                                                                               np.int64))], f"{name}/int8/Reshape")
+        if codes.shape[0] * codes.shape[1] != k:  # a ragged last block's padding
+            w = self.op("Slice", [w, self.shared("zero_int64", np.array([0], np.int64)),
+                                  self.const(f"{name}.weight_k", np.array([k], np.int64)),
+                                  self.shared("zero_int64", np.array([0], np.int64))], f"{name}/int8/Slice")
+        return self.op("DynamicQuantizeMatMul", [x, w, self.const(f"{name}.weight_scale", scale)],
+                       f"{name}/DynamicQuantizeMatMul", domain=MS, outputs=[output] if output else 1)
 
     def gathered_int4(self, weight, name: str, hidden: int, own: bool = False) -> str:
         """Token rows gathered from INT4 blocks [hidden, vocab] by GatherBlockQuantized: the
@@ -308,6 +335,34 @@ def _matmulnbits_layout(weight: BlockInt4):
     return _nibbles(u), np.ascontiguousarray(weight.scale.T), zero
 
 
+def int8_columns(weight: BlockInt4):
+    """INT4 blocks [K, N] as INT8 with one scale per column: W8 = round((codes - zero) * ratio),
+    W ~ W8 * scale, where scale = max|W[:, n]| / 127 and ratio = block scale / column scale (so
+    |W8| <= 127, each value within half an INT8 step of the INT4 weight). Returns codes
+    [blocks, b, N] (uint8 0..15, a ragged last block padded with its zero point), zero and ratio
+    [blocks, 1, N] float32 (zero a single 8 when every zero point is 8) and scale [N] float32; the
+    float32 arithmetic is what ``_Builder.int8_matmul``'s nodes do."""
+    k, n = weight.shape
+    b, blocks = weight.block, weight.scale.shape[0]
+    u = np.repeat(weight.zero, b, axis=0)                                   # padding decodes to 0
+    u[:k] = weight.codes
+    zero = weight.zero.astype(np.float32)[:, None, :]
+    steps = np.abs(u.reshape(blocks, b, n).astype(np.float32) - zero).max(axis=1)   # [blocks, N]
+    scale = (np.abs(weight.scale) * steps).max(axis=0) / np.float32(127)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    ratio = (weight.scale / scale)[:, None, :].astype(np.float32)
+    if np.all(zero == 8):
+        zero = np.array(8, np.float32)
+    return u.reshape(blocks, b, n), zero, ratio, scale
+
+
+def int8_weight(weight: BlockInt4) -> np.ndarray:
+    """The [K, N] INT8 values ``int8_columns`` describes (the reference for what onnxruntime folds)."""
+    codes, zero, ratio, _ = int8_columns(weight)
+    w = np.round((codes.astype(np.float32) - zero) * ratio).astype(np.int8)
+    return w.reshape(-1, w.shape[-1])[:weight.shape[0]]
+
+
 def _nibbles(u: np.ndarray) -> np.ndarray:
     """Pairs of 4-bit values along the last axis in one byte each, the first in the low nibble."""
     return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
@@ -345,8 +400,12 @@ def _mlp_norm(layer):
     return getattr(layer, "mlp_norm", None) or getattr(layer, "post_norm")
 
 
-def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_level: int = 4) -> onnx.ModelProto:
-    """The decoder of the rewritten graph in onnxruntime's fused LLM form (module docstring)."""
+def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_level: int = 4,
+                  int8_linears: bool = False) -> onnx.ModelProto:
+    """The decoder of the rewritten graph in onnxruntime's fused LLM form (module docstring).
+    int8_linears: q/k/v/o/gate/up by ``_Builder.int8_matmul``; down_proj and lm_head stay
+    MatMulNBits (down_proj's input has tokens of outlying magnitude that one int8 scale per call
+    cannot take: SmolLM2 valid ppl 29.99 with it, 24.73 without; lm_head decodes faster in 4 bits)."""
     check_structure(structure)
     r = _Reader(graph)
     layers = structure.layers
@@ -405,9 +464,9 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
                 qkv = [layer.q, layer.k, layer.v]
                 packed = _pack([r.weight(lin) for lin in qkv], [r.bias(lin) for lin in qkv])
                 if packed is not None:
-                    q, k, v = b.linear(x, *packed, f"{p}.attn.qkv_proj"), "", ""
+                    q, k, v = b.linear(x, *packed, f"{p}.attn.qkv_proj", int8=int8_linears), "", ""
                 else:
-                    q, k, v = (b.linear(x, r.weight(lin), r.bias(lin), f"{p}.attn.{n}_proj")
+                    q, k, v = (b.linear(x, r.weight(lin), r.bias(lin), f"{p}.attn.{n}_proj", int8=int8_linears)
                                for lin, n in zip(qkv, "qkv"))
                 attn = b.op("GroupQueryAttention",
                             [q, k, v, f"past_key_values.{layer.index}.key", f"past_key_values.{layer.index}.value",
@@ -417,10 +476,10 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
                                      f"present.{layer.index}.value"],
                             domain=MS, num_heads=heads, kv_num_heads=kv_heads, scale=1.0 / math.sqrt(d),
                             do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
-                pending = b.linear(attn, r.weight(layer.o), r.bias(layer.o), f"{p}.attn.o_proj")
+                pending = b.linear(attn, r.weight(layer.o), r.bias(layer.o), f"{p}.attn.o_proj", int8=int8_linears)
                 continue
             # gate and up as two linears: packed into one behind a Split, decode was slower here
-            gate, up = (b.linear(x, r.weight(lin), r.bias(lin), f"{p}.mlp.{n}_proj")
+            gate, up = (b.linear(x, r.weight(lin), r.bias(lin), f"{p}.mlp.{n}_proj", int8=int8_linears)
                         for lin, n in zip((layer.gate, layer.up), ("gate", "up")))
             act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/mlp/act_fn/Sigmoid")], f"{p}/mlp/act_fn/Mul")
             act = b.op("Mul", [act, up], f"{p}/mlp/Mul")

@@ -344,7 +344,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
             ctx.metadata["perq.target"] = tgt.name
             staged = pathlib.Path(tmp) / "out" / output_path.name
             staged.parent.mkdir()
-            files = tgt.write(ctx, staged, model_path.parent)
+            files = tgt.write(ctx, staged, model_path.parent, settings)
             verify_written(staged, tgt, settings)
             written = {f.name for f in files}
             moves = [m for m in _copy_sidecar_files(model_path.parent, output_path.parent, staged.parent)

@@ -61,6 +61,12 @@ class Embedding(Choice):
     TIED = "tied"    # gathered from lm_head's INT4 codes (passes/tie_lm_head.py)
 
 
+class Kernel(Choice):
+    """How the genai folder multiplies by its INT4 decoder weights."""
+    NBITS = "nbits"  # MatMulNBits everywhere (4-bit weights read per token)
+    INT8 = "int8"    # q/k/v/o/gate/up widened to INT8 at load, DynamicQuantizeMatMul (per-tensor int8 activations)
+
+
 class Rounding(Choice):
     RTN = "rtn"
     GPTQ = "gptq"
@@ -275,7 +281,7 @@ OPTIONS = {
     "fused_ops": ("activations", "fused"),
 }
 CHOICES = {"permute": Permute, "residual_rotation": ResidualRotation, "rounding": Rounding, "w_clip": Clip,
-           "target": TargetName, "format": NumberFormat, "embedding": Embedding}
+           "target": TargetName, "format": NumberFormat, "embedding": Embedding, "kernel": Kernel}
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,7 @@ class Settings:
     quantize: bool = True
     float_embeddings: bool = False     # keep embedding and lm_head float (ort/tensorrt quantize them)
     embedding: Embedding | None = None  # the quantized embedding's form (targets choose; None: the target's)
+    kernel: Kernel | None = None        # the genai folder's INT4 matmul kernel (None: the target's)
     seed: int = 0                      # random permutations / orthogonals, data-free calibration
 
     def __post_init__(self):
@@ -355,7 +362,7 @@ class Settings:
             value = getattr(owner, name)
             d[option] = str(value) if isinstance(value, (Choice, OnlineRotation)) else value
         d.update(target=str(self.target), quantize=self.quantize, float_embeddings=self.float_embeddings,
-                 embedding=self.embedding and str(self.embedding),
+                 embedding=self.embedding and str(self.embedding), kernel=self.kernel and str(self.kernel),
                  seed=self.seed, format=str(self.weights.format))
         del d["threads"]
         return d

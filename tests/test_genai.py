@@ -305,9 +305,9 @@ def test_genai_embedding_forms(tiny_models, tmp_path, monkeypatch):
     graphs = []
     write = perq_onnx.targets.genai.Genai.write
 
-    def keep_graph(self, ctx, path, source_dir):  # the quantized graph as onnxruntime runs it
+    def keep_graph(self, ctx, path, source_dir, settings):  # the quantized graph as onnxruntime runs it
         graphs.append(onnx.load(str(ctx.session())))
-        return write(self, ctx, path, source_dir)
+        return write(self, ctx, path, source_dir, settings)
     monkeypatch.setattr(perq_onnx.targets.genai.Genai, "write", keep_graph)
     src = tiny_models("llama", past=True, tied=True)
     options = dict(target="genai", calib_samples=4, seq_len=32)
@@ -338,3 +338,75 @@ def test_genai_embedding_forms(tiny_models, tmp_path, monkeypatch):
         with pytest.raises(PerqError, match=f"--embedding {form}: the {target} target"):
             pipeline.optimize(src, tmp_path / target / "model.onnx",
                               Settings.parse(target=target, embedding=form), progress=False)
+
+
+def _matmulnbits_blocks(model, node):
+    """The INT4 blocks of a symmetric MatMulNBits node (as genai_decoder.BlockInt4, decoded from
+    its bytes) and their [K, N] float weight."""
+    from onnx import numpy_helper
+
+    from perq_onnx.genai_decoder import BlockInt4
+    init = {i.name: i for i in model.graph.initializer}
+    attrs = {a.name: a.i for a in node.attribute}
+    k, n, b = attrs["K"], attrs["N"], attrs["block_size"]
+    codes, scales = (numpy_helper.to_array(init[node.input[i]]) for i in (1, 2))
+    u = np.stack([codes & 15, codes >> 4], -1).reshape(n, -1)[:, :k].T              # [K, N]
+    scales = scales.reshape(n, -1).T                                                # [blocks, N]
+    w = (u.astype(np.float32) - 8) * np.repeat(scales, b, axis=0)[:k]
+    return BlockInt4(np.ascontiguousarray(u), np.ascontiguousarray(scales), np.full(scales.shape, 8, np.uint8), b), w
+
+
+def test_genai_int8_kernel(tiny_models, tmp_path):
+    """--kernel int8: q/k/v/o/gate/up run as DynamicQuantizeMatMul over INT8 weights that
+    onnxruntime folds, when it loads the model, from the file's UINT4 codes exactly as
+    ``int8_weight`` computes them, each within half an INT8 step of the INT4 weight MatMulNBits
+    reads in the default folder; down_proj and lm_head stay MatMulNBits;
+    the logits stay close to the MatMulNBits folder's (int8 activations); refused where it
+    cannot apply. (The file's codes are UINT4; a scale per column adds a little.)"""
+    import onnx
+    from onnx import numpy_helper
+
+    from perq_onnx.errors import PerqError
+    from perq_onnx.genai_decoder import int8_weight
+    src = tiny_models("llama", past=True, tied=False)
+    options = dict(target="genai", calib_samples=4, seq_len=32)
+    folders = {k: tmp_path / k for k in ("nbits", "int8")}
+    for kernel, folder in folders.items():
+        pipeline.optimize(src, folder / "model.onnx", Settings.parse(**options, kernel=kernel), progress=False)
+    nbits, int8 = (onnx.load(str(f / "model.onnx")) for f in folders.values())
+    ops = [n.op_type for n in int8.graph.node]
+    layers = sum(n.op_type == "GroupQueryAttention" for n in int8.graph.node)
+    assert ops.count("DynamicQuantizeMatMul") == 4 * layers  # qkv (packed), o, gate, up
+    assert ops.count("MatMulNBits") == layers + 1            # down_proj, lm_head
+    int8_linears = {n.name.split("/")[0] for n in int8.graph.node if n.op_type == "DynamicQuantizeMatMul"}
+    assert {i.data_type for i in int8.graph.initializer
+            if i.name.removesuffix(".weight_Q4") in int8_linears} == {onnx.TensorProto.UINT4}
+    size = {k: (f / "model.onnx.data").stat().st_size for k, f in folders.items()}
+    assert size["int8"] < 1.05 * size["nbits"]  # 4 bits a weight; one more scale per column
+
+    # what onnxruntime runs: the folded INT8 initializers
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    ort.InferenceSession(str(folders["int8"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    folded = onnx.load(str(tmp_path / "folded.onnx"), load_external_data=False)  # the folded ones are inline
+    values = {i.name: i for i in folded.graph.initializer}
+    reference = {n.name.split("/")[0]: n for n in nbits.graph.node if n.op_type == "MatMulNBits"}
+    written = {i.name: i for i in int8.graph.initializer}
+    checked = 0
+    for node in (n for n in folded.graph.node if n.op_type == "DynamicQuantizeMatMul"):
+        name = node.name.split("/")[0]
+        w8, scale = numpy_helper.to_array(values[node.input[1]]), numpy_helper.to_array(written[node.input[2]])
+        assert w8.dtype == np.int8 and np.abs(w8.astype(np.int32)).max() <= 127
+        blocks, w4 = _matmulnbits_blocks(nbits, reference[name])
+        assert np.array_equal(w8, int8_weight(blocks)), name     # the same INT4 weights, folded as documented
+        assert np.abs(w8 * scale - w4).max() <= 0.5 * scale.max() * (1 + 1e-5), name
+        checked += 1
+    assert checked == 4 * layers
+    ids = np.random.default_rng(3).integers(0, 512, size=(1, 12))
+    err = _relative(*(greedy_logits(f / "model.onnx", ids, 0) for f in folders.values()))  # (greedy paths of a
+    assert err < 0.05, err                                                                   # random model part)
+    for extra, message in (({"target": "ort"}, "--kernel int8: the ort target has no kernel choice"),
+                           ({"target": "genai", "quantize": False}, "--kernel int8 multiplies by INT4 weights")):
+        with pytest.raises(PerqError, match=message):
+            pipeline.optimize(src, tmp_path / "refused" / "model.onnx", Settings.parse(kernel="int8", **extra),
+                              progress=False)

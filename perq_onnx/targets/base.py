@@ -21,7 +21,7 @@ from ..graph import export_structure
 from ..passes.base import Context, Pass, PassManager, PassResult, register_functions
 from ..passes.quantize_weights import QuantizeWeights
 from ..rounding import WeightQuant
-from ..settings import Clip, Embedding, NumberFormat, Rounding, Settings
+from ..settings import Clip, Embedding, Kernel, NumberFormat, Rounding, Settings
 
 OPSET = 21  # int4 and blocked DequantizeLinear
 
@@ -38,6 +38,7 @@ class Target:
     dynamic_int_activations: bool = False    # quantizes activations per token in the graph (--a-clip)
     formats: tuple[NumberFormat, ...] = (NumberFormat.INT,)  # the number formats it can express
     embeddings: tuple[Embedding, ...] = ()   # the quantized embedding forms it writes, its default first
+    kernels: tuple[Kernel, ...] = ()         # the INT4 matmul kernels it can write, its default first
 
     # ------------------------------------------------------------------------------ settings
     def resolve(self, settings: Settings, in_features: dict[str, int]) -> Settings:
@@ -50,6 +51,13 @@ class Target:
             raise PerqError(f"--embedding {settings.embedding} with --float-embeddings: choose one")
         if settings.embedding is None and self.embeddings and settings.quantize and not settings.float_embeddings:
             settings = dataclasses.replace(settings, embedding=self.embeddings[0])
+        if settings.kernel is not None and settings.kernel not in self.kernels:
+            raise PerqError(f"--kernel {settings.kernel}: the {self.name} target "
+                            + (f"writes {', '.join(map(str, self.kernels))}" if self.kernels else "has no kernel choice"))
+        if settings.kernel is not None and not settings.weights_quantized:
+            raise PerqError(f"--kernel {settings.kernel} multiplies by INT4 weights; these weights stay float")
+        if settings.kernel is None and self.kernels and settings.weights_quantized:
+            settings = dataclasses.replace(settings, kernel=self.kernels[0])
         w = settings.weights
         if settings.quantize and w.format not in self.formats:
             raise PerqError(f"--format {w.format}: the {self.name} target expresses "
@@ -122,9 +130,10 @@ class Target:
         """onnxruntime session config entries the output must run with (recorded in metadata)."""
         return {}
 
-    def write(self, ctx: Context, path: pathlib.Path, source_dir: pathlib.Path) -> list[pathlib.Path]:
+    def write(self, ctx: Context, path: pathlib.Path, source_dir: pathlib.Path,
+              settings: Settings) -> list[pathlib.Path]:
         """Write the lowered graph at `path` (in the staging folder; `source_dir` holds the input
-        model's config and tokenizer files); the files written, the model first."""
+        model's config and tokenizer files; `settings` as resolved); the files written, the model first."""
         model = export_structure(ctx.graph, ctx.functions.values(), ctx.min_opset, ctx.metadata)
         return ctx.store.write_model(model, ctx.graph, path)
 

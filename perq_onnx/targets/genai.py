@@ -5,8 +5,9 @@ full-range scales, lm_head INT4), but the embedding is INT4 blocks of its own by
 (``--embedding int8`` as in ``ort``; ``--embedding tied`` gathers from lm_head's INT4 codes: one
 table, see passes/tie_lm_head.py), and the decoder is rebuilt in onnxruntime's
 fused LLM form (perq_onnx/genai.py: GroupQueryAttention with a KV cache and rotary inside,
-Skip/SimplifiedLayerNormalization, MatMulNBits with accuracy_level 4 in the nodes, the online
-rotation as standard ops) and written with ``genai_config.json``, config.json, the tokenizer and
+Skip/SimplifiedLayerNormalization, MatMulNBits with accuracy_level 4 in the nodes, or with
+``--kernel int8`` DynamicQuantizeMatMul over INT8 weights widened at load for all but down_proj
+and lm_head, the online rotation as standard ops) and written with ``genai_config.json``, config.json, the tokenizer and
 the chat template beside it, so that ``onnxruntime_genai.Model(folder)`` runs it, as does a plain
 onnxruntime session (``perq-onnx eval``). Float32 Llama, Mistral and Qwen2 exports; others are
 refused with the reason.
@@ -20,7 +21,7 @@ from ..genai import write_genai_files
 from ..genai_decoder import ModelConfig, check_structure
 from ..passes.base import Context, Pass
 from ..passes.tie_lm_head import TieLmHead
-from ..settings import Embedding, Settings
+from ..settings import Embedding, Kernel, Settings
 from .ort import Ort
 
 ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: 1.38x faster decode than level 0 here (benchmarks/deploy.py)
@@ -30,6 +31,7 @@ ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: 1.38x faster decode t
 class Genai(Ort):
     name: str = "genai"
     embeddings: tuple[Embedding, ...] = (Embedding.INT4, Embedding.INT8, Embedding.TIED)
+    kernels: tuple[Kernel, ...] = (Kernel.NBITS, Kernel.INT8)
 
     def passes(self, settings: Settings) -> list[Pass]:
         passes = super().passes(settings)
@@ -44,6 +46,7 @@ class Genai(Ort):
         ModelConfig.read(source_dir / "config.json")
         check_structure(structure)
 
-    def write(self, ctx: Context, path: pathlib.Path, source_dir: pathlib.Path) -> list[pathlib.Path]:
+    def write(self, ctx: Context, path: pathlib.Path, source_dir: pathlib.Path,
+              settings: Settings) -> list[pathlib.Path]:
         return write_genai_files(ctx.graph, ctx.structure, path, source_dir / "config.json", source_dir,
-                                 ACCURACY_LEVEL, ctx.metadata)
+                                 ACCURACY_LEVEL, ctx.metadata, int8_linears=settings.kernel is Kernel.INT8)
