@@ -138,7 +138,8 @@ CONFIGS = {
     # the target picks block 64: its default 128 does not divide SmolLM2's 576 hidden rows
     "perq-tensorrt": dict(timed=False, kind="perq", settings=dict(target="tensorrt"),
                           label="perq tensorrt (INT4 b64 weight-only, GPTQ), run in onnxruntime"),
-    "perq-simulate": dict(timed=False, kind="perq", settings=dict(target="simulate"), label="perq simulate W4A4 (paper)"),
+    "perq-simulate": dict(timed=False, kind="perq", settings=dict(target="simulate", float_target=False),
+                          label="perq simulate W4A4 (paper)"),
     # not in the default set: the ort target with embedding and lm_head float
     "perq-ort-floatemb": dict(timed=False, kind="perq", settings=dict(target="ort", float_embeddings=True),
                               label="perq ort --float-embeddings", optional=True),

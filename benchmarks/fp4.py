@@ -38,7 +38,7 @@ from perq_onnx.settings import NumberFormat, Settings  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 FORMATS = {"NVFP4": dict(format="nvfp4", a_bits=4), "MXFP4": dict(format="mxfp4", a_bits=4),
-           "INT4": dict(format="int", w_bits=4, a_bits=4)}
+           "INT4": dict(format="int", w_bits=4, a_bits=4, float_target=False)}  # as the FP4 rows: no refit unless named
 BLOCK_OF = {"NVFP4": NumberFormat.NVFP4.block, "MXFP4": NumberFormat.MXFP4.block}
 
 
@@ -75,7 +75,7 @@ def rows():
             for name, cfg in configurations(block, residual):
                 if (row, name) not in seen and (row, name) != ("INT4", "no rotation + GPTQ"):
                     seen.add((row, name))
-                    yield row, name, {**cfg, **FORMATS[row]}
+                    yield row, name, {**FORMATS[row], **cfg}  # a row's own float_target wins
 
 
 def choose(args, model):

@@ -311,10 +311,13 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--gptq-damp", type=float, default=0.01, help="GPTQ damping, a fraction of mean(diag H) (default 0.01)")
     o.add_argument("--gptq-block", type=int, default=128, help="GPTQ lazy-update block in rows (default 128)")
     o.add_argument("--gptq-no-act-order", action="store_true", help="GPTQ in natural row order (default: act order)")
-    o.add_argument("--float-target", action="store_true",
-                   help="simulate W4A4: each weight is refitted toward the float model's output from its quantized "
-                        "input, then rounded (RTN or GPTQ), so that the weights also compensate the activation "
-                        "quantization's error")
+    target_fit = o.add_mutually_exclusive_group()
+    target_fit.add_argument("--float-target", action="store_true", default=None,
+                            help="simulate W4A4: each weight is refitted toward the float model's output from its "
+                                 "quantized input, then rounded (RTN or GPTQ), so that the weights also compensate "
+                                 "the activation quantization's error (default for INT weights and activations)")
+    target_fit.add_argument("--no-float-target", dest="float_target", action="store_false",
+                            help="round the weights themselves (the paper's recipe)")
     o.add_argument("--fused-ops", action="store_true", help="emit perq.BlockHadamardQuantize (rotation + activation QDQ)")
     o.add_argument("--random-orthogonal", action="store_true",
                    help="use a seeded random orthogonal matrix where no Hadamard construction exists")

@@ -219,7 +219,8 @@ class WeightConfig:
     rounding: Rounding | None = None   # None: the target's default
     clip: Clip | None = None           # None: the target's default
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    float_target: bool = False         # round toward the float output from quantized inputs (rounding.float_target)
+    float_target: bool | None = None   # round toward the float output from quantized inputs (rounding.float_target;
+                                       # None: the target's default)
 
     def __post_init__(self):
         if self.bits not in (4, 8, 16):
@@ -375,7 +376,8 @@ class Settings:
     def needs_calibration(self, have_statistics: bool) -> bool:
         """Whether calibration data must be run for permutation statistics (unless given) or for
         Hessians (GPTQ, activation-aware clipping); a target may need it for more (static scales)."""
-        hessians = self.weights_quantized and (self.weights.rounding is Rounding.GPTQ or self.weights.clip is Clip.ACT)
+        hessians = self.weights_quantized and (self.weights.rounding is Rounding.GPTQ or self.weights.clip is Clip.ACT
+                                               or bool(self.weights.float_target))
         return hessians or (self.needs_statistics and not have_statistics)
 
     @property

@@ -204,3 +204,31 @@ def test_float_target_is_refused_where_it_cannot_apply(tmp_path):
         with pytest.raises(PerqError, match="--float-target"):
             optimize(path, tmp_path / "x.onnx", Settings.parse(float_target=True, calib_samples=2, seq_len=32, **kwargs),
                      progress=False)
+
+
+def test_float_target_is_the_simulate_int_w4a4_default(tmp_path):
+    """The target fills in --float-target: on for simulate INT W4A4 (RTN included, which then
+    needs the calibration pass even with permutation statistics given and no GPTQ), off with
+    --no-float-target, for W16A4 / W4A8, the FP4 formats, --fused-ops and every other target."""
+    from handmade import build_decoder, VOCAB
+    from perq_onnx.pipeline import calibrate
+    from perq_onnx.targets import target
+    path = build_decoder(tmp_path / "model.onnx")
+    linears = {"a": 64}
+
+    def resolved(**kwargs):
+        s = Settings.parse(**kwargs)
+        return target(s).resolve(s, linears).weights.float_target
+
+    assert resolved(target="simulate") is True
+    assert resolved(target="simulate", float_target=False) is False
+    for kwargs in (dict(a_bits=16), dict(a_bits=8), dict(w_bits=8), dict(format="nvfp4"), dict(format="mxfp4"),
+                   dict(fused_ops=True, block="16")):
+        assert resolved(target="simulate", **kwargs) is False, kwargs
+    for name in ("ort", "genai", "tensorrt"):
+        assert resolved(target=name) is False, name
+    stats = calibrate(path, random_ids(vocab=VOCAB, batch=2, seq=32, seed=1), progress=False)
+    report = optimize(path, tmp_path / "out.onnx", Settings.parse(target="simulate", rounding="rtn", w_clip="mse",
+                                                                   calib_samples=2, seq_len=32),
+                      stats=stats, progress=False)
+    assert any("toward the float output" in s for s in report.summaries)

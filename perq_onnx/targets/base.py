@@ -39,6 +39,7 @@ class Target:
     formats: tuple[NumberFormat, ...] = (NumberFormat.INT,)  # the number formats it can express
     embeddings: tuple[Embedding, ...] = ()   # the quantized embedding forms it writes, its default first
     kernels: tuple[Kernel, ...] = ()         # the INT4 matmul kernels it can write, its default first
+    float_target_w4a4: bool = False          # --float-target by default for quantized INT weights and activations
 
     # ------------------------------------------------------------------------------ settings
     def resolve(self, settings: Settings, in_features: dict[str, int]) -> Settings:
@@ -59,6 +60,12 @@ class Target:
         if settings.kernel is None and self.kernels and settings.weights_quantized:
             settings = dataclasses.replace(settings, kernel=self.kernels[0])
         w = settings.weights
+        if w.float_target is None:
+            a_bits = settings.activations.bits if settings.activations.bits is not None else self.default_a_bits
+            settings = settings.replace(float_target=self.float_target_w4a4 and w.format is NumberFormat.INT
+                                        and settings.weights_quantized and w.bits == 4 and a_bits == 4
+                                        and not settings.activations.fused)
+            w = settings.weights
         if settings.quantize and w.format not in self.formats:
             raise PerqError(f"--format {w.format}: the {self.name} target expresses "
                             f"{', '.join(map(str, self.formats))} only")
