@@ -53,9 +53,10 @@ users run them, in ``og.Generator``:
   skipped without it). The builder is a peer run here, never part of perq-onnx.
 * ``perq-genai``: ``perq-onnx optimize smollm2 --target genai`` with its defaults, calibrated like
   the rows above; ``perq-genai-acc0`` is the same folder with every MatMulNBits at accuracy level
-  0 (float activations in the kernel; the writer uses 4); ``perq-genai-tied`` and
-  ``perq-genai-int8`` change the embedding's form (``--embedding tied``: gathered from lm_head's
-  INT4 codes, one table; ``int8``: one scale per token; the default is INT4 blocks of its own);
+  0 (float activations in the kernel; the writer uses 4); ``perq-genai-int4`` and
+  ``perq-genai-int8`` change the embedding's form (``--embedding int4``: INT4 blocks of its own;
+  ``int8``: one scale per token; the default for SmolLM2, a tied model, gathers from lm_head's
+  INT4 codes: one table);
   ``perq-genai-floatemb`` adds ``--float-embeddings`` (embedding and lm_head float);
   ``perq-genai-kernel-int8`` adds ``--kernel int8`` (q/k/v/o/gate/up by DynamicQuantizeMatMul
   over INT8 weights widened from the INT4 file at load).
@@ -416,10 +417,10 @@ GENAI_CONFIGS = {
     "builder-k_quant_mixed": dict(kind="builder", precision="int4", algo="k_quant_mixed",
                                   label="builder int4 k_quant_mixed (lm_head and sensitive layers int8)"),
     "perq-genai": dict(kind="perq", settings=dict(target="genai"),
-                       label="perq-onnx --target genai (defaults: R1+R2+P3+R3 b16, GPTQ, b32, acc 4, embedding INT4)"),
+                       label="perq-onnx --target genai (defaults: R1+R2+P3+R3 b16, GPTQ, b32, acc 4, embedding tied)"),
     "perq-genai-acc0": dict(kind="acc0", of="perq-genai", label="the same, MatMulNBits accuracy level 0"),
-    "perq-genai-tied": dict(kind="perq", settings=dict(target="genai", embedding="tied"),
-                            label="perq-onnx --target genai --embedding tied (lm_head's INT4 codes)"),
+    "perq-genai-int4": dict(kind="perq", settings=dict(target="genai", embedding="int4"),
+                            label="perq-onnx --target genai --embedding int4 (an INT4 table of its own)"),
     "perq-genai-int8": dict(kind="perq", settings=dict(target="genai", embedding="int8"),
                             label="perq-onnx --target genai --embedding int8"),
     "perq-genai-floatemb": dict(kind="perq", settings=dict(target="genai", float_embeddings=True),

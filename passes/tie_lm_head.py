@@ -21,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from perq_onnx.errors import PerqError
+from perq_onnx.shapes import constant_value
 
 from .base import EMBEDDING_FLOAT, WEIGHTS_FLOAT, Context, Pass, PassResult
 
@@ -44,6 +45,17 @@ def factor_through_table(w: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, 
         err += float(((m @ table[start:start + ROWS].T.astype(np.float64) - block) ** 2).sum())
         norm += float((block ** 2).sum())
     return m, (err / max(norm, 1e-300)) ** 0.5
+
+
+def is_tied(graph: gs.Graph, structure) -> bool:
+    """Whether the source graph's lm_head weight is exactly its embedding table transposed (the
+    genai target then ties them by default)."""
+    nodes = {n.name: n for n in graph.nodes}
+    gather, lm = nodes.get(structure.embedding), nodes.get(structure.lm_head.name)
+    if gather is None or lm is None or lm.op != "MatMul":
+        return False
+    table, w = constant_value(gather.inputs[0]), constant_value(lm.inputs[1])
+    return table is not None and w is not None and w.shape == table.shape[::-1] and np.array_equal(w, table.T)
 
 
 class TieLmHead(Pass):

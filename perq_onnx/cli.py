@@ -287,8 +287,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--float-embeddings", action="store_true",
                    help="keep the embedding and lm_head float (ort and tensorrt quantize them by default)")
     o.add_argument("--embedding", choices=Embedding.values(),
-                   help="the quantized embedding: int4 (its own INT4 blocks; genai's default), int8 (one scale "
-                        "per token; ort's), tied (gathered from lm_head's INT4 codes, one table for both; genai)")
+                   help="the quantized embedding: int4 (its own INT4 blocks; genai's default for an untied model), "
+                        "int8 (one scale per token; ort's), tied (gathered from lm_head's INT4 codes, one table for "
+                        "both; genai's default where the model ties them)")
     o.add_argument("--kernel", choices=Kernel.values(),
                    help="genai: how the INT4 decoder weights are multiplied: nbits (MatMulNBits; the default) or "
                         "int8 (q/k/v/o/gate/up widened to INT8 when the model loads, DynamicQuantizeMatMul with "

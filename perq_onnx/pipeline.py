@@ -36,9 +36,10 @@ from .passes.permute_residual import PermuteResidual
 from .passes.rotate_heads import RotateHeads
 from .passes.rotate_residual import RotateResidual
 from .passes.rotate_residual_online import RotateResidualOnline
+from .passes.tie_lm_head import is_tied
 from .plan import ModelShape, Plan, make_plan
 from .runtime import session
-from .settings import NumberFormat, ResidualRotation, Settings, TargetName
+from .settings import Embedding, NumberFormat, ResidualRotation, Settings, TargetName
 from .targets import Target, target
 from .weights import WeightStore, input_files
 
@@ -308,7 +309,9 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
     with report.phase("analyze"):
         structure = analyze(graph)
     linears = [lin for layer in structure.layers for lin in layer.linears().values()] + [structure.lm_head]
-    settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears})
+    tied = (Embedding.TIED in tgt.embeddings and settings.embedding is None and settings.quantize
+            and not settings.float_embeddings and is_tied(graph, structure))
+    settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears}, tied)
     tgt.check_model(model_path.parent, structure, graph)
     asked, settings = settings, _fit_rotations(settings, structure, report)
     choose = rotation_choice.applies(asked, settings)  # weight-only: do the rotations pay? (measured)

@@ -292,8 +292,8 @@ def test_tie_lm_head_is_exact_and_refuses_untied_models(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_genai_embedding_forms(tiny_models, tmp_path, monkeypatch):
-    """--target genai's embeddings: INT4 blocks of its own (the default), tied to lm_head's
-    MatMulNBits codes (one table), INT8; each with the same logits through
+    """--target genai's embeddings: INT4 blocks of its own (the default of an untied model), tied
+    to lm_head's MatMulNBits codes (one table; a tied model's default), INT8; each with the same logits through
     the KV cache as the quantized graph the pipeline rebuilt it from (accuracy level 0), the
     INT4 ones also with zero points and a ragged block (sliced off); --embedding refused where a
     target does not write that form."""
@@ -311,8 +311,8 @@ def test_genai_embedding_forms(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(perq_onnx.targets.genai.Genai, "write", keep_graph)
     src = tiny_models("llama", past=True, tied=True)
     options = dict(target="genai", calib_samples=4, seq_len=32)
-    runs = {"int4": {}, "tied": {"embedding": "tied"}, "int8": {"embedding": "int8"},
-            "int4-ragged": {"w_group": 256, "w_symmetric": False},
+    runs = {"int4": {"embedding": "int4"}, "tied": {}, "int8": {"embedding": "int8"},  # tied: a tied model's default
+            "int4-ragged": {"embedding": "int4", "w_group": 256, "w_symmetric": False},
             "tied-ragged": {"embedding": "tied", "w_group": 256, "w_symmetric": False}}
     ids = np.random.default_rng(8).integers(0, 512, size=(1, 12))
     size = {}
@@ -410,3 +410,22 @@ def test_genai_int8_kernel(tiny_models, tmp_path):
         with pytest.raises(PerqError, match=message):
             pipeline.optimize(src, tmp_path / "refused" / "model.onnx", Settings.parse(kernel="int8", **extra),
                               progress=False)
+
+
+def test_genai_ties_the_embedding_by_default_where_the_model_does(tiny_models):
+    """The genai target's default embedding: tied for a model whose lm_head is its embedding
+    table transposed (is_tied on the source graph), its own INT4 blocks otherwise; what the user
+    names wins."""
+    from perq_onnx.passes.tie_lm_head import is_tied
+    from perq_onnx.analysis import analyze
+    from perq_onnx.graph import load_graph
+    from perq_onnx.settings import Embedding
+    from perq_onnx.targets import target
+    genai = target("genai")
+    for tied in (True, False):
+        graph = load_graph(tiny_models("llama", past=True, tied=tied))
+        assert is_tied(graph, analyze(graph)) == tied
+        resolved = genai.resolve(Settings.parse(target="genai"), {}, tied).embedding
+        assert resolved is (Embedding.TIED if tied else Embedding.INT4)
+    assert genai.resolve(Settings.parse(target="genai", embedding="int8"), {}, True).embedding is Embedding.INT8
+    assert target("ort").resolve(Settings.parse(target="ort"), {}, True).embedding is Embedding.INT8

@@ -38,20 +38,23 @@ class Target:
     dynamic_int_activations: bool = False    # quantizes activations per token in the graph (--a-clip)
     formats: tuple[NumberFormat, ...] = (NumberFormat.INT,)  # the number formats it can express
     embeddings: tuple[Embedding, ...] = ()   # the quantized embedding forms it writes, its default first
+                                             # (TIED, where listed, is the default for a tied model)
     kernels: tuple[Kernel, ...] = ()         # the INT4 matmul kernels it can write, its default first
     float_target_w4a4: bool = False          # --float-target by default for quantized INT weights and activations
 
     # ------------------------------------------------------------------------------ settings
-    def resolve(self, settings: Settings, in_features: dict[str, int]) -> Settings:
+    def resolve(self, settings: Settings, in_features: dict[str, int], tied: bool = False) -> Settings:
         """Settings with the target's defaults filled in and checked against what it supports and
-        against the model's linears (in_features: a linear's name -> its input channels)."""
+        against the model's linears (in_features: a linear's name -> its input channels; tied:
+        lm_head is the embedding table transposed)."""
         if settings.embedding is not None and settings.embedding not in self.embeddings:
             kept = f"writes {', '.join(map(str, self.embeddings))}" if self.embeddings else "keeps the embedding float"
             raise PerqError(f"--embedding {settings.embedding}: the {self.name} target {kept}")
         if settings.embedding is not None and settings.float_embeddings:
             raise PerqError(f"--embedding {settings.embedding} with --float-embeddings: choose one")
         if settings.embedding is None and self.embeddings and settings.quantize and not settings.float_embeddings:
-            settings = dataclasses.replace(settings, embedding=self.embeddings[0])
+            settings = dataclasses.replace(settings, embedding=Embedding.TIED if tied and Embedding.TIED in self.embeddings
+                                           else self.embeddings[0])
         if settings.kernel is not None and settings.kernel not in self.kernels:
             raise PerqError(f"--kernel {settings.kernel}: the {self.name} target "
                             + (f"writes {', '.join(map(str, self.kernels))}" if self.kernels else "has no kernel choice"))
