@@ -58,8 +58,8 @@ users run them, in ``og.Generator``:
   ``int8``: one scale per token; the default for SmolLM2, a tied model, gathers from lm_head's
   INT4 codes: one table);
   ``perq-genai-floatemb`` adds ``--float-embeddings`` (embedding and lm_head float);
-  ``perq-genai-kernel-int8`` adds ``--kernel int8`` (q/k/v/o/gate/up by DynamicQuantizeMatMul
-  over INT8 weights widened from the INT4 file at load).
+  ``perq-genai-kernel-int8`` adds ``--kernel int8`` (the decoder linears over INT8 weights
+  widened from the INT4 file at load, int8 activations).
 * ppl: the same test windows, the folder's model.onnx in a plain onnxruntime session; MB: every
   file of the folder's model (.onnx and external data); og prompt: ``append_tokens`` of the first
   512 test tokens into a fresh ``og.Generator``; og decode: then --genai-steps
@@ -426,7 +426,7 @@ GENAI_CONFIGS = {
     "perq-genai-floatemb": dict(kind="perq", settings=dict(target="genai", float_embeddings=True),
                                 label="perq-onnx --target genai --float-embeddings"),
     "perq-genai-kernel-int8": dict(kind="perq", settings=dict(target="genai", kernel="int8"),
-                                   label="perq-onnx --target genai --kernel int8 (DynamicQuantizeMatMul but down_proj, lm_head)"),
+                                   label="perq-onnx --target genai --kernel int8 (INT8 GEMMs; lm_head MatMulNBits)"),
 }
 GENAI_STEPS = 128
 

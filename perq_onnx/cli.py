@@ -292,9 +292,9 @@ def parser() -> argparse.ArgumentParser:
                         "both; genai's default where the model ties them)")
     o.add_argument("--kernel", choices=Kernel.values(),
                    help="genai: how the INT4 decoder weights are multiplied: nbits (MatMulNBits; the default) or "
-                        "int8 (q/k/v/o/gate/up widened to INT8 when the model loads, DynamicQuantizeMatMul with "
-                        "per-tensor int8 activations: faster prompts where MatMulNBits has no int8 kernel, e.g. "
-                        "x86 without AVX2; decode reads twice the bytes; the file stays INT4)")
+                        "int8 (widened to INT8 when the model loads; int8 activations, one scale per call, per "
+                        "token at down_proj; lm_head stays MatMulNBits: faster prompts where MatMulNBits has no "
+                        "int8 kernel, e.g. x86 without AVX2; decode reads twice the bytes; the file stays INT4)")
     o.add_argument("--rounding", choices=Rounding.values(),
                    help="weight rounding: round-to-nearest or GPTQ with Hessians from calibration data "
                         "(default: rtn for simulate, gptq for ort and tensorrt)")

@@ -247,10 +247,11 @@ class _Builder:
                                            **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def linear(self, x: str, weight, bias, name: str, output: str | None = None, int8: bool = False) -> str:
+    def linear(self, x: str, weight, bias, name: str, output: str | None = None, int8: bool = False,
+               per_token: bool = False) -> str:
         """x @ weight (+ bias); INT4 blocks by MatMulNBits, or with int8 by ``int8_matmul``."""
         if isinstance(weight, BlockInt4) and int8:
-            y = self.int8_matmul(x, weight, name, output if bias is None else None)
+            y = self.int8_matmul(x, weight, name, output if bias is None else None, per_token)
         elif isinstance(weight, BlockInt4):
             k, n = weight.shape
             codes, scales, zero = _matmulnbits_layout(weight)
@@ -267,11 +268,12 @@ class _Builder:
             y = self.op("Add", [y, self.const(f"{name}.bias", bias)], f"{name}/Add", outputs=[output] if output else 1)
         return y
 
-    def int8_matmul(self, x: str, weight: BlockInt4, name: str, output: str | None) -> str:
-        """x @ W by DynamicQuantizeMatMul (x quantized to uint8 with one scale per call): W's INT4
-        codes are stored as UINT4 [blocks, b, N], widened to INT8 with one scale per column by
-        constant nodes (``int8_columns``) that onnxruntime folds into an INT8 initializer when it
-        loads the model, so the file stays 4-bit."""
+    def int8_matmul(self, x: str, weight: BlockInt4, name: str, output: str | None, per_token: bool = False) -> str:
+        """x @ W over INT8 weights: W's INT4 codes are stored as UINT4 [blocks, b, N], widened to
+        INT8 with one scale per column by constant nodes (``int8_columns``) that onnxruntime folds
+        into an INT8 initializer when it loads the model, so the file stays 4-bit. x is quantized
+        to uint8 with one scale per call (DynamicQuantizeMatMul), or with ``per_token`` one
+        symmetric scale per token, max|x| / 127 (standard ops and MatMulInteger)."""
         k, n = weight.shape
         codes, zero, ratio, scale = int8_columns(weight)
         f = self.op("Cast", [self.const(f"{name}.weight_Q4", codes.astype(ml_dtypes.uint4))], f"{name}/int8/Cast",
@@ -286,8 +288,21 @@ class _Builder:
             w = self.op("Slice", [w, self.shared("zero_int64", np.array([0], np.int64)),
                                   self.const(f"{name}.weight_k", np.array([k], np.int64)),
                                   self.shared("zero_int64", np.array([0], np.int64))], f"{name}/int8/Slice")
-        return self.op("DynamicQuantizeMatMul", [x, w, self.const(f"{name}.weight_scale", scale)],
-                       f"{name}/DynamicQuantizeMatMul", domain=MS, outputs=[output] if output else 1)
+        scale = self.const(f"{name}.weight_scale", scale)
+        if not per_token:
+            return self.op("DynamicQuantizeMatMul", [x, w, scale], f"{name}/DynamicQuantizeMatMul", domain=MS,
+                           outputs=[output] if output else 1)
+        p = f"{name}/per_token"
+        amax = self.op("ReduceMax", [self.op("Abs", [x], f"{p}/Abs"), self.shared("last_axis", np.array([-1], np.int64))],
+                       f"{p}/ReduceMax", keepdims=1)
+        step = self.op("Div", [self.op("Max", [amax, self.shared("tiny_float", np.array(1e-30, np.float32))], f"{p}/Max"),
+                               self.shared("int8_max_float", np.array(127, np.float32))], f"{p}/step")
+        codes = self.op("Round", [self.op("Div", [x, step], f"{p}/Div")], f"{p}/Round")
+        uint8 = self.shared("uint8_zero_float", np.array(128, np.float32))   # |codes| <= 127: 1..255 as uint8
+        codes = self.op("Cast", [self.op("Add", [codes, uint8], f"{p}/Add")], f"{p}/Cast", to=TensorProto.UINT8)
+        y = self.op("MatMulInteger", [codes, w, self.shared("uint8_zero", np.array(128, np.uint8))], f"{name}/MatMulInteger")
+        y = self.op("Mul", [self.op("Cast", [y], f"{p}/Cast_1", to=TensorProto.FLOAT), step], f"{p}/Mul")
+        return self.op("Mul", [y, scale], f"{p}/Mul_1", outputs=[output] if output else 1)
 
     def gathered_int4(self, weight, name: str, hidden: int, own: bool = False) -> str:
         """Token rows gathered from INT4 blocks [hidden, vocab] by GatherBlockQuantized: the
@@ -403,9 +418,10 @@ def _mlp_norm(layer):
 def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_level: int = 4,
                   int8_linears: bool = False) -> onnx.ModelProto:
     """The decoder of the rewritten graph in onnxruntime's fused LLM form (module docstring).
-    int8_linears: q/k/v/o/gate/up by ``_Builder.int8_matmul``; down_proj and lm_head stay
-    MatMulNBits (down_proj's input has tokens of outlying magnitude that one int8 scale per call
-    cannot take: SmolLM2 valid ppl 29.99 with it, 24.73 without; lm_head decodes faster in 4 bits)."""
+    int8_linears: every decoder linear by ``_Builder.int8_matmul``, down_proj with one scale per
+    token (its input has tokens of outlying magnitude that one scale per call cannot take: SmolLM2
+    valid ppl 29.99 that way, 24.76 per token); lm_head stays MatMulNBits (it decodes faster in 4
+    bits)."""
     check_structure(structure)
     r = _Reader(graph)
     layers = structure.layers
@@ -440,7 +456,7 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
         rows = b.op("Gather", [b.const("embed_tokens.int8", kind[1]), "input_ids"], "embed_tokens/Gather")
         rows = b.op("Cast", [rows], "embed_tokens/Cast", to=TensorProto.FLOAT)
         s = b.op("Gather", [b.const("embed_tokens.scale", kind[2]), "input_ids"], "embed_tokens/scales")
-        s = b.op("Unsqueeze", [s, b.const("last_axis", np.array([-1], np.int64))], "embed_tokens/Unsqueeze")
+        s = b.op("Unsqueeze", [s, b.shared("last_axis", np.array([-1], np.int64))], "embed_tokens/Unsqueeze")
         h = b.op("Mul", [rows, s], "embed_tokens/dequantize")
 
     def gamma_of(norm):
@@ -498,7 +514,8 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
             elif rotation == "full":
                 act = b.op("MatMul", [act, b.const(f"{p}.mlp.online_rotation.matrix", arg)],
                            f"{p}/mlp/online_rotation/MatMul")
-            pending = b.linear(act, r.weight(layer.down), r.bias(layer.down), f"{p}.mlp.down_proj")
+            pending = b.linear(act, r.weight(layer.down), r.bias(layer.down), f"{p}.mlp.down_proj", int8=int8_linears,
+                               per_token=True)
     gamma, eps = gamma_of(structure.final_norm)
     x = b.op("SkipSimplifiedLayerNormalization", [residual, pending, b.const("norm.weight", gamma)], "final_norm",
              outputs=["final_norm/output_0"], domain=MS, epsilon=eps)

@@ -64,7 +64,7 @@ class Embedding(Choice):
 class Kernel(Choice):
     """How the genai folder multiplies by its INT4 decoder weights."""
     NBITS = "nbits"  # MatMulNBits everywhere (4-bit weights read per token)
-    INT8 = "int8"    # q/k/v/o/gate/up widened to INT8 at load, DynamicQuantizeMatMul (per-tensor int8 activations)
+    INT8 = "int8"    # decoder linears widened to INT8 at load, int8 activations (genai_decoder.int8_matmul)
 
 
 class Rounding(Choice):

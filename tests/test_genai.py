@@ -357,10 +357,10 @@ def _matmulnbits_blocks(model, node):
 
 
 def test_genai_int8_kernel(tiny_models, tmp_path):
-    """--kernel int8: q/k/v/o/gate/up run as DynamicQuantizeMatMul over INT8 weights that
-    onnxruntime folds, when it loads the model, from the file's UINT4 codes exactly as
-    ``int8_weight`` computes them, each within half an INT8 step of the INT4 weight MatMulNBits
-    reads in the default folder; down_proj and lm_head stay MatMulNBits;
+    """--kernel int8: q/k/v/o/gate/up run as DynamicQuantizeMatMul, down_proj as MatMulInteger
+    with one scale per token, over INT8 weights that onnxruntime folds, when it loads the model,
+    from the file's UINT4 codes exactly as ``int8_weight`` computes them, each within half an
+    INT8 step of the INT4 weight MatMulNBits reads in the default folder; lm_head stays MatMulNBits;
     the logits stay close to the MatMulNBits folder's (int8 activations); refused where it
     cannot apply. (The file's codes are UINT4; a scale per column adds a little.)"""
     import onnx
@@ -377,8 +377,10 @@ def test_genai_int8_kernel(tiny_models, tmp_path):
     ops = [n.op_type for n in int8.graph.node]
     layers = sum(n.op_type == "GroupQueryAttention" for n in int8.graph.node)
     assert ops.count("DynamicQuantizeMatMul") == 4 * layers  # qkv (packed), o, gate, up
-    assert ops.count("MatMulNBits") == layers + 1            # down_proj, lm_head
-    int8_linears = {n.name.split("/")[0] for n in int8.graph.node if n.op_type == "DynamicQuantizeMatMul"}
+    assert ops.count("MatMulInteger") == layers              # down_proj, one scale per token
+    assert ops.count("MatMulNBits") == 1                     # lm_head
+    int8_ops = ("DynamicQuantizeMatMul", "MatMulInteger")
+    int8_linears = {n.name.split("/")[0] for n in int8.graph.node if n.op_type in int8_ops}
     assert {i.data_type for i in int8.graph.initializer
             if i.name.removesuffix(".weight_Q4") in int8_linears} == {onnx.TensorProto.UINT4}
     size = {k: (f / "model.onnx.data").stat().st_size for k, f in folders.items()}
@@ -393,15 +395,15 @@ def test_genai_int8_kernel(tiny_models, tmp_path):
     reference = {n.name.split("/")[0]: n for n in nbits.graph.node if n.op_type == "MatMulNBits"}
     written = {i.name: i for i in int8.graph.initializer}
     checked = 0
-    for node in (n for n in folded.graph.node if n.op_type == "DynamicQuantizeMatMul"):
+    for node in (n for n in folded.graph.node if n.op_type in int8_ops):
         name = node.name.split("/")[0]
-        w8, scale = numpy_helper.to_array(values[node.input[1]]), numpy_helper.to_array(written[node.input[2]])
+        w8, scale = numpy_helper.to_array(values[node.input[1]]), numpy_helper.to_array(written[f"{name}.weight_scale"])
         assert w8.dtype == np.int8 and np.abs(w8.astype(np.int32)).max() <= 127
         blocks, w4 = _matmulnbits_blocks(nbits, reference[name])
         assert np.array_equal(w8, int8_weight(blocks)), name     # the same INT4 weights, folded as documented
         assert np.abs(w8 * scale - w4).max() <= 0.5 * scale.max() * (1 + 1e-5), name
         checked += 1
-    assert checked == 4 * layers
+    assert checked == 5 * layers
     ids = np.random.default_rng(3).integers(0, 512, size=(1, 12))
     err = _relative(*(greedy_logits(f / "model.onnx", ids, 0) for f in folders.values()))  # (greedy paths of a
     assert err < 0.05, err                                                                   # random model part)

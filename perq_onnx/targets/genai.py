@@ -7,8 +7,8 @@ the model ties them (one table, see passes/tie_lm_head.py; chosen on valid windo
 (``--embedding int4|int8|tied`` chooses), and the decoder is rebuilt in onnxruntime's
 fused LLM form (perq_onnx/genai.py: GroupQueryAttention with a KV cache and rotary inside,
 Skip/SimplifiedLayerNormalization, MatMulNBits with accuracy_level 4 in the nodes, or with
-``--kernel int8`` DynamicQuantizeMatMul over INT8 weights widened at load for all but down_proj
-and lm_head, the online rotation as standard ops) and written with ``genai_config.json``, config.json, the tokenizer and
+``--kernel int8`` DynamicQuantizeMatMul / MatMulInteger over INT8 weights widened at load for
+every decoder linear, the online rotation as standard ops) and written with ``genai_config.json``, config.json, the tokenizer and
 the chat template beside it, so that ``onnxruntime_genai.Model(folder)`` runs it, as does a plain
 onnxruntime session (``perq-onnx eval``). Float32 Llama, Mistral and Qwen2 exports; others are
 refused with the reason.
