@@ -105,6 +105,7 @@ def write_genai_files(graph: gs.Graph, structure, path, config_json, tokenizer_d
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
                     size_threshold=1024)
     del model
+    (directory / data).chmod(path.stat().st_mode & 0o777)  # onnx writes external data private (0600)
     (directory / "genai_config.json").write_text(json.dumps(genai_config(structure, config, path.name), indent=4) + "\n")
     files = [path, directory / data, directory / "genai_config.json"]
     for src in [config_json] + [tokenizer_dir / name for name in TOKENIZER_FILES]:

@@ -384,6 +384,8 @@ def test_genai_int8_kernel(tiny_models, tmp_path):
     assert {i.data_type for i in int8.graph.initializer
             if i.name.removesuffix(".weight_Q4") in int8_linears} == {onnx.TensorProto.UINT4}
     size = {k: (f / "model.onnx.data").stat().st_size for k, f in folders.items()}
+    for f in folders.values():  # readable as the model file is (onnx writes external data 0600)
+        assert (f / "model.onnx.data").stat().st_mode & 0o777 == (f / "model.onnx").stat().st_mode & 0o777
     assert size["int8"] < 1.05 * size["nbits"]  # 4 bits a weight; one more scale per column
 
     # what onnxruntime runs: the folded INT8 initializers
