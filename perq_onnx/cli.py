@@ -246,7 +246,7 @@ def cmd_check(args) -> int:
 
 def cmd_generate(args) -> int:
     from .generate import stream
-    stream(args.model, args.prompt, args.max_new_tokens, args.chat)
+    stream(args.model, args.prompt, args.max_new_tokens, args.chat, threads=args.threads)
     return 0
 
 

@@ -18,9 +18,12 @@ def genai_folder(path) -> pathlib.Path:
     return folder
 
 
-def stream(path, prompt: str, max_new_tokens: int = 128, chat: bool = False, out=None) -> list[int]:
+def stream(path, prompt: str, max_new_tokens: int = 128, chat: bool = False, out=None,
+           threads: int | None = None) -> list[int]:
     """Greedy generation from `prompt` (wrapped in the folder's chat template with `chat`),
-    printing each token's text as it comes; the generated token ids."""
+    printing each token's text as it comes; the generated token ids. threads: onnxruntime's
+    intra-op threads (None: onnxruntime-genai's default, which is one thread on a 2-vCPU machine
+    without SMT such as this project's; the folder's genai_config.json is not changed)."""
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -31,7 +34,10 @@ def stream(path, prompt: str, max_new_tokens: int = 128, chat: bool = False, out
     out = out or sys.stdout
     folder = genai_folder(path)
     try:
-        model = og.Model(str(folder))
+        config = og.Config(str(folder))
+        if threads is not None:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        model = og.Model(config)
     except Exception as exc:  # onnxruntime-genai raises its own error types
         raise PerqError(f"{folder}: onnxruntime-genai cannot load it: {str(exc).splitlines()[0]}") from None
     tokenizer = og.Tokenizer(model)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -218,8 +219,15 @@ def test_genai_target_writes_the_ort_models_folder(tiny_models, tmp_path, capsys
     assert _relative(greedy_logits(ort_out, ids, 2), greedy_logits(folder / "model.onnx", ids, 2)) < TOL
     pytest.importorskip("onnxruntime_genai")
     from perq_onnx.cli import main
+    from perq_onnx.generate import stream
+    capsys.readouterr()  # (optimize's messages)
     assert main(["generate", str(folder), "The capital of France is", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.strip()
+    assert capsys.readouterr().out.endswith("\n")
+    # --threads reaches onnxruntime-genai's session options (an overlay; the folder is unchanged)
+    config = (folder / "genai_config.json").read_text()
+    assert main(["--threads", "2", "generate", str(folder), "The capital of France is", "--max-new-tokens", "5"]) == 0
+    tokens = [stream(folder, "The capital of France is", 5, out=io.StringIO(), threads=t) for t in (None, 2)]
+    assert len(tokens[0]) == 5 and tokens[0] == tokens[1] and (folder / "genai_config.json").read_text() == config
 
 
 @pytest.mark.slow
