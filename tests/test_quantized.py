@@ -85,7 +85,8 @@ def test_quantization_without_rotation_is_worse_on_outliers(tiny_models, tmp_pat
 @pytest.mark.slow
 def test_fused_op_model_matches_unfused(tiny_models, tmp_path):
     path = tiny_models("llama")
-    optimize(path, tmp_path / "a.onnx", Settings.parse(block="16"), progress=False)
+    # (--fused-ops has no float-target refit: the unfused twin rounds its weights the same way)
+    optimize(path, tmp_path / "a.onnx", Settings.parse(block="16", float_target=False), progress=False)
     optimize(path, tmp_path / "b.onnx", Settings.parse(block="16", fused_ops=True), progress=False)
     model = onnx.load(str(tmp_path / "b.onnx"))
     assert len([n for n in model.graph.node if n.op_type == "BlockHadamardQuantize"]) == 2
