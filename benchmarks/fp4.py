@@ -42,15 +42,19 @@ FORMATS = {"NVFP4": dict(format="nvfp4", a_bits=4), "MXFP4": dict(format="mxfp4"
 BLOCK_OF = {"NVFP4": NumberFormat.NVFP4.block, "MXFP4": NumberFormat.MXFP4.block}
 
 
+R1 = {"residual_rotation": "full"}  # main() sets "online" for a post-norm model (Gemma 3): the R1 it takes
+
+
 def configurations(block: int, residual: bool = True):
     """(name, options) of the rotation configurations at one block size: with R1 (full residual
-    Hadamard) and R2 (per-head), the paper's setting, or (residual=False) the online block
-    rotation alone, aligned with the format's scale blocks."""
+    Hadamard; online block Hadamards at the residual's readers on a post-norm model) and R2
+    (per-head), the paper's setting, or (residual=False) the online block rotation alone, aligned
+    with the format's scale blocks."""
     if residual:
         none = dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
         yield "no rotation", none
         yield "no rotation + GPTQ", dict(none, rounding="gptq", w_clip="act")
-    family, extra = (("R1+R2+R3", dict(residual_rotation="full", head_rotation=True)) if residual
+    family, extra = (("R1+R2+R3", dict(R1, head_rotation=True)) if residual
                      else ("R3", dict(residual_rotation="none", head_rotation=False)))
     yield f"{family} b{block}", dict(block=str(block), permute="none", **extra)
     yield f"{family} b{block} PeRQ", dict(block=str(block), permute="massdiff", **extra)
@@ -213,6 +217,8 @@ def main():
     ap.add_argument("--choose-windows", type=int, default=4, help="held-out valid windows for --choose")
     args = ap.parse_args()
     model = MODELS[args.model]
+    if model.get("online"):
+        R1["residual_rotation"] = "online"
     if args.choose:
         RESULTS.mkdir(parents=True, exist_ok=True)
         return choose(args, model)
