@@ -143,13 +143,16 @@ def test_format_options_are_checked_once(options, message):
 
 def test_nvfp4_turns_r1_and_r2_off_unless_asked(llama, tmp_path):
     """NVFP4 defaults to the online block rotation only (the report says so); an explicit
-    --residual-rotation full / --head-rotation is kept; MXFP4 keeps all three, at its block of 32."""
+    --residual-rotation full / --head-rotation is kept; MXFP4 keeps all three, at its block of 32,
+    its R1 the online residual rotation."""
     default = optimize(llama, tmp_path / "a.onnx", Settings.parse(**COMMON, format="nvfp4"), progress=False)
     assert any("R1 and R2 off by default" in s for s in default.summaries)
     assert not any(s.startswith(("RotateResidual", "RotateHeads")) for s in default.summaries)
     assert any(s.startswith("InsertOnlineRotation: online block Hadamard b=16") for s in default.summaries)
     mx = optimize(llama, tmp_path / "m.onnx", Settings.parse(**COMMON, format="mxfp4"), progress=False)
-    assert any(s.startswith("RotateResidual") for s in mx.summaries)
+    assert any("residual rotation online by default" in s for s in mx.summaries)  # its R1: online
+    assert any(s.startswith("RotateResidualOnline") for s in mx.summaries)
+    assert not any(s.startswith("RotateResidual:") for s in mx.summaries)
     assert any(s.startswith("InsertOnlineRotation: online block Hadamard b=32") for s in mx.summaries)
     forced = optimize(llama, tmp_path / "b.onnx", Settings.parse(**COMMON, format="nvfp4", residual_rotation="full",
                                                                    head_rotation=True), progress=False)
