@@ -336,14 +336,19 @@ class _Builder:
         return h
 
 
+def _padded_codes(weight: BlockInt4) -> np.ndarray:
+    """The codes [blocks * b, N], 0..15, a ragged last block padded with its zero point (decodes to 0)."""
+    u = np.repeat(weight.zero, weight.block, axis=0)
+    u[:weight.shape[0]] = weight.codes
+    return u
+
+
 def _matmulnbits_layout(weight: BlockInt4):
     """(codes [N, blocks, b/2] two per byte, scales [N, blocks], packed zero points or None when
     all are MatMulNBits' default 8) of INT4 blocks [K, N]."""
-    k, n = weight.shape
+    n = weight.shape[1]
     b, blocks = weight.block, weight.scale.shape[0]
-    u = np.repeat(weight.zero, b, axis=0)                                   # padding decodes to 0
-    u[:k] = weight.codes                                                    # [blocks * b, N], 0..15
-    u = np.ascontiguousarray(u.T).reshape(n, blocks, b)                     # [N, blocks, b]
+    u = np.ascontiguousarray(_padded_codes(weight).T).reshape(n, blocks, b)  # [N, blocks, b]
     zero = None
     if np.any(weight.zero != 8):
         zero = _nibbles(np.pad(weight.zero.T, ((0, 0), (0, blocks % 2)), constant_values=8))
@@ -357,10 +362,9 @@ def int8_columns(weight: BlockInt4):
     [blocks, b, N] (uint8 0..15, a ragged last block padded with its zero point), zero and ratio
     [blocks, 1, N] float32 (zero a single 8 when every zero point is 8) and scale [N] float32; the
     float32 arithmetic is what ``_Builder.int8_matmul``'s nodes do."""
-    k, n = weight.shape
+    n = weight.shape[1]
     b, blocks = weight.block, weight.scale.shape[0]
-    u = np.repeat(weight.zero, b, axis=0)                                   # padding decodes to 0
-    u[:k] = weight.codes
+    u = _padded_codes(weight)
     zero = weight.zero.astype(np.float32)[:, None, :]
     steps = np.abs(u.reshape(blocks, b, n).astype(np.float32) - zero).max(axis=1)   # [blocks, N]
     scale = (np.abs(weight.scale) * steps).max(axis=0) / np.float32(127)

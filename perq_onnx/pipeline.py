@@ -167,7 +167,7 @@ def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Repo
     if fp4 and settings.rotation.heads is None:
         off["head_rotation"] = False
     mx = settings.activations_quantized and settings.activations.format is NumberFormat.MXFP4
-    if mx and settings.rotation.residual is None and settings.target is not TargetName.GENAI:
+    if mx and settings.rotation.residual is None:
         # the online residual rotation leaves the gammas unfolded: W4A4 PeRQ + GPTQ on SmolLM2's
         # held-out valid windows 16-31 (calibration 0-15) 31.10 with the full R1, 24.09 online
         settings = settings.replace(residual_rotation=ResidualRotation.ONLINE)
