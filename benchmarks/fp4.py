@@ -80,6 +80,10 @@ def rows():
                 if (row, name) not in seen and (row, name) != ("INT4", "no rotation + GPTQ"):
                     seen.add((row, name))
                     yield row, name, {**FORMATS[row], **cfg}  # a row's own float_target wins
+    if R1["residual_rotation"] == "full":  # MXFP4's default R1 on a pre-norm model is the online one
+        yield "MXFP4", "R1 online+R2+R3 b32 PeRQ + GPTQ", dict(FORMATS["MXFP4"], block="32", permute="massdiff",
+                                                                rounding="gptq", w_clip="act",
+                                                                residual_rotation="online", head_rotation=True)
 
 
 def choose(args, model):
