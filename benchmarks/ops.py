@@ -1,15 +1,18 @@
-"""CPU latency of the perq custom-op library against the standard-op function bodies.
+"""Latency of the perq custom-op library against the standard-op function bodies.
 
     python benchmarks/ops.py                      # op table -> benchmarks/results/ops.md, ops.json
+    python benchmarks/ops.py --provider cuda --quantizer nvfp4   # GPU -> ops_cuda_nvfp4.md, .json
     python benchmarks/ops.py --model A.onnx --seq-len 512    # end-to-end, with and without the library
 
-Op table: BlockHadamard alone and the fused BlockHadamardQuantize, each as the one-node model of
+Op table: BlockHadamard alone and the fused BlockHadamardQuantize (``--quantizer int``, default)
+or BlockHadamardQuantizeFP4 (``--quantizer nvfp4`` / ``mxfp4``), each as the one-node model of
 perq_onnx.functions.single_op_model, run by onnxruntime's CPU execution provider (intra-op threads
 2 by default) with the library registered (the C++ kernel) and without it (onnxruntime runs the
 model-local function: Reshape, MatMul with H_b, Reshape, then the ReduceMin/Max ... Quantize/
 DequantizeLinear chain). Each timing is the median of --repeats runs after warm-up runs, the runs
 with and without the library alternating; inputs and the output buffer are bound once
-(IOBinding) so that no copy is timed.
+(IOBinding) so that no copy is timed. ``--provider cuda``: the CUDA execution provider, inputs and
+outputs bound in GPU memory (onnxruntime synchronises the GPU at the end of each run).
 
 --model: the median latency of one forward pass of a PeRQ model (with BlockHadamard /
 BlockHadamardQuantize nodes) on random input_ids of --seq-len tokens (attention_mask of ones and
@@ -36,7 +39,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from perq_onnx import __version__, ops  # noqa: E402
-from perq_onnx.functions import BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, single_op_model  # noqa: E402
+from perq_onnx.functions import (BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, BLOCK_HADAMARD_QUANTIZE_FP4,  # noqa: E402
+                                 single_op_model)
 from perq_onnx.errors import PerqError  # noqa: E402
 from perq_onnx.runtime import make_feeds  # noqa: E402
 
@@ -69,6 +73,13 @@ def machine() -> dict:
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=False).stdout.strip().splitlines()
+        if gpu:
+            info["gpu"] = gpu[0].replace(", ", ", driver ")
+    except OSError:
+        pass
     if hasattr(os, "getloadavg"):
         info["load_average_1min_at_start"] = round(os.getloadavg()[0], 2)
     return info
@@ -85,20 +96,38 @@ def session_options(threads: int, with_library: bool) -> ort.SessionOptions:
     return ops.session_options(so) if with_library else so
 
 
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
 def bind(sess: ort.InferenceSession, feeds: dict, out_buffers=None):
-    """IOBinding with inputs bound once; outputs go to out_buffers (name -> preallocated array)
-    where given, else to buffers onnxruntime allocates."""
+    """IOBinding with inputs bound once; outputs go to out_buffers (name -> preallocated array or
+    OrtValue) where given, else to buffers onnxruntime allocates."""
     binding = sess.io_binding()
     for name, value in feeds.items():
-        binding.bind_cpu_input(name, value)
+        if isinstance(value, ort.OrtValue):
+            binding.bind_ortvalue_input(name, value)
+        else:
+            binding.bind_cpu_input(name, value)
     out_buffers = out_buffers or {}
     for out in sess.get_outputs():
         y = out_buffers.get(out.name)
-        if y is not None:
+        if isinstance(y, ort.OrtValue):
+            binding.bind_ortvalue_output(out.name, y)
+        elif y is not None:
             binding.bind_output(out.name, "cpu", 0, y.dtype, list(y.shape), y.ctypes.data)
         else:
             binding.bind_output(out.name, "cpu")
     return binding
+
+
+def quantized_op(args) -> tuple[str, dict]:
+    """The fused op the table times besides BlockHadamard, with its attributes."""
+    if args.quantizer == "int":
+        return BLOCK_HADAMARD_QUANTIZE, dict(bits=args.bits, symmetric=int(args.symmetric))
+    attrs = {"format": args.quantizer}
+    if args.quantizer == "nvfp4":
+        attrs["tensor_scale"] = 1.0 / 448  # calibration's amax / (6 * 448) for activations of amax 6
+    return BLOCK_HADAMARD_QUANTIZE_FP4, attrs
 
 
 def time_interleaved(runs: dict, repeats: int, warmup: int) -> dict:
@@ -119,19 +148,21 @@ def time_interleaved(runs: dict, repeats: int, warmup: int) -> dict:
 def bench_ops(args) -> dict:
     rows = []
     rng = np.random.default_rng(0)
-    quant_attrs = dict(bits=args.bits, symmetric=int(args.symmetric))
+    quant_op, quant_attrs = quantized_op(args)
     for channels in args.channels:
         for tokens in args.tokens:
             x = rng.standard_normal((1, tokens, channels)).astype(np.float32)
             y = np.empty_like(x)
+            if args.provider == "cuda":
+                x, y = (ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in (x, y))
             for block in args.blocks:
-                for op_type, attrs in ((BLOCK_HADAMARD, {}), (BLOCK_HADAMARD_QUANTIZE, quant_attrs)):
+                for op_type, attrs in ((BLOCK_HADAMARD, {}), (quant_op, quant_attrs)):
                     model = single_op_model(op_type, channels, block_size=block, **attrs).SerializeToString()
                     result = {"op": op_type, "block_size": block, "shape": [1, tokens, channels], **attrs}
                     runs = {}
                     for key, with_lib in (("library", True), ("function_body", False)):
                         sess = ort.InferenceSession(model, session_options(args.threads, with_lib),
-                                                    providers=["CPUExecutionProvider"])
+                                                    providers=PROVIDERS[args.provider])
                         runs[key] = (sess, bind(sess, {"X": x}, {"Y": y}))
                     for key, times in time_interleaved(runs, args.repeats, args.warmup).items():
                         result[f"{key}_ms"] = round(statistics.median(times), 3)
@@ -141,25 +172,38 @@ def bench_ops(args) -> dict:
                     rows.append(result)
                     print(f"{op_type:22s} b={block:<4d} [1, {tokens}, {channels}]  library {result['library_ms']:8.2f} ms"
                           f"  function body {result['function_body_ms']:8.2f} ms  x{result['speedup']:.1f}", flush=True)
-    return {"machine": machine(), "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
-            "quantize": quant_attrs, "results": rows}
+    return {"machine": machine(), "provider": args.provider, "threads": args.threads, "repeats": args.repeats,
+            "warmup": args.warmup, "quantizer": args.quantizer, "quantize": quant_attrs, "results": rows}
+
+
+def report_name(report: dict) -> str:
+    """ops (the CPU INT table, as before), else ops_<provider>[_<quantizer>]."""
+    parts = ["ops"] + ([report["provider"]] if report["provider"] != "cpu" else [])
+    return "_".join(parts + ([report["quantizer"]] if report["quantizer"] != "int" else []))
 
 
 def write_ops_report(report: dict, out_dir: pathlib.Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ops.json").write_text(json.dumps(report, indent=2) + "\n")
+    name = report_name(report)
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
     q = report["quantize"]
+    quant_op = BLOCK_HADAMARD_QUANTIZE if report["quantizer"] == "int" else BLOCK_HADAMARD_QUANTIZE_FP4
+    cuda = report["provider"] == "cuda"
+    command = "python benchmarks/ops.py" + (" --provider cuda" if cuda else "") + \
+        (f" --quantizer {report['quantizer']}" if report["quantizer"] != "int" else "")
     lines = [
-        "# perq custom-op library: CPU latency",
+        f"# perq custom-op library: {'GPU' if cuda else 'CPU'} latency",
         "",
-        "Generated by `python benchmarks/ops.py`. onnxruntime CPU execution provider, "
-        f"intra-op threads = {report['threads']}, median of {report['repeats']} runs after {report['warmup']} "
+        f"Generated by `{command}`. onnxruntime "
+        + ("CUDA execution provider (GPU: " + m.get("gpu", "?") + "), input and output in GPU memory, "
+           if cuda else f"CPU execution provider, intra-op threads = {report['threads']}, ")
+        + f"median of {report['repeats']} runs after {report['warmup']} "
         "warm-up runs (library and function-body runs alternating; thread-pool spinning off), inputs and "
         "output bound once (IOBinding). *library*: the C++ kernel "
         "(`perq_onnx.ops`); *function body*: the same one-node model without the library, i.e. the "
         "model-local function of standard ops that onnxruntime runs otherwise. "
-        f"BlockHadamardQuantize with bits={q['bits']}, symmetric={q['symmetric']}. float32.",
+        f"{quant_op} with " + ", ".join(f"{k}={v}" for k, v in q.items()) + ". float32.",
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['os']}; Python {m['python']}, "
         f"onnxruntime {m['onnxruntime']}, onnx {m['onnx']}, numpy {m['numpy']}, perq-onnx {m['perq_onnx']}"
@@ -174,12 +218,13 @@ def write_ops_report(report: dict, out_dir: pathlib.Path) -> None:
         shape = "[" + ", ".join(str(d) for d in r["shape"]) + "]"
         lines.append(f"| {r['op']} | {r['block_size']} | {shape} | {r['library_ms']:.2f} | "
                      f"{r['function_body_ms']:.2f} | {r['speedup']:.1f}x |")
-    fused = [r["speedup"] for r in report["results"] if r["op"] == BLOCK_HADAMARD_QUANTIZE]
+    fused = [r["speedup"] for r in report["results"] if r["op"] == quant_op]
     alone = [r["speedup"] for r in report["results"] if r["op"] == BLOCK_HADAMARD]
     if fused and alone:
-        lines += ["", f"Speedup, BlockHadamardQuantize: min {min(fused):.1f}x, median {statistics.median(fused):.1f}x; "
+        lines += ["", f"Speedup, {quant_op}: min {min(fused):.1f}x, median {statistics.median(fused):.1f}x; "
                       f"BlockHadamard: min {min(alone):.1f}x, median {statistics.median(alone):.1f}x."]
-    (out_dir / "ops.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    return out_dir / f"{name}.md"
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +298,12 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--bits", type=int, default=4, choices=[4, 8])
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (default asymmetric)")
-    p.add_argument("--out-dir", default=str(RESULTS), help="where ops.md and ops.json go")
+    p.add_argument("--quantizer", choices=["int", "nvfp4", "mxfp4"], default="int",
+                   help="the fused op timed besides BlockHadamard: BlockHadamardQuantize (int, --bits, "
+                        "--symmetric) or BlockHadamardQuantizeFP4 in that format")
+    p.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu",
+                   help="onnxruntime execution provider (cuda: needs onnxruntime-gpu and a library built with nvcc)")
+    p.add_argument("--out-dir", default=str(RESULTS), help="where the table (.md) and its .json go")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--model", help="end-to-end: a PeRQ ONNX model to time with and without the library")
     p.add_argument("--baseline", help="--model: the same model without the online rotation (--block none), "
@@ -270,10 +320,14 @@ def main(argv=None):
     if args.model:
         bench_model(args)
         return
+    if args.provider == "cuda" and ("CUDAExecutionProvider" not in ort.get_available_providers()
+                                    or not ops.cuda_available()):
+        raise SystemExit("--provider cuda needs onnxruntime's CUDA execution provider and an op library with "
+                         "CUDA kernels (built where nvcc is found)")
     report = bench_ops(args)
     if not args.no_write:
-        write_ops_report(report, pathlib.Path(args.out_dir))
-        print(f"wrote {pathlib.Path(args.out_dir) / 'ops.md'} and ops.json")
+        path = write_ops_report(report, pathlib.Path(args.out_dir))
+        print(f"wrote {path} and its .json")
 
 
 if __name__ == "__main__":

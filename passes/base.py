@@ -21,7 +21,7 @@ from tqdm import tqdm
 from perq_onnx.analysis import DecoderStructure, Fold, Linear
 from perq_onnx.calibration import Calibrator, tensor_names, with_outputs
 from perq_onnx.errors import InternalError, PerqError
-from perq_onnx.functions import DOMAIN, function_for
+from perq_onnx.functions import DOMAIN, PER_NODE_ATTRIBUTES, function_for
 from perq_onnx.fused_ops import fused_gamma_input
 from perq_onnx.graph import export_structure
 from perq_onnx.shapes import constant_shape, constant_value
@@ -105,16 +105,20 @@ class Context:
 
 def register_functions(ctx: Context) -> bool:
     """Give every perq node its model-local function body; whether the graph has any. A body is
-    specialised to its node's attributes (functions.py), so all nodes of one op must share them."""
+    specialised to its node's attributes (functions.py), so all nodes of one op must share them,
+    except those the body reads by reference (PER_NODE_ATTRIBUTES)."""
     found, attrs = False, {}
     for node in ctx.graph.nodes:
         if node.domain == DOMAIN:
             found = True
-            if attrs.setdefault(node.op, dict(node.attrs)) != dict(node.attrs):
-                raise InternalError(f"node '{node.name}': perq.{node.op} with {dict(node.attrs)}, but another node of "
+            shared = {k: v for k, v in node.attrs.items() if k not in PER_NODE_ATTRIBUTES}
+            if attrs.setdefault(node.op, shared) != shared:
+                raise InternalError(f"node '{node.name}': perq.{node.op} with {shared}, but another node of "
                                     f"that op has {attrs[node.op]}; one model-local function serves them all")
             if node.op not in ctx.functions:
                 ctx.functions[node.op] = function_for(node.op, node.attrs)
+    for op in set(ctx.functions) - set(attrs):  # a pass replaced every node of this op
+        del ctx.functions[op]
     return found
 
 

@@ -4,7 +4,8 @@ Inserts the standard-op quantize-dequantize chain of perq_onnx.functions (per to
 channel axis; asymmetric with an integer zero point, or symmetric) in front of q/k/v (one chain,
 shared input), o_proj, gate/up (shared) and down_proj. With ``fused`` and an online
 BlockHadamard already at down_proj, that node becomes one ``perq.BlockHadamardQuantize`` (the
-custom op library's fused kernel; its function body is the same chain). Metadata
+custom op library's fused kernel; its function body is the same chain), or with an FP4 format one
+``perq.BlockHadamardQuantizeFP4`` (NVFP4's tensor scale from the calibrated amax, as unfused). Metadata
 ``perq.activation_qdq`` lists (layer, linear, input, output) of the chains so tools can measure
 quantization error.
 """
@@ -20,7 +21,8 @@ import onnx_graphsurgeon as gs
 from perq_onnx.errors import PerqError
 from perq_onnx.check_fp4 import TRT_DOMAIN
 from perq_onnx.formats import NVFP4, FP4Format, emit_fp4_activation_qdq
-from perq_onnx.functions import BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, QDQ_TYPES, emit_activation_qdq
+from perq_onnx.functions import (BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, BLOCK_HADAMARD_QUANTIZE_FP4, DOMAIN,
+                                 QDQ_TYPES, emit_activation_qdq)
 from perq_onnx.shapes import constant_shape, producer
 
 from .base import (ACTIVATIONS_FLOAT, ACTIVATIONS_QUANTIZED, ONLINE_ROTATION, QUANTIZED_ACTIVATION, Context, Pass,
@@ -100,8 +102,16 @@ class FP4QDQ:
         return cls(fmt, static_amax=isinstance(fmt, NVFP4))
 
     def emit(self, e, x, dtype, amax, output):
-        fmt = NVFP4.from_amax(amax) if self.static_amax else self.format
-        return emit_fp4_activation_qdq(e, x, fmt, output=output)
+        return emit_fp4_activation_qdq(e, x, self.bound(amax), output=output)
+
+    def bound(self, amax) -> FP4Format:
+        """The format with NVFP4's tensor scale from the calibrated amax."""
+        return NVFP4.from_amax(amax) if self.static_amax else self.format
+
+    def fused_attributes(self, amax) -> dict:
+        """perq.BlockHadamardQuantizeFP4's attributes besides block_size."""
+        fmt = self.bound(amax)
+        return {"format": fmt.name, "tensor_scale": float(fmt.tensor_scale)} if self.static_amax else {"format": fmt.name}
 
     def __str__(self) -> str:
         return f"{self.format.name.upper()} per-block"
@@ -135,8 +145,8 @@ class QuantizeActivations(Pass):
 
     def __init__(self, quantizer, fused: bool = False):
         self.quantizer, self.fused = quantizer, fused
-        if fused and not isinstance(quantizer, IntQDQ):
-            raise PerqError("--fused-ops fuses the online rotation with INT activation quantization only")
+        if fused and not isinstance(quantizer, (IntQDQ, FP4QDQ)):
+            raise PerqError(f"--fused-ops: no perq op fuses the online rotation with {quantizer}")
         self.requires = (ACTIVATIONS_FLOAT, ONLINE_ROTATION) if fused else (ACTIVATIONS_FLOAT,)
 
     def run(self, ctx: Context) -> PassResult:
@@ -153,7 +163,7 @@ class QuantizeActivations(Pass):
             prefix = f"{linears[0].name}/input_qdq"
             rotation = producer(x)
             if self.fused and kind == "down_proj" and rotation is not None and rotation.op == BLOCK_HADAMARD:
-                self._fuse(ctx, rotation)
+                self._fuse(ctx, rotation, amax.get(x.name))
                 ctx.record(QUANTIZED_ACTIVATION, x.name)
                 records.append({"layer": layer.index, "linear": kind, "input": rotation.inputs[0].name,
                                 "output": x.name, "fused": True})
@@ -168,8 +178,12 @@ class QuantizeActivations(Pass):
         ctx.metadata["perq.activation_qdq"] = json.dumps(records)
         return PassResult(f"{self.quantizer} activation quantize-dequantize at {len(records)} inputs")
 
-    def _fuse(self, ctx: Context, node: gs.Node) -> None:
+    def _fuse(self, ctx: Context, node: gs.Node, amax: float | None) -> None:
         b = node.attrs["block_size"]
-        node.op = BLOCK_HADAMARD_QUANTIZE
-        node.attrs = {"block_size": b, "bits": self.quantizer.bits, "symmetric": int(self.quantizer.symmetric)}
+        if isinstance(self.quantizer, FP4QDQ):
+            node.op = BLOCK_HADAMARD_QUANTIZE_FP4
+            node.attrs = {"block_size": b, **self.quantizer.fused_attributes(amax)}
+        else:
+            node.op = BLOCK_HADAMARD_QUANTIZE
+            node.attrs = {"block_size": b, "bits": self.quantizer.bits, "symmetric": int(self.quantizer.symmetric)}
         node.domain = DOMAIN

@@ -319,7 +319,8 @@ def parser() -> argparse.ArgumentParser:
                                  "the activation quantization's error (default for INT weights and activations)")
     target_fit.add_argument("--no-float-target", dest="float_target", action="store_false",
                             help="round the weights themselves (the paper's recipe)")
-    o.add_argument("--fused-ops", action="store_true", help="emit perq.BlockHadamardQuantize (rotation + activation QDQ)")
+    o.add_argument("--fused-ops", action="store_true", help="emit perq.BlockHadamardQuantize, or perq.BlockHadamardQuantizeFP4 with --format "
+                   "nvfp4/mxfp4 (rotation + activation QDQ at down_proj)")
     o.add_argument("--random-orthogonal", action="store_true",
                    help="use a seeded random orthogonal matrix where no Hadamard construction exists")
     o.add_argument("--target", default="simulate", choices=TargetName.values(),

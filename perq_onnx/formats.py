@@ -420,10 +420,9 @@ def _emit_e2m1_round(e, y):
                          e.const(np.array(E2M1_MAX, F32), "max_e2m1")], "e2m1")
 
 
-def _emit_nvfp4_scale(e, amax, tensor_scale):
+def _emit_nvfp4_scale(e, amax, ts):
     """(s, divisor): s = float32(e4m3(min((amax / 6) / ts, 448))) * ts; divisor = s, or 1 where
-    s == 0."""
-    ts = e.const(np.array(tensor_scale, F32), "tensor_scale")
+    s == 0 (ts: the tensor scale's float32 scalar tensor)."""
     raw = e.op("Div", [e.op("Div", [amax, e.const(np.array(E2M1_MAX, F32), "six")], "amax_6"), ts], "raw_scale")
     clipped = e.op("Min", [raw, e.const(np.array(E4M3_MAX, F32), "e4m3_max")], "raw_scale_sat")
     s8 = e.op("Cast", [clipped], "scale_e4m3", to=TensorProto.FLOAT8E4M3FN, saturate=1)
@@ -456,10 +455,11 @@ def _emit_mx_scale(e, amax):
     return e.op("Gather", [scales, idx], "scale")
 
 
-def emit_fp4_activation_qdq(e, x, fmt: FP4Format, output=None):
+def emit_fp4_activation_qdq(e, x, fmt: FP4Format, output=None, tensor_scale=None):
     """Dynamic FP4 quantize-dequantize of x over its last axis in blocks of fmt.group, in float32
     between Cast(x, float) and CastLike(y, x), with exactly the float32 operations of the module
-    docstring (NVFP4: fmt.tensor_scale a constant, the block scales dynamic; MXFP4: all dynamic).
+    docstring (NVFP4: fmt.tensor_scale a constant, or the scalar tensor ``tensor_scale`` where
+    given, the block scales dynamic; MXFP4: all dynamic).
     Ops: Shape, Reshape [-1, g], Abs, ReduceMax, Div, Min, Cast (FLOAT8E4M3FN, saturate=1), Mul,
     Equal, Where (NVFP4) / Max, Log, Floor, Add, Cast, Gather, Greater, Sub, LessOrEqual (MXFP4),
     then Less, Where, Round, Clip (E2M1); opset 21."""
@@ -469,7 +469,8 @@ def emit_fp4_activation_qdq(e, x, fmt: FP4Format, output=None):
     amax = e.op("ReduceMax", [e.op("Abs", [blocks], "abs_x"), e.const(np.array([-1], np.int64), "last_axis")],
                 "amax", keepdims=1)
     if isinstance(fmt, NVFP4):
-        scale, divisor = _emit_nvfp4_scale(e, amax, fmt._tensor_scale())
+        ts = tensor_scale or e.const(np.array(fmt._tensor_scale(), F32), "tensor_scale")
+        scale, divisor = _emit_nvfp4_scale(e, amax, ts)
     else:
         scale = divisor = _emit_mx_scale(e, amax)
     codes = _emit_e2m1_round(e, e.op("Div", [blocks, divisor], "scaled"))

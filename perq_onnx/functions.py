@@ -23,6 +23,12 @@ the custom-op library's tests):
 
 * ``BlockHadamardQuantize(X; block_size, bits, symmetric)`` in domain ``perq``: the two above
   fused, rotation first.
+* ``BlockHadamardQuantizeFP4(X; block_size, format, tensor_scale)`` in domain ``perq``: the
+  rotation, then the dynamic FP4 quantize-dequantize of perq_onnx.formats
+  (``emit_fp4_activation_qdq``) over the last axis in the format's blocks: ``format`` "nvfp4"
+  (blocks of 16, E4M3 block scales times the float ``tensor_scale``) or "mxfp4" (blocks of 32,
+  power-of-two scales; ``tensor_scale`` unused). The body reads ``tensor_scale`` through an
+  attribute reference, so every node carries its own.
 
 Code emits these through an ``Emitter`` so the same builder writes graph nodes (onnx-graphsurgeon)
 and function bodies (FunctionProto).
@@ -33,12 +39,15 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .formats import format_for, emit_fp4_activation_qdq
 from .hadamard import hadamard
 
 DOMAIN = "perq"
 EPS = 1e-8
 BLOCK_HADAMARD = "BlockHadamard"
 BLOCK_HADAMARD_QUANTIZE = "BlockHadamardQuantize"
+BLOCK_HADAMARD_QUANTIZE_FP4 = "BlockHadamardQuantizeFP4"
+PER_NODE_ATTRIBUTES = frozenset({"tensor_scale"})  # read by attribute reference: may differ between nodes
 QDQ_TYPES = {  # (bits, symmetric) -> onnx integer type used by QuantizeLinear
     (4, False): TensorProto.UINT4,
     (4, True): TensorProto.INT4,
@@ -61,6 +70,14 @@ class FunctionEmitter:
     def const(self, value: np.ndarray, hint: str) -> str:
         out = self._name(hint)
         self.nodes.append(helper.make_node("Constant", [], [out], value=numpy_helper.from_array(value, out)))
+        return out
+
+    def float_attribute(self, name: str) -> str:
+        """A float32 scalar from the calling node's float attribute ``name`` (attribute reference)."""
+        out = self._name(name)
+        node = helper.make_node("Constant", [], [out])
+        node.attribute.append(helper.make_attribute_ref("value_float", onnx.AttributeProto.FLOAT, ref_attr_name=name))
+        self.nodes.append(node)
         return out
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, output: str | None = None, **attrs) -> str:
@@ -161,12 +178,24 @@ def block_hadamard_quantize_function(block_size: int, bits: int, symmetric: bool
     return _function(BLOCK_HADAMARD_QUANTIZE, ["block_size", "bits", "symmetric"], body)
 
 
+def block_hadamard_quantize_fp4_function(block_size: int, format: str) -> onnx.FunctionProto:
+    """Model-local body of BlockHadamardQuantizeFP4 for this model's block size and format."""
+    fmt = format_for(format)
+    def body(e):
+        rotated = emit_block_hadamard(e, "X", block_size)
+        ts = e.float_attribute("tensor_scale") if fmt.name == "nvfp4" else None
+        emit_fp4_activation_qdq(e, rotated, fmt, output="Y", tensor_scale=ts)
+    return _function(BLOCK_HADAMARD_QUANTIZE_FP4, ["block_size", "format", "tensor_scale"], body)
+
+
 def function_for(op_type: str, attrs: dict) -> onnx.FunctionProto:
     """The model-local function body of a perq node with these attributes."""
     if op_type == BLOCK_HADAMARD:
         return block_hadamard_function(attrs["block_size"])
     if op_type == BLOCK_HADAMARD_QUANTIZE:
         return block_hadamard_quantize_function(attrs["block_size"], attrs["bits"], bool(attrs["symmetric"]))
+    if op_type == BLOCK_HADAMARD_QUANTIZE_FP4:
+        return block_hadamard_quantize_fp4_function(attrs["block_size"], attrs["format"])
     raise KeyError(f"no function body for perq.{op_type}")
 
 

@@ -247,7 +247,7 @@ class ActivationConfig:
     bits: int | None = None            # None: the target's default; 16 = float activations
     symmetric: bool = False
     clip: float = 1.0                  # INT: each token's quantization range as a fraction of its extremes
-    fused: bool = False                # one perq.BlockHadamardQuantize at down_proj
+    fused: bool = False                # one perq.BlockHadamardQuantize(FP4) at down_proj
 
     def __post_init__(self):
         if self.bits not in (None, 4, 8, 16):
@@ -304,9 +304,6 @@ class Settings:
         if self.weights.format is not self.activations.format:
             raise PerqError(f"weights in {self.weights.format} but activations in {self.activations.format}: "
                             "--format sets both")
-        if self.activations.fused and self.activations.format is not NumberFormat.INT:
-            raise PerqError(f"--fused-ops fuses the online rotation with INT activation quantization; "
-                            f"not with --format {self.activations.format}")
         if self.activations.fused and not (self.rotation.online.block and self.quantize
                                            and (self.activations.bits or 4) < 16):
             raise PerqError("--fused-ops fuses the online block rotation with activation quantization: "

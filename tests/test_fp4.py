@@ -134,7 +134,7 @@ def test_a_layer_the_format_block_does_not_divide_is_named():
 @pytest.mark.parametrize("options, message", [
     (dict(format="nvfp4", w_group=32), "--w-group 32: --format nvfp4 has one scale per 16"),
     (dict(format="mxfp4", a_bits=8), "--a-bits 8: --format mxfp4"),
-    (dict(format="nvfp4", fused_ops=True, a_bits=4), "--fused-ops"),
+    (dict(format="nvfp4", fused_ops=True, a_bits=16), "--fused-ops"),
 ])
 def test_format_options_are_checked_once(options, message):
     with pytest.raises(PerqError, match=message):
@@ -158,3 +158,32 @@ def test_nvfp4_turns_r1_and_r2_off_unless_asked(llama, tmp_path):
                                                                    head_rotation=True), progress=False)
     assert any(s.startswith("RotateResidual") for s in forced.summaries)
     assert any(s.startswith("RotateHeads") for s in forced.summaries)
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+def test_fused_fp4_op_model_matches_unfused(llama, tmp_path, fmt):
+    """--fused-ops: each down_proj input's rotation and FP4 quantizer become one
+    perq.BlockHadamardQuantizeFP4 (NVFP4: its own calibrated tensor scale per node). Its function
+    body gives the unfused model's logits exactly; the op library's kernel, up to the rotation's
+    last bits (README of runtime_ops)."""
+    from perq_onnx import ops
+    unfused = tmp_path / "unfused.onnx"
+    fused = tmp_path / "fused.onnx"
+    build(llama, unfused, format=fmt)
+    model = build(llama, fused, format=fmt, fused_ops=True)
+    nodes = [n for n in model.graph.node if n.op_type == "BlockHadamardQuantizeFP4"]
+    assert len(nodes) == 2  # one per layer; a function body for each perq op left in the graph, no more
+    assert sorted(f.name for f in model.functions) == sorted({n.op_type for n in model.graph.node if n.domain == "perq"})
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert all(a["format"] == fmt.encode() for a in attrs)
+    if fmt == "nvfp4":  # each node's tensor scale is its own input's calibrated amax / 2688
+        scales = [a["tensor_scale"] for a in attrs]
+        assert len(set(scales)) == 2 and all(s > 0 for s in scales)
+    else:
+        assert all("tensor_scale" not in a for a in attrs)
+    ids = random_ids(seq=32)
+    a, b = (session(p).run(None, make_feeds(session(p), ids))[0] for p in (unfused, fused))
+    np.testing.assert_array_equal(a, b)
+    with_library = ops.session(str(fused))
+    c = with_library.run(None, make_feeds(with_library, ids))[0]
+    assert np.abs(c - a).max() <= 0.05 * np.abs(a).max()

@@ -29,7 +29,8 @@ from onnx import TensorProto, helper
 
 from perq_onnx import ops
 from perq_onnx.errors import PerqError
-from perq_onnx.functions import (BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, DOMAIN, EPS,
+from perq_onnx.formats import MXFP4, NVFP4
+from perq_onnx.functions import (BLOCK_HADAMARD, BLOCK_HADAMARD_QUANTIZE, BLOCK_HADAMARD_QUANTIZE_FP4, DOMAIN, EPS,
                                  single_op_model)
 from perq_onnx.hadamard import hadamard
 
@@ -457,3 +458,124 @@ def test_cuda_kernels_match_cpu(library, op_type, attrs, dtype):
         else:
             atol = max(2.0 ** -24, 1e-6 * np.abs(r_ref).max())
             assert (np.abs(y.astype(np.float64) - r_ref) <= 2.0 ** -10 * np.abs(r_ref) + atol).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# BlockHadamardQuantizeFP4: the FP4 quantize-dequantize of the library's own rotation must equal
+# the numpy reference (perq_onnx.formats) bit for bit, for every block size; with exact rotations
+# (dyadic inputs, b a power of 4) the function body's output too.
+
+FP4_FORMATS = ["nvfp4", "mxfp4"]
+
+
+def fp4_case(rng, fmt_name, channels, rows=40, dtype=np.float32):
+    """(input, attributes, numpy format): normal data at a random scale with special rows: zeros,
+    values tiny enough for subnormal E4M3 scales, and an outlier; NVFP4's tensor scale from the
+    data's amax as calibration sets it, or 64x smaller so that block scales saturate at 448."""
+    x = rng.standard_normal((2, rows, channels)) * rng.choice([1e-3, 1.0, 20.0])
+    flat = x.reshape(-1, channels)
+    flat[0] = 0.0
+    flat[1] *= 1e-6
+    flat[2, rng.integers(channels)] *= 1000.0
+    x = x.astype(dtype)
+    if fmt_name == "mxfp4":
+        return x, {"format": "mxfp4"}, MXFP4()
+    amax = float(np.abs(x.astype(np.float32)).max()) / rng.choice([1.0, 64.0])
+    fmt = NVFP4.from_amax(amax)
+    return x, {"format": "nvfp4", "tensor_scale": float(fmt.tensor_scale)}, fmt
+
+
+def fp4_reference(rotated, fmt):
+    """The numpy reference on float32 rotated values, cast back to their type."""
+    return fmt.qdq(rotated.astype(np.float32)).astype(rotated.dtype)
+
+
+def assert_same_fp4(y, reference):
+    """Bit for bit, except the sign of zero: a block whose scale rounds to zero gives the
+    reference +0, and the kernel (like the function body) code * 0, which is -0 for a negative x."""
+    zero = np.zeros((), y.dtype)
+    assert_same_bits(y + zero, reference + zero)
+
+
+def rotate_and_fp4(x, block, attrs, library, providers=("CPUExecutionProvider",)):
+    """(BlockHadamard(x), BlockHadamardQuantizeFP4(x)), both run by the library on ``providers``."""
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(library))
+    outs = []
+    for op_type, extra in ((BLOCK_HADAMARD, {}), (BLOCK_HADAMARD_QUANTIZE_FP4, attrs)):
+        model = node_model(op_type, 3, x.shape[-1], x.dtype.type, block_size=block, **extra)
+        outs.append(ort.InferenceSession(model.SerializeToString(), so, providers=list(providers)).run(None, {"X": x})[0])
+    return outs
+
+
+@pytest.mark.parametrize("fmt_name", FP4_FORMATS)
+@pytest.mark.parametrize("block", BLOCKS)
+def test_block_hadamard_quantize_fp4_vs_numpy(library, block, fmt_name):
+    rng = rng_for("fp4", block, fmt_name)
+    channels = max(block, 32) * int(rng.integers(1, 4))
+    x, attrs, fmt = fp4_case(rng, fmt_name, channels)
+    rotated, y = rotate_and_fp4(x, block, attrs, library)
+    assert_same_fp4(y, fp4_reference(rotated, fmt))
+    if fmt_name == "nvfp4":  # block scales saturate at 448 when the tensor scale is too small
+        assert np.abs(y).max() <= 6 * 448 * fmt.tensor_scale * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("fmt_name", FP4_FORMATS)
+@pytest.mark.parametrize("block", POWERS_OF_FOUR)
+def test_block_hadamard_quantize_fp4_float16(library, block, fmt_name):
+    """float16 in and out, computed in float32 and rounded once: exact rotations (dyadic inputs)
+    so that the float32 reference sees the kernel's rotated values."""
+    rng = rng_for("fp4-fp16", block, fmt_name)
+    channels = max(block, 32) * 2
+    _, attrs, fmt = fp4_case(rng, fmt_name, channels)
+    x = dyadic_input(rng, (2, 9, channels), np.float16)
+    model = node_model(BLOCK_HADAMARD_QUANTIZE_FP4, 3, channels, np.float16, block_size=block, **attrs)
+    y = run_poisoned(make_session(model, library), x)
+    assert_same_fp4(y, fp4_reference(ref_rotate(x, block).astype(np.float32), fmt).astype(np.float16))
+
+
+@pytest.mark.parametrize("fmt_name", FP4_FORMATS)
+@pytest.mark.parametrize("block", POWERS_OF_FOUR)
+def test_block_hadamard_quantize_fp4_matches_function_body(library, block, fmt_name):
+    """Exact rotations: the kernel and the model-local body give the same bits (NVFP4's
+    tensor_scale reaches the body through its attribute reference)."""
+    rng = rng_for("fn-fp4", block, fmt_name)
+    channels = max(block, 32) * 2
+    _, attrs, fmt = fp4_case(rng, fmt_name, channels)
+    model = single_op_model(BLOCK_HADAMARD_QUANTIZE_FP4, channels, block_size=block, **attrs)
+    x = dyadic_input(rng, (2, 9, channels)) * np.float32(rng.choice([1e-4, 1.0, 300.0]))
+    y, y_fn = run_both(model, x, library)
+    assert_same_fp4(y, y_fn)  # the body's MatMul can give -0 where the butterfly gives +0
+    assert_same_fp4(y, fp4_reference(ref_rotate(x, block).astype(np.float32), fmt))
+
+
+@pytest.mark.parametrize("attrs,channels,message", [
+    (dict(format="int4"), 64, "format must be nvfp4 or mxfp4"),
+    (dict(), 64, "missing string attribute 'format'"),
+    (dict(format="nvfp4"), 64, "needs the float attribute 'tensor_scale'"),
+    (dict(format="nvfp4", tensor_scale=0.0), 64, "tensor_scale must be positive"),
+    (dict(format="mxfp4"), 48, "not a multiple of the format's block 32"),
+])
+def test_invalid_fp4_attributes_are_refused(library, attrs, channels, message):
+    with pytest.raises(Exception, match=message):
+        sess = make_session(node_model(BLOCK_HADAMARD_QUANTIZE_FP4, 2, channels, block_size=16, **attrs), library)
+        sess.run(None, {"X": np.ones((2, channels), np.float32)})
+
+
+@cuda_ep
+@pytest.mark.parametrize("fmt_name", FP4_FORMATS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["fp32", "fp16"])
+def test_cuda_fp4_kernel_matches_numpy(library, fmt_name, dtype):
+    """On the GPU the FP4 op quantizes the GPU's own rotation exactly as the numpy reference does,
+    including rows longer than one shared-memory tile (16384 channels)."""
+    if not ops.cuda_available():
+        pytest.fail("onnxruntime has a CUDA execution provider but the library was built without CUDA")
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+    for block, channels in itertools.product([2, 16, 32, 128, 1024], [1024, 16384]):
+        rng = rng_for("cuda-fp4", fmt_name, dtype.__name__, block, channels)
+        x, attrs, fmt = fp4_case(rng, fmt_name, channels, rows=33, dtype=dtype)
+        rotated, y = rotate_and_fp4(x, block, attrs, library, providers)
+        assert_same_fp4(y, fp4_reference(rotated, fmt))
+        rotated_cpu, y_cpu = rotate_and_fp4(x, block, attrs, library)
+        np.testing.assert_allclose(rotated.astype(np.float32), rotated_cpu.astype(np.float32), rtol=2e-3 if
+                                   dtype == np.float16 else 1e-5, atol=1e-6 * float(np.abs(rotated_cpu).max()))

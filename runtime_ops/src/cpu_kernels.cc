@@ -477,6 +477,33 @@ void process_row(const float* src, float* work, float* dst, int64_t n, const OpP
   }
 }
 
+// FP4 quantize-dequantize of a rotated row, block by block of p.fp4_group() values.
+void fp4_quantize_row(const float* work, float* dst, int64_t n, const OpParams& p) {
+  const int g = p.fp4_group();
+  for (int64_t off = 0; off < n; off += g) {
+    float amax = 0.f;
+    for (int k = 0; k < g; ++k) amax = std::max(amax, std::fabs(work[off + k]));
+    float scale, divisor;
+    fp4_scale(amax, p.fp4, p.tensor_scale, &scale, &divisor);
+    if (p.fp4 == Fp4::kMxfp4) {  // a power-of-two divisor: multiplying by its inverse is exact
+      const float inv = 1.f / divisor;
+      for (int k = 0; k < g; ++k) dst[off + k] = e2m1_round(work[off + k] * inv) * scale;
+    } else {
+      for (int k = 0; k < g; ++k) dst[off + k] = e2m1_round(work[off + k] / divisor) * scale;
+    }
+  }
+}
+
+// The whole op on one row (src, work and dst may alias, as for process_row<false>).
+void op_row(const float* src, float* work, float* dst, int64_t n, const OpParams& p) {
+  if (p.fp4 == Fp4::kNone) {
+    process_row<false>(src, work, dst, n, p);
+    return;
+  }
+  process_row<false>(src, work, work, n, p);  // the rotation alone (p.quantize is false)
+  fp4_quantize_row(work, dst, n, p);
+}
+
 float* row_buffer(int64_t n) {
   thread_local std::vector<float> buffer;
   if (buffer.size() < static_cast<size_t>(n)) buffer.resize(static_cast<size_t>(n));
@@ -508,7 +535,7 @@ void run_rows_f32(const float* x, float* y, int64_t channels, int64_t row_begin,
                   const OpParams& p, bool stream) {
   float* work = row_buffer(channels);
 #if PERQ_AVX2
-  if (stream && channels % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 32 == 0) {
+  if (stream && p.fp4 == Fp4::kNone && channels % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 32 == 0) {
     for (int64_t r = row_begin; r < row_end; ++r)
       process_row<true>(x + r * channels, work, y + r * channels, channels, p);
     _mm_sfence();  // order the streaming stores before the thread pool reports completion
@@ -516,8 +543,7 @@ void run_rows_f32(const float* x, float* y, int64_t channels, int64_t row_begin,
   }
 #endif
   (void)stream;
-  for (int64_t r = row_begin; r < row_end; ++r)
-    process_row<false>(x + r * channels, work, y + r * channels, channels, p);
+  for (int64_t r = row_begin; r < row_end; ++r) op_row(x + r * channels, work, y + r * channels, channels, p);
 }
 
 void run_rows_f16(const uint16_t* x, uint16_t* y, int64_t channels, int64_t row_begin, int64_t row_end,
@@ -525,7 +551,7 @@ void run_rows_f16(const uint16_t* x, uint16_t* y, int64_t channels, int64_t row_
   float* work = row_buffer(channels);
   for (int64_t r = row_begin; r < row_end; ++r) {
     load_half(x + r * channels, work, channels);
-    process_row<false>(work, work, work, channels, p);
+    op_row(work, work, work, channels, p);
     store_half(work, y + r * channels, channels);
   }
 }

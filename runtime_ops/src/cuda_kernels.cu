@@ -6,9 +6,11 @@
 // Hadamard blocks held in shared memory (the whole row when it fits in 48 KiB):
 //   1. load the tile, butterfly stages h < 32 in registers with warp shuffles,
 //   2. the stages h = 32 .. b/2 in shared memory,
-//   3. scale by 1/sqrt(b); for the fused op, a block reduction of min/max (or max |y|) over the
-//      row, then per-element quantize-dequantize. When the row spans several tiles the
-//      transform is recomputed in the second pass instead of being stored.
+//   3. scale by 1/sqrt(b); for the fused INT op, a block reduction of min/max (or max |y|) over
+//      the row, then per-element quantize-dequantize. When the row spans several tiles the
+//      transform is recomputed in the second pass instead of being stored. The FP4 op needs no
+//      row reduction: each FP4 block of g = 16 or 32 values is g consecutive lanes of one warp,
+//      which share its max |y| by shuffles, so it quantizes in the same pass as the rotation.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -23,13 +25,16 @@ namespace {
 constexpr int kMaxTileBytes = 48 * 1024;  // no opt-in needed on any architecture
 constexpr int kMaxThreads = 256;
 
-enum Mode { kHadamard = 0, kAsymmetric = 1, kSymmetric = 2 };
+enum Mode { kHadamard = 0, kAsymmetric = 1, kSymmetric = 2, kFp4 = 3 };
 
 struct DeviceParams {
   int block_size;
   float inv_sqrt_block;
   float qmin;
   float qmax;
+  Fp4 fp4;
+  int fp4_group;
+  float tensor_scale;
 };
 
 __device__ __forceinline__ float load(const float* p) { return __ldg(p); }
@@ -107,6 +112,23 @@ __global__ void __launch_bounds__(kMaxThreads) perq_kernel(const T* __restrict__
       }
       continue;
     }
+    if (kMode == kFp4) {  // tiles and the thread count are multiples of the FP4 block
+      for (int t0 = 0; t0 < channels; t0 += tile) {
+        const int n = min(tile, channels - t0);
+        fwht_tile(xr + t0, sm, n, p.block_size);
+        for (int base = 0; base < n; base += nt) {  // uniform trip count for the shuffles
+          const int e = base + tid;
+          const float v = e < n ? __fmul_rn(sm[e], rs) : 0.f;
+          float amax = fabsf(v);
+          for (int o = p.fp4_group / 2; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+          float scale, divisor;
+          fp4_scale(amax, p.fp4, p.tensor_scale, &scale, &divisor);
+          if (e < n) store(yr + t0 + e, __fmul_rn(e2m1_round(__fdiv_rn(v, divisor)), scale));
+        }
+        __syncthreads();
+      }
+      continue;
+    }
     const bool single = tile >= channels;
     float mn = INFINITY, mx = (kMode == kSymmetric) ? 0.f : -INFINITY;
     for (int t0 = 0; t0 < channels; t0 += tile) {
@@ -158,6 +180,7 @@ cudaError_t launch_typed(const void* x, void* y, int64_t rows, int channels, int
 template <typename T>
 cudaError_t launch_mode(const void* x, void* y, int64_t rows, int channels, int tile, int threads, int64_t grid,
                         const OpParams& p, const DeviceParams& dp, cudaStream_t stream) {
+  if (p.fp4 != Fp4::kNone) return launch_typed<T, kFp4>(x, y, rows, channels, tile, threads, grid, dp, stream);
   if (!p.quantize) return launch_typed<T, kHadamard>(x, y, rows, channels, tile, threads, grid, dp, stream);
   if (p.symmetric) return launch_typed<T, kSymmetric>(x, y, rows, channels, tile, threads, grid, dp, stream);
   return launch_typed<T, kAsymmetric>(x, y, rows, channels, tile, threads, grid, dp, stream);
@@ -175,7 +198,7 @@ const char* launch(const void* x, void* y, int64_t rows, int64_t channels, const
   int threads = (c / 4 + 31) / 32 * 32;
   threads = threads < 32 ? 32 : (threads > kMaxThreads ? kMaxThreads : threads);
   const int64_t grid = rows < 2147483647 ? rows : 2147483647;
-  DeviceParams dp{p.block_size, p.inv_sqrt_block, p.qmin(), p.qmax()};
+  DeviceParams dp{p.block_size, p.inv_sqrt_block, p.qmin(), p.qmax(), p.fp4, p.fp4_group(), p.tensor_scale};
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const cudaError_t err = fp16 ? launch_mode<__half>(x, y, rows, c, tile, threads, grid, p, dp, s)
                                : launch_mode<float>(x, y, rows, c, tile, threads, grid, p, dp, s);

@@ -2,6 +2,7 @@
 //
 //   BlockHadamard(X; block_size) -> Y
 //   BlockHadamardQuantize(X; block_size, bits, symmetric) -> Y
+//   BlockHadamardQuantizeFP4(X; block_size, format, tensor_scale) -> Y
 //
 // semantics: perq_onnx/functions.py. Kernels for float32 and float16 on the CPU execution provider
 // and, when built with CUDA, on the CUDA execution provider. Written against the plain C API
@@ -48,12 +49,14 @@ struct Kernel {
 };
 
 // Op description: one instance per (op type, element type, execution provider).
+enum class Quantizer { kNone, kInt, kFp4 };
+
 struct PerqOp : OrtCustomOp {
   const char* name;
   ONNXTensorElementDataType type;
-  bool quantize;
+  Quantizer quantizer;
   bool cuda;
-  PerqOp(const char* name_, ONNXTensorElementDataType type_, bool quantize_, bool cuda_);
+  PerqOp(const char* name_, ONNXTensorElementDataType type_, Quantizer quantizer_, bool cuda_);
 };
 
 const PerqOp* self(const OrtCustomOp* op) { return static_cast<const PerqOp*>(op); }
@@ -65,6 +68,38 @@ OrtStatus* get_int(const OrtApi* api, const OrtKernelInfo* info, const char* op,
   if (st) {
     api->ReleaseStatus(st);
     return error(api, std::string("perq.") + op + ": missing integer attribute '" + name + "'");
+  }
+  return nullptr;
+}
+
+// The FP4 attributes: format "nvfp4" or "mxfp4"; NVFP4's tensor_scale, a positive finite float.
+OrtStatus* get_fp4(const OrtApi* api, const OrtKernelInfo* info, const char* op, OpParams* p) {
+  size_t size = 0;  // the first call asks for the size (terminating zero included)
+  OrtStatus* st = api->KernelInfoGetAttribute_string(info, "format", nullptr, &size);
+  std::string format(size, '\0');
+  if (!st && size) st = api->KernelInfoGetAttribute_string(info, "format", &format[0], &size);
+  if (st || !size) {
+    if (st) api->ReleaseStatus(st);
+    return error(api, std::string("perq.") + op + ": missing string attribute 'format' (nvfp4 or mxfp4)");
+  }
+  format.resize(size - 1);
+  if (format == "nvfp4") {
+    p->fp4 = Fp4::kNvfp4;
+  } else if (format == "mxfp4") {
+    p->fp4 = Fp4::kMxfp4;
+  } else {
+    return error(api, std::string("perq.") + op + ": format must be nvfp4 or mxfp4, got '" + format + "'");
+  }
+  if (p->fp4 == Fp4::kNvfp4) {
+    float ts = 0.f;
+    if ((st = api->KernelInfoGetAttribute_float(info, "tensor_scale", &ts))) {
+      api->ReleaseStatus(st);
+      return error(api, std::string("perq.") + op + ": nvfp4 needs the float attribute 'tensor_scale'");
+    }
+    if (!(ts > 0.f) || !std::isfinite(ts))
+      return error(api, std::string("perq.") + op + ": tensor_scale must be positive and finite, got " +
+                            std::to_string(ts));
+    p->tensor_scale = ts;
   }
   return nullptr;
 }
@@ -82,8 +117,11 @@ OrtStatus* ORT_API_CALL CreateKernelV2(const OrtCustomOp* op_, const OrtApi* api
   p.block_size = static_cast<int>(block);
   while ((1 << p.log2_block) < p.block_size) ++p.log2_block;
   p.inv_sqrt_block = static_cast<float>(1.0 / std::sqrt(static_cast<double>(block)));
-  p.quantize = op->quantize;
-  if (op->quantize) {
+  p.quantize = op->quantizer == Quantizer::kInt;
+  if (op->quantizer == Quantizer::kFp4) {
+    if (OrtStatus* st = get_fp4(api, info, op->name, &p)) return st;
+  }
+  if (p.quantize) {
     int64_t bits = 0, symmetric = 0;
     if (OrtStatus* st = get_int(api, info, op->name, "bits", &bits)) return st;
     if (OrtStatus* st = get_int(api, info, op->name, "symmetric", &symmetric)) return st;
@@ -132,7 +170,9 @@ void cpu_task(void* data, size_t index) {
 OrtStatus* ORT_API_CALL KernelComputeV2(void* kernel, OrtKernelContext* context) {
   const Kernel& k = *static_cast<const Kernel*>(kernel);
   const OrtApi* api = k.api;
-  const char* name = k.params.quantize ? "BlockHadamardQuantize" : "BlockHadamard";
+  const char* name = k.params.fp4 != Fp4::kNone ? "BlockHadamardQuantizeFP4"
+                     : k.params.quantize          ? "BlockHadamardQuantize"
+                                                  : "BlockHadamard";
 
   const OrtValue* input = nullptr;
   PERQ_RETURN_IF_ERROR(api->KernelContext_GetInput(context, 0, &input));
@@ -149,6 +189,9 @@ OrtStatus* ORT_API_CALL KernelComputeV2(void* kernel, OrtKernelContext* context)
   if (channels % k.params.block_size != 0)
     return error(api, std::string("perq.") + name + ": last axis (" + std::to_string(channels) +
                           ") is not a multiple of block_size " + std::to_string(k.params.block_size));
+  if (k.params.fp4 != Fp4::kNone && channels % k.params.fp4_group() != 0)
+    return error(api, std::string("perq.") + name + ": last axis (" + std::to_string(channels) +
+                          ") is not a multiple of the format's block " + std::to_string(k.params.fp4_group()));
   int64_t total = 1;
   for (int64_t d : dims) total *= d;
 
@@ -232,8 +275,8 @@ int ORT_API_CALL GetEndVersion(const OrtCustomOp*) { return 1; }
 void* ORT_API_CALL CreateKernelV1(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo*) { return nullptr; }
 void ORT_API_CALL KernelComputeV1(void*, OrtKernelContext*) {}
 
-PerqOp::PerqOp(const char* name_, ONNXTensorElementDataType type_, bool quantize_, bool cuda_)
-    : OrtCustomOp(), name(name_), type(type_), quantize(quantize_), cuda(cuda_) {
+PerqOp::PerqOp(const char* name_, ONNXTensorElementDataType type_, Quantizer quantizer_, bool cuda_)
+    : OrtCustomOp(), name(name_), type(type_), quantizer(quantizer_), cuda(cuda_) {
   std::memset(static_cast<OrtCustomOp*>(this), 0, sizeof(OrtCustomOp));
   version = kApiVersion;
   CreateKernel = CreateKernelV1;  // unused: onnxruntime >= 1.16 calls CreateKernelV2
@@ -271,8 +314,9 @@ std::vector<const PerqOp*>& all_ops() {
     };
     for (bool cuda : eps)
       for (auto t : types) {
-        v.push_back(new PerqOp("BlockHadamard", t, false, cuda));
-        v.push_back(new PerqOp("BlockHadamardQuantize", t, true, cuda));
+        v.push_back(new PerqOp("BlockHadamard", t, Quantizer::kNone, cuda));
+        v.push_back(new PerqOp("BlockHadamardQuantize", t, Quantizer::kInt, cuda));
+        v.push_back(new PerqOp("BlockHadamardQuantizeFP4", t, Quantizer::kFp4, cuda));
       }
     return v;
   }();
@@ -318,6 +362,6 @@ PERQ_EXPORT int perq_ops_has_cuda(void) {
 }
 
 // Version of this op library.
-PERQ_EXPORT const char* perq_ops_version(void) { return "perq_ops 0.1.0 (domain perq, opset 1)"; }
+PERQ_EXPORT const char* perq_ops_version(void) { return "perq_ops 0.2.0 (domain perq, opset 1)"; }
 
 }  // extern "C"
