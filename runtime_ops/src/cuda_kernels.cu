@@ -22,7 +22,9 @@ namespace perq {
 namespace cuda {
 namespace {
 
-constexpr int kMaxTileBytes = 48 * 1024;  // no opt-in needed on any architecture
+constexpr int kReduceFloats = 32;  // the static shared array of block_reduce
+// Dynamic plus static shared memory within 48 KiB: no opt-in needed on any architecture.
+constexpr int kMaxTileBytes = 48 * 1024 - kReduceFloats * static_cast<int>(sizeof(float));
 constexpr int kMaxThreads = 256;
 
 enum Mode { kHadamard = 0, kAsymmetric = 1, kSymmetric = 2, kFp4 = 3 };
@@ -97,7 +99,7 @@ template <typename T, int kMode>
 __global__ void __launch_bounds__(kMaxThreads) perq_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows,
                                                            int channels, int tile, DeviceParams p) {
   extern __shared__ float sm[];
-  __shared__ float red[32];
+  __shared__ float red[kReduceFloats];
   const int tid = threadIdx.x, nt = blockDim.x;
   const float rs = p.inv_sqrt_block;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -194,7 +196,8 @@ const char* launch(const void* x, void* y, int64_t rows, int64_t channels, const
   if (channels > (int64_t{1} << 30)) return "last axis too long";
   const int c = static_cast<int>(channels);
   const int max_tile = kMaxTileBytes / static_cast<int>(sizeof(float));
-  const int tile = c <= max_tile ? c : (max_tile / p.block_size) * p.block_size;
+  const int align = p.block_size > 32 ? p.block_size : 32;  // whole Hadamard blocks and FP4 blocks
+  const int tile = c <= max_tile ? c : (max_tile / align) * align;
   int threads = (c / 4 + 31) / 32 * 32;
   threads = threads < 32 ? 32 : (threads > kMaxThreads ? kMaxThreads : threads);
   const int64_t grid = rows < 2147483647 ? rows : 2147483647;
