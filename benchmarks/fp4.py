@@ -162,9 +162,11 @@ def table(done) -> str:
         gptq = ppl.get((fmt, "no rotation + GPTQ"), float("nan"))
         for row, residual in ((fmt, True), (fmt, False), ("INT4", True)):
             vals = [ppl.get((row, n), float("nan")) for n in row_names(block, residual)]
-            family = "R1+R2+R3" if residual else f"R3 only (b{block})"
+            family = ("R1 online+R2+R3" if R1["residual_rotation"] == "online" else "R1+R2+R3") if residual \
+                else f"R3 only (b{block})"
+            best = "-" if np.isnan(vals).all() else f"{np.nanmin(vals) / fp:.2f}x"
             lines.append(f"| {row} | {family} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in vals)
-                         + f" | {np.nanmin(vals) / fp:.2f}x |")
+                         + f" | {best} |")
         lines += ["", f"{fmt} with GPTQ and no rotation (GPTQ alone): {gptq:.2f} ({gptq / fp:.2f}x fp32).", ""]
     return "\n".join(lines)
 
