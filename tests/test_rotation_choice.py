@@ -91,3 +91,19 @@ def test_pipeline_chooses_only_unset_rotations_of_weight_only_settings(tmp_path)
     gptq = optimize(path, out, Settings.parse(target="ort", **CALIB), progress=False)  # GPTQ keeps them
     assert not [s for s in gptq.summaries if s.startswith("weight-only:")]
     assert any(s.startswith("RotateResidual") for s in gptq.summaries)
+
+
+def test_a_rotation_needs_a_clear_proxy_gain_to_stay(tmp_path, monkeypatch):
+    """Kept only where the proxy's error falls below KEEP_BELOW (0.95) of the unrotated one: x0.97
+    is within the proxy's error against the loss (SmolLM2 block 128: R2 at x0.97 cost 2.5%)."""
+    path = build_decoder(tmp_path / "model.onnx")
+    ratios = {"R1": 1.20, "R2": 0.97, "R3": 0.90}
+    monkeypatch.setattr(rotation_choice, "weight_errors",
+                        lambda *args, **kwargs: {name: (1.0, r) for name, r in ratios.items()})
+    report = optimize(path, tmp_path / "out.onnx", Settings.parse(target="simulate", a_bits=16, w_clip="act", **CALIB),
+                      progress=False)
+    verdicts = {line.split()[1]: "kept" if " kept (" in line else "off"
+                for line in report.summaries if line.startswith("weight-only:")}
+    assert verdicts == {"R1": "off", "R2": "off", "R3": "kept"}
+    assert not any(s.startswith("RotateHeads") for s in report.summaries)
+    assert any(s.startswith("InsertOnlineRotation") for s in report.summaries)
