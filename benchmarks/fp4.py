@@ -81,9 +81,11 @@ def rows():
                     seen.add((row, name))
                     yield row, name, {**FORMATS[row], **cfg}  # a row's own float_target wins
     if R1["residual_rotation"] == "full":  # MXFP4's default R1 on a pre-norm model is the online one
-        yield "MXFP4", "R1 online+R2+R3 b32 PeRQ + GPTQ", dict(FORMATS["MXFP4"], block="32", permute="massdiff",
-                                                                rounding="gptq", w_clip="act",
-                                                                residual_rotation="online", head_rotation=True)
+        online = dict(FORMATS["MXFP4"], block="32", residual_rotation="online", head_rotation=True)
+        yield "MXFP4", "R1 online+R2+R3 b32", dict(online, permute="none")
+        yield "MXFP4", "R1 online+R2+R3 b32 PeRQ", dict(online, permute="massdiff")
+        yield "MXFP4", "R1 online+R2+R3 b32 PeRQ + GPTQ", dict(online, permute="massdiff", rounding="gptq",
+                                                                w_clip="act")
 
 
 def choose(args, model):
@@ -160,10 +162,14 @@ def table(done) -> str:
                   "| PeRQ + GPTQ float target | best / fp32 |",
                   "|---|---|---|---|---|---|---|---|"]
         gptq = ppl.get((fmt, "no rotation + GPTQ"), float("nan"))
-        for row, residual in ((fmt, True), (fmt, False), ("INT4", True)):
-            vals = [ppl.get((row, n), float("nan")) for n in row_names(block, residual)]
-            family = ("R1 online+R2+R3" if R1["residual_rotation"] == "online" else "R1+R2+R3") if residual \
-                else f"R3 only (b{block})"
+        online = R1["residual_rotation"] == "online"
+        rows_shown = [(fmt, True, None), (fmt, False, None), ("INT4", True, None)]
+        if not online and any(f == fmt and c.startswith("R1 online") for f, c in ppl):  # rows() adds these
+            rows_shown.insert(1, (fmt, True, "R1 online+R2+R3"))
+        for row, residual, renamed in rows_shown:
+            names = [n.replace("R1+R2+R3", renamed) if renamed else n for n in row_names(block, residual)]
+            vals = [ppl.get((row, n), float("nan")) for n in names]
+            family = renamed or ("R1 online+R2+R3" if online else "R1+R2+R3") if residual else f"R3 only (b{block})"
             best = "-" if np.isnan(vals).all() else f"{np.nanmin(vals) / fp:.2f}x"
             lines.append(f"| {row} | {family} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in vals)
                          + f" | {best} |")
