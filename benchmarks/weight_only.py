@@ -72,6 +72,7 @@ GRANULARITIES = {"pc": (None, "per channel"), "b128": (128, "block 128"), "b64":
 RUN_ORDER = ("pc", "b64", "b128")  # block 128 needs ragged blocks (K = 576) last; asymmetric perq rows after all
 NO_ROTATION = dict(residual_rotation="none", head_rotation=False, block="none", permute="none")
 ROTATIONS = dict(residual_rotation="full", head_rotation=True)  # forced ("auto": rotation_choice.py decides)
+ONLINE_R1 = dict(residual_rotation="online", head_rotation=True)  # the default since 2026-12-04 (pipeline.py)
 PERQ_COMMON = dict(target="simulate", a_bits=16, w_bits=4, w_clip="act", threads=THREADS)
 METHODS = {
     "ort-rtn-sym": dict(peer="rtn-sym", label="onnxruntime RTN, symmetric"),
@@ -81,7 +82,10 @@ METHODS = {
     "perq-rtn-rot": dict(settings=dict(rounding="rtn", **ROTATIONS), label="perq RTN, rotations"),
     "perq-rtn-auto": dict(settings=dict(rounding="rtn"), label="perq RTN, the rotations its planner keeps"),
     "perq-gptq-norot": dict(settings=dict(rounding="gptq", **NO_ROTATION), label="perq GPTQ, no rotations"),
-    "perq-gptq-rot": dict(settings=dict(rounding="gptq", **ROTATIONS), label="**perq default: rotations + GPTQ**"),
+    "perq-gptq-rot": dict(settings=dict(rounding="gptq", **ROTATIONS),
+                          label="perq GPTQ, rotations with the folded R1 (the default before 2026-12-04)"),
+    "perq-gptq-online": dict(settings=dict(rounding="gptq", **ONLINE_R1),
+                             label="**perq default: rotations (online R1) + GPTQ**"),
     "perq-gptq-asym-norot": dict(settings=dict(rounding="gptq", w_symmetric=False, **NO_ROTATION),
                                  label="perq GPTQ asymmetric, no rotations"),
     "perq-gptq-asym-rot": dict(settings=dict(rounding="gptq", w_symmetric=False, **ROTATIONS),
@@ -256,7 +260,7 @@ def goals(res: dict) -> list[str]:
     out = []
     for g in GRANULARITIES:
         title = GRANULARITIES[g][1]
-        d, norot = ppl.get(f"perq-gptq-rot@{g}"), ppl.get(f"perq-gptq-norot@{g}")
+        d, norot = ppl.get(f"perq-gptq-online@{g}"), ppl.get(f"perq-gptq-norot@{g}")
         hqq = ppl.get(f"ort-hqq@{g}")
         rtn = min((ppl[k] for k in (f"ort-rtn-sym@{g}", f"ort-rtn-asym@{g}") if k in ppl), default=None)
         if d is not None and norot is not None:

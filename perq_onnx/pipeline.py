@@ -39,7 +39,7 @@ from .passes.rotate_residual_online import RotateResidualOnline
 from .passes.tie_lm_head import is_tied
 from .plan import ModelShape, Plan, make_plan
 from .runtime import session
-from .settings import Embedding, NumberFormat, ResidualRotation, Settings, TargetName
+from .settings import Embedding, NumberFormat, ResidualRotation, Rounding, Settings, TargetName
 from .targets import Target, target
 from .weights import WeightStore, input_files
 
@@ -159,7 +159,8 @@ def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Repo
     blocks, stays. MXFP4's power-of-two scales over 32 values gain from all three rotations. Chosen
     on held-out valid windows (benchmarks/fp4.py --choose, results/fp4_choice.json). MXFP4's R1
     defaults to the online residual rotation (no gamma fold into the weights; chosen on valid
-    windows at W4A4 + GPTQ, see below). Then `_fit_residual_rotation`."""
+    windows at W4A4 + GPTQ, see below), and so does weight-only GPTQ on the simulate and ort
+    targets (`_weight_only_gptq`). Then `_fit_residual_rotation`."""
     fp4 = settings.activations_quantized and settings.activations.format is NumberFormat.NVFP4
     off = {}
     if fp4 and settings.rotation.residual is None:
@@ -173,6 +174,14 @@ def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Repo
         settings = settings.replace(residual_rotation=ResidualRotation.ONLINE)
         _note(report, "--format mxfp4: residual rotation online by default (block Hadamards at the residual's "
                       "readers; --residual-rotation full gives the folded R1)")
+    if (_weight_only_gptq(settings) and settings.rotation.residual is None and settings.rotation.residual_block_size
+            and structure.residual_blocker is None):  # post-norm models: measured at W4A4 only, R1 skipped here
+        # no gamma fold into the weights: weight-only GPTQ on SmolLM2's held-out valid windows 32-47
+        # (calibration 0-31), no rotation / full R1 / online R1: 26.73 / 25.26 / 24.71 per channel,
+        # 25.17 / 24.74 / 24.12 at block 128, 24.40 / 24.59 / 24.04 at block 64
+        settings = settings.replace(residual_rotation=ResidualRotation.ONLINE)
+        _note(report, "weight-only GPTQ: residual rotation online by default (block Hadamards at the residual's "
+                      "readers, gammas unfolded; --residual-rotation full gives the folded R1)")
     if off:
         settings = settings.replace(**off)
         names = " and ".join(name for key, name in (("residual_rotation", "R1"), ("head_rotation", "R2")) if key in off)
@@ -180,6 +189,13 @@ def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Repo
                       "activations over every one of its fine scale blocks); the online rotation stays at the "
                       "format's block (--residual-rotation full / --head-rotation turn them on)")
     return _fit_residual_rotation(settings, structure, report)
+
+
+def _weight_only_gptq(settings: Settings) -> bool:
+    """Weights quantized by GPTQ, activations float, on a target whose graph takes an online
+    residual rotation (simulate, ort; not genai's fused decoder, not TensorRT's INT4 form)."""
+    return (settings.weights_quantized and not settings.activations_quantized
+            and settings.weights.rounding is Rounding.GPTQ and settings.target in (TargetName.SIMULATE, TargetName.ORT))
 
 
 def _fit_residual_rotation(settings: Settings, structure: DecoderStructure, report: Report) -> Settings:

@@ -93,6 +93,24 @@ def test_pipeline_chooses_only_unset_rotations_of_weight_only_settings(tmp_path)
     assert any(s.startswith("RotateResidual") for s in gptq.summaries)
 
 
+def test_weight_only_gptq_takes_the_online_residual_rotation_by_default(tmp_path):
+    """simulate and ort weight-only GPTQ builds default to the online R1 (no gamma fold), said in the
+    report; an explicit --residual-rotation full folds R1 as before; W4A4 keeps the folded R1."""
+    path = build_decoder(tmp_path / "model.onnx")
+    out = tmp_path / "out.onnx"
+
+    def residual_passes(**options):
+        report = optimize(path, out, Settings.parse(**CALIB, **options), progress=False)
+        return [s.split(":")[0] for s in report.summaries if s.startswith("RotateResidual")], report.summaries
+
+    for options in (dict(target="ort"), dict(target="simulate", a_bits=16, rounding="gptq")):
+        applied, summaries = residual_passes(**options)
+        assert applied == ["RotateResidualOnline"], options
+        assert any("residual rotation online by default" in s for s in summaries)
+    assert residual_passes(target="ort", residual_rotation="full")[0] == ["RotateResidual"]
+    assert residual_passes(target="simulate")[0] == ["RotateResidual"]
+
+
 def test_a_rotation_needs_a_clear_proxy_gain_to_stay(tmp_path, monkeypatch):
     """Kept only where the proxy's error falls below KEEP_BELOW (0.95) of the unrotated one: x0.97
     is within the proxy's error against the loss (SmolLM2 block 128: R2 at x0.97 cost 2.5%)."""
