@@ -161,7 +161,8 @@ def write_genai_folder(graph: gs.Graph, structure, folder, config_json, *, token
 def genai_from_model(model, source, folder, *, config_json=None, tokenizer_dir=None, accuracy_level: int = 4,
                      check: bool = True) -> pathlib.Path:
     """Standalone driver: the genai folder of a perq-onnx output file `model` (e.g. ``perq-onnx
-    optimize smollm2 --target ort``), given the optimum export `source` it was made from (analysed
+    optimize smollm2 --target ort --residual-rotation full``: the decoder folds R1; an online R1 is
+    refused naming its node), given the optimum export `source` it was made from (analysed
     for the structure: a rewritten graph is not what the analysis recognises, its node names are
     the source's). config.json and the tokenizer default to the files beside `model`, else
     beside `source`."""

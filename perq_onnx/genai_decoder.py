@@ -151,6 +151,17 @@ class _Reader:
             gamma = np.asarray(gamma, dtype=np.float32).reshape(-1)
         return gamma, eps
 
+    def refuse_rotated_readers(self, structure) -> None:
+        """GenaiError naming the node where an online rotation feeds q/k/v or gate/up (the online
+        residual rotation): the fused decoder has no rotation there, and dropping it would be wrong."""
+        for layer in structure.layers:
+            for lin in (layer.q, layer.gate):  # q/k/v share one normed input, gate/up another
+                node = _producer(self.node((lin.fused or lin).name).inputs[0])
+                if node is not None and node.domain == "perq":
+                    raise GenaiError(f"node '{node.name}': perq.{node.op} in front of '{lin.name}' (an online residual "
+                                     "rotation); the genai decoder has no rotation there: build the input with "
+                                     "--residual-rotation full or none")
+
     def online_rotation(self, layer) -> tuple[str, object]:
         """('none', None), ('block', b) or ('full', matrix) in front of layer's down_proj."""
         x = self.node(layer.down.name).inputs[0]
@@ -428,6 +439,7 @@ def build_decoder(graph: gs.Graph, structure, config: ModelConfig, accuracy_leve
     bits)."""
     check_structure(structure)
     r = _Reader(graph)
+    r.refuse_rotated_readers(structure)
     layers = structure.layers
     d = structure.head_dim
     heads, kv_heads = layers[0].num_heads, layers[0].num_kv_heads

@@ -77,7 +77,9 @@ def rewritten(tiny_models, tmp_path_factory):
             nq, q = sub / "noquant" / "model.onnx", sub / "ort" / "model.onnx"
             pipeline.optimize(src, nq, Settings.parse(target="ort", quantize=False, calib_samples=4, seq_len=32),
                               progress=False)
-            pipeline.optimize(src, q, Settings.parse(target="ort", calib_samples=4, seq_len=32), progress=False)
+            # the genai decoder folds R1 (the ort target's weight-only default is the online one)
+            pipeline.optimize(src, q, Settings.parse(target="ort", residual_rotation="full", calib_samples=4, seq_len=32),
+                              progress=False)
             cache[arch, past] = (src, nq, q)
         return cache[arch, past]
     return get
@@ -141,8 +143,8 @@ def test_asymmetric_ragged_blocks_as_matmulnbits(tiny_models, tmp_path):
     block) pack into MatMulNBits with zero points and padding, equal to the ort output."""
     src = tiny_models("llama", past=True, tied=False)
     q = tmp_path / "ort" / "model.onnx"
-    pipeline.optimize(src, q, Settings.parse(target="ort", w_group=256, w_symmetric=False, calib_samples=4,
-                                             seq_len=32), progress=False)
+    pipeline.optimize(src, q, Settings.parse(target="ort", w_group=256, w_symmetric=False, residual_rotation="full",
+                                             calib_samples=4, seq_len=32), progress=False)
     folder = genai_from_model(q, src, tmp_path / "genai", accuracy_level=0)
     import onnx
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
@@ -210,7 +212,8 @@ def test_genai_target_writes_the_ort_models_folder(tiny_models, tmp_path, capsys
     src = tiny_models("llama", past=True, tied=False)
     options = dict(calib_samples=4, seq_len=32)
     ort_out, folder = tmp_path / "ort" / "model.onnx", tmp_path / "genai"
-    pipeline.optimize(src, ort_out, Settings.parse(target="ort", **options), progress=False)
+    # the genai target folds R1; the ort target's weight-only default is the online R1
+    pipeline.optimize(src, ort_out, Settings.parse(target="ort", residual_rotation="full", **options), progress=False)
     pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", embedding="int8", **options),
                       progress=False)  # the ort target's embedding form (test_genai_embedding_forms: the others)
     for name in ("genai_config.json", "config.json", "tokenizer.json", "model.onnx.data"):
@@ -441,3 +444,15 @@ def test_genai_ties_the_embedding_by_default_where_the_model_does(tiny_models):
         assert resolved is (Embedding.TIED if tied else Embedding.INT4)
     assert genai.resolve(Settings.parse(target="genai", embedding="int8"), {}, True).embedding is Embedding.INT8
     assert target("ort").resolve(Settings.parse(target="ort"), {}, True).embedding is Embedding.INT8
+
+
+@pytest.mark.slow
+def test_an_online_residual_rotation_is_refused_not_dropped(tiny_models, tmp_path):
+    """The ort target's default weight-only R1 is online (block Hadamards at q/k/v and gate/up
+    inputs): the genai writer has no place for it and refuses, naming the node."""
+    src = tiny_models("llama", past=True, tied=False)
+    ort_out = tmp_path / "ort" / "model.onnx"
+    pipeline.optimize(src, ort_out, Settings.parse(target="ort", calib_samples=2, seq_len=32), progress=False)
+    with pytest.raises(GenaiError, match=r"node '.*': perq.BlockHadamard in front of '.*q_proj.*' \(an online residual"):
+        genai_from_model(ort_out, src, tmp_path / "genai")
+    assert not (tmp_path / "genai" / "model.onnx").exists()
