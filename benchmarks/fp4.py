@@ -169,7 +169,10 @@ def table(done) -> str:
         for row, residual, renamed in rows_shown:
             names = [n.replace("R1+R2+R3", renamed) if renamed else n for n in row_names(block, residual)]
             vals = [ppl.get((row, n), float("nan")) for n in names]
-            family = renamed or ("R1 online+R2+R3" if online else "R1+R2+R3") if residual else f"R3 only (b{block})"
+            if not residual:
+                family = f"R3 only (b{block})"
+            else:
+                family = renamed or ("R1 online+R2+R3" if online else "R1+R2+R3")
             best = "-" if np.isnan(vals).all() else f"{np.nanmin(vals) / fp:.2f}x"
             lines.append(f"| {row} | {family} | " + " | ".join("-" if np.isnan(v) else f"{v:.2f}" for v in vals)
                          + f" | {best} |")

@@ -5,6 +5,7 @@
     python benchmarks/weight_only.py --windows 2 --only fp32,perq-rtn-norot@pc --out /tmp/wo  # quick try
     python benchmarks/weight_only.py --only b64,perq-gptq-rot  # granularities, methods or rows
     python benchmarks/weight_only.py --report-only            # re-render .md and .png from the json
+    python benchmarks/weight_only.py --valid --windows 16     # the screen on held-out valid windows 32-47
     PERQ_SRC=/tmp/snap python benchmarks/weight_only.py       # import perq_onnx from a snapshot of a
         # commit (perq_onnx/ with passes/ and models/ inside it) while others edit this tree
 
@@ -81,6 +82,8 @@ METHODS = {
     "perq-rtn-norot": dict(settings=dict(rounding="rtn", **NO_ROTATION), label="perq RTN, no rotations"),
     "perq-rtn-rot": dict(settings=dict(rounding="rtn", **ROTATIONS), label="perq RTN, rotations"),
     "perq-rtn-auto": dict(settings=dict(rounding="rtn"), label="perq RTN, the rotations its planner keeps"),
+    "perq-rtn-r2": dict(settings=dict(rounding="rtn", **dict(NO_ROTATION, head_rotation=True)),
+                        label="perq RTN, R2 alone (what the planner kept at blocks before its keep margin)"),
     "perq-gptq-norot": dict(settings=dict(rounding="gptq", **NO_ROTATION), label="perq GPTQ, no rotations"),
     "perq-gptq-rot": dict(settings=dict(rounding="gptq", **ROTATIONS),
                           label="perq GPTQ, rotations with the folded R1 (the default before 2026-12-04)"),
@@ -292,7 +295,7 @@ def markdown(res: dict) -> str:
     m, w = res["machine"], res["windows"]
     loads = [v for r in c.values() for v in (r.get("eval_load_avg"), r.get("build", {}).get("build_load_avg")) if v]
     lines = ["# Weight-only INT4 on SmolLM2-135M at grid-neutral granularities", "",
-             f"WikiText-2 test, {w['count']} x {SEQ_LEN} non-overlapping windows, indices {w['first']}-"
+             f"WikiText-2 {w.get('text', 'test.txt')}, {w['count']} x {SEQ_LEN} non-overlapping windows, indices {w['first']}-"
              f"{w['first'] + w['count'] - 1} (earlier benchmarks read 0-31); perq statistics and Hessians from "
              f"valid {CALIB_WINDOWS} x 512, shared by every perq row. Only the {DECODER_LINEARS} decoder linears are "
              "INT4; lm_head and embedding float in every row. Every model evaluated with "
@@ -405,15 +408,18 @@ def machine() -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--windows", type=int, default=32, help="test windows from index 32 (default 32)")
+    ap.add_argument("--valid", action="store_true", help="evaluate on held-out valid.txt windows from index 32 "
+                    "instead (calibration reads 0-31): the screen that chose defaults; stem results/weight_only_valid")
     ap.add_argument("--only", help="configurations, methods or granularities (pc, b64, b128), comma-separated")
-    ap.add_argument("--out", default=str(RESULTS / "weight_only"), help="output stem (default results/weight_only)")
+    ap.add_argument("--out", help="output stem (default results/weight_only, with --valid results/weight_only_valid)")
     ap.add_argument("--report-only", action="store_true", help="re-render the .md and .png from the json")
     args = ap.parse_args(argv)
-    out = pathlib.Path(args.out)
+    text = "valid.txt" if args.valid else "test.txt"
+    out = pathlib.Path(args.out or RESULTS / ("weight_only_valid" if args.valid else "weight_only"))
     out_json, out_md, out_png = (out.with_name(out.name + ext) for ext in (".json", ".md", ".png"))
     out_json.parent.mkdir(parents=True, exist_ok=True)
     prev = json.loads(out_json.read_text()) if out_json.exists() else {}
-    spec = {"first": FIRST_WINDOW, "count": args.windows, "seq_len": SEQ_LEN}
+    spec = {"first": FIRST_WINDOW, "count": args.windows, "seq_len": SEQ_LEN, **({"text": text} if args.valid else {})}
 
     def save():
         out_json.write_text(json.dumps(res, indent=1))
@@ -454,10 +460,10 @@ def main(argv=None) -> int:
         log(f"grid block {b}: {r['text']}")
 
     tok = calibration.load_tokenizer(plain.parent)
-    test = calibration.windows(calibration.tokenize_file(DATA / "test.txt", tok), SEQ_LEN,
-                               FIRST_WINDOW + args.windows, "test.txt")[FIRST_WINDOW:]
+    test = calibration.windows(calibration.tokenize_file(DATA / text, tok), SEQ_LEN,
+                               FIRST_WINDOW + args.windows, text)[FIRST_WINDOW:]
     if len(test) < args.windows:
-        raise SystemExit(f"test.txt has only {FIRST_WINDOW + len(test)} windows of {SEQ_LEN}")
+        raise SystemExit(f"{text} has only {FIRST_WINDOW + len(test)} windows of {SEQ_LEN}")
     valid = calibration.windows(calibration.tokenize_file(DATA / "valid.txt", tok), 512, CALIB_WINDOWS, "valid.txt")
     todo = [n for n in names if res["configs"].get(n, {}).get("ppl") is None]
     stats = None
