@@ -59,7 +59,9 @@ users run them, in ``og.Generator``:
   INT4 codes: one table);
   ``perq-genai-floatemb`` adds ``--float-embeddings`` (embedding and lm_head float);
   ``perq-genai-kernel-int8`` adds ``--kernel int8`` (the decoder linears over INT8 weights
-  widened from the INT4 file at load, int8 activations).
+  widened from the INT4 file at load, int8 activations); ``perq-genai-int8-prompt`` adds
+  ``--kernel int8-prompt`` (that INT8 graph for prompts, the MatMulNBits graph for token
+  generation, both on one weight file; its ppl column also gives the prompt graph's).
 * ppl: the same test windows, the folder's model.onnx in a plain onnxruntime session; MB: every
   file of the folder's model (.onnx and external data); og prompt: ``append_tokens`` of the first
   512 test tokens into a fresh ``og.Generator``; og decode: then --genai-steps
@@ -99,6 +101,7 @@ import onnxruntime as ort  # noqa: E402
 
 from perq_onnx import calibration, pipeline  # noqa: E402
 from perq_onnx.evaluate import perplexity  # noqa: E402
+from perq_onnx.genai import prompt_path  # noqa: E402
 from perq_onnx.models import resolve  # noqa: E402
 from perq_onnx.runtime import make_feeds, session  # noqa: E402
 from perq_onnx.settings import Settings  # noqa: E402
@@ -189,6 +192,11 @@ def lm_head_quantized(path: pathlib.Path) -> dict:
 
 def file_bytes(path: pathlib.Path) -> int:
     """The .onnx file plus the external data files its initializers reference."""
+    return sum(f.stat().st_size for f in model_files(path))
+
+
+def model_files(path: pathlib.Path) -> set[pathlib.Path]:
+    """The .onnx file and the external data files its initializers reference."""
     m = onnx.load(str(path), load_external_data=False)
     files = {path}
     tensors = list(m.graph.initializer)
@@ -199,7 +207,7 @@ def file_bytes(path: pathlib.Path) -> int:
         for e in t.external_data:
             if e.key == "location":
                 files.add(path.parent / e.value)
-    return sum(f.stat().st_size for f in files)
+    return files
 
 
 def build(name: str, stats: dict, batches: np.ndarray, log) -> None:
@@ -427,6 +435,9 @@ GENAI_CONFIGS = {
                                 label="perq-onnx --target genai --float-embeddings"),
     "perq-genai-kernel-int8": dict(kind="perq", settings=dict(target="genai", kernel="int8"),
                                    label="perq-onnx --target genai --kernel int8 (INT8 GEMMs; lm_head MatMulNBits)"),
+    "perq-genai-int8-prompt": dict(kind="perq", settings=dict(target="genai", kernel="int8-prompt"),
+                                   label="perq-onnx --target genai --kernel int8-prompt (prompts through the INT8 "
+                                         "graph, tokens through MatMulNBits; one weight file)"),
 }
 GENAI_STEPS = 128
 
@@ -489,8 +500,36 @@ def reusable_ppl(record: dict, model_mtime_ns: int) -> bool:
 
 
 def folder_bytes(folder: pathlib.Path) -> int:
-    """The folder's model: model.onnx and the external data files it references."""
-    return file_bytes(folder / "model.onnx")
+    """The folder's model: model.onnx (and a two-graph folder's prompt graph) and the external
+    data files they reference."""
+    graphs = [folder / "model.onnx"] + ([prompt_path(folder / "model.onnx")] if prompt_path(folder / "model.onnx").is_file() else [])
+    return sum(f.stat().st_size for f in set().union(*map(model_files, graphs)))
+
+
+OG_RSS_CHILD = r"""
+import json, pathlib, numpy as np, onnxruntime_genai as og
+model = og.Model({folder!r})
+params = og.GeneratorParams(model)
+params.set_search_options(max_length={seq} + 33, do_sample=False)
+gen = og.Generator(model, params)
+gen.append_tokens(np.asarray({ids!r}, np.int32))
+for _ in range(32):
+    gen.generate_next_token()
+for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+    if line.startswith("VmHWM:"):
+        print(json.dumps(int(line.split()[1]) * 1024))
+"""
+
+
+def og_peak_rss(folder: pathlib.Path, ids: np.ndarray) -> int | None:
+    """VmHWM of a fresh process that loads the folder in onnxruntime-genai, appends the prompt and
+    generates 32 tokens."""
+    code = OG_RSS_CHILD.format(folder=str(folder), seq=ids.shape[1], ids=ids[0].tolist())
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stderr[-2000:])
+        return None
+    return int(r.stdout.strip().splitlines()[-1])
 
 
 def og_seconds(model, ids: np.ndarray, steps: int) -> tuple[float, list[float]]:
@@ -549,13 +588,17 @@ def genai_markdown(res: dict) -> list[str]:
              f"ppl: the same {res['windows']} x {SEQ_LEN} test windows. og prompt: {SEQ_LEN} test tokens appended to a "
              f"fresh Generator; og decode: then {g['steps']} tokens, median per token; median of {g['runs']} "
              "interleaved rounds; ratios (speed-up) to the builder's fp32 folder in the same run.", "",
-             "| folder | ppl | MB (x fp32) | og prompt ms (x) | og decode tok/s (x) |", "|---|---|---|---|---|"]
+             "og peak RSS: a fresh process loading the folder in onnxruntime-genai, a 512-token prompt and 32 tokens.", "",
+             "| folder | ppl | MB (x fp32) | og prompt ms (x) | og decode tok/s (x) | og peak RSS MB |",
+             "|---|---|---|---|---|---|"]
     for name, c in sorted(r.items(), key=lambda kv: list(GENAI_CONFIGS).index(kv[0])):
         size = f"{c['bytes'] / 1e6:.1f}" + (f" ({c['bytes'] / fp['bytes']:.2f}x)" if fp.get("bytes") else "")
-        lines.append(f"| {name}: {GENAI_CONFIGS[name]['label']} | {fmt(c.get('ppl'), '.2f')} | {size} | "
+        ppl = fmt(c.get('ppl'), '.2f') + (f" (prompt graph {c['ppl_prompt_graph']:.2f})" if c.get("ppl_prompt_graph") else "")
+        lines.append(f"| {name}: {GENAI_CONFIGS[name]['label']} | {ppl} | {size} | "
                      f"{fmt(c.get('og_prompt_s') and c['og_prompt_s'] * 1e3, '.0f')}{ratio(c, 'og_prompt_s')} | "
-                     f"{fmt(c.get('og_decode_s') and 1 / c['og_decode_s'], '.1f')}{ratio(c, 'og_decode_s')} |")
-    for name in ("perq-genai", "perq-genai-kernel-int8"):
+                     f"{fmt(c.get('og_decode_s') and 1 / c['og_decode_s'], '.1f')}{ratio(c, 'og_decode_s')} | "
+                     f"{fmt(c.get('og_peak_rss') and c['og_peak_rss'] / 2**20, '.0f')} |")
+    for name in ("perq-genai", "perq-genai-kernel-int8", "perq-genai-int8-prompt"):
         if name in r:
             lines += ["", f"Goals ({name} against the builder):", ""] + [f"* {x}" for x in genai_goals(r, name)]
     return lines
@@ -579,10 +622,18 @@ def genai_part(args, res: dict, prev: dict, test: np.ndarray, valid: np.ndarray,
                                "model_mtime_ns": (genai_folder(n) / "model.onnx").stat().st_mtime_ns}
         if reusable_ppl(old.get(n, {}), c["model_mtime_ns"]):
             c["ppl"] = old[n]["ppl"]
+            if old[n].get("ppl_prompt_graph"):
+                c["ppl_prompt_graph"] = old[n]["ppl_prompt_graph"]
         else:
             p = perplexity(genai_folder(n) / "model.onnx", test, threads=THREADS, progress=False)
             c["ppl"] = p.ppl
             log(f"{n}: ppl {p.ppl:.3f} ({p.seconds:.0f} s), {c['bytes'] / 1e6:.1f} MB")
+            prompt_graph = prompt_path(genai_folder(n) / "model.onnx")
+            if prompt_graph.is_file():
+                c["ppl_prompt_graph"] = perplexity(prompt_graph, test, threads=THREADS, progress=False).ppl
+                log(f"{n}: its prompt graph's ppl {c['ppl_prompt_graph']:.3f}")
+        if not args.no_latency:
+            c["og_peak_rss"] = og_peak_rss(genai_folder(n), test[0][None, :SEQ_LEN])
         save()
     if args.no_latency:
         return

@@ -55,29 +55,41 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
 
 
-def genai_config(structure, config: ModelConfig, filename: str = "model.onnx") -> dict:
-    """genai_config.json for the decoder build_decoder writes (fields as the model builder's)."""
-    layer = structure.layers[0]
+def genai_config(structure, config: ModelConfig, filename: str = "model.onnx", prompt_filename: str | None = None) -> dict:
+    """genai_config.json for the decoder build_decoder writes (fields as the model builder's). With
+    `prompt_filename`, a two-graph pipeline: that graph runs every multi-token step (the prompt),
+    `filename` every single-token one (onnxruntime-genai's ``decoder-pipeline`` model type)."""
+    layer, layers = structure.layers[0], len(structure.layers)
+    decoder = {
+        "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+        "filename": filename,
+        "head_size": structure.head_dim,
+        "hidden_size": structure.hidden_size,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+        "num_attention_heads": layer.num_heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": layer.num_kv_heads,
+    }
+    if prompt_filename:
+        cache = [f"{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        inputs = ["input_ids", "attention_mask", *(f"past_key_values.{c}" for c in cache)]
+        outputs = ["logits", *(f"present.{c}" for c in cache)]
+        decoder["pipeline"] = [
+            {"prompt": {"filename": prompt_filename, "inputs": inputs, "outputs": outputs,
+                        "run_on_prompt": True, "run_on_token_gen": False}},
+            {"token_generation": {"filename": filename, "inputs": inputs, "outputs": outputs,
+                                  "run_on_prompt": False, "run_on_token_gen": True}}]
     return {
         "model": {
             "bos_token_id": config.bos_token_id,
             "context_length": config.context_length,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": filename,
-                "head_size": structure.head_dim,
-                "hidden_size": structure.hidden_size,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-                "num_attention_heads": layer.num_heads,
-                "num_hidden_layers": len(structure.layers),
-                "num_key_value_heads": layer.num_kv_heads,
-            },
+            "decoder": decoder,
             "eos_token_id": config.eos_token_id,
             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else config.eos_token_id,
-            "type": config.model_type,
+            "type": "decoder-pipeline" if prompt_filename else config.model_type,
             "vocab_size": structure.vocab_size,
         },
         "search": {
@@ -89,25 +101,77 @@ def genai_config(structure, config: ModelConfig, filename: str = "model.onnx") -
     }
 
 
-def write_genai_files(graph: gs.Graph, structure, path, config_json, tokenizer_dir=None, accuracy_level: int = 4,
-                      metadata: dict[str, str] | None = None, int8_linears: bool = False) -> list[pathlib.Path]:
-    """Write the genai-form model at `path` (its weights in `path`.data), genai_config.json, config.json
-    and the tokenizer files beside it; the files written, the model first. int8_linears: see
-    ``build_decoder``."""
-    path, config_json = pathlib.Path(path), pathlib.Path(config_json)
-    tokenizer_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir else config_json.parent
-    config = ModelConfig.read(config_json)
-    model = build_decoder(graph, structure, config, accuracy_level, int8_linears)
+def prompt_path(path) -> pathlib.Path:
+    """The prompt graph beside a two-graph folder's model file (``--kernel int8-prompt``)."""
+    path = pathlib.Path(path)
+    return path.with_name(f"{path.stem}.prompt{path.suffix}")
+
+
+def _with_metadata(model: onnx.ModelProto, metadata: dict[str, str] | None) -> onnx.ModelProto:
     for key, value in (metadata or {}).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
+    return model
+
+
+def _share_weights(model: onnx.ModelProto, saved) -> int:
+    """Point every initializer of `model` that the saved model file `saved` keeps in its external
+    data file, with the same name and bytes, at those bytes; the number shared. A same-named
+    tensor with other bytes is an internal error (the graphs must read one set of weights)."""
+    saved = pathlib.Path(saved)
+    refs = {t.name: t for t in onnx.load(str(saved), load_external_data=False).graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
+    shared, files = 0, {}
+    try:
+        for t in model.graph.initializer:
+            ref = refs.get(t.name)
+            if ref is None:
+                continue
+            info = {e.key: e.value for e in ref.external_data}
+            f = files.get(info["location"]) or files.setdefault(info["location"], open(saved.parent / info["location"], "rb"))
+            f.seek(int(info.get("offset", 0)))
+            if ref.data_type != t.data_type or list(ref.dims) != list(t.dims) or \
+                    f.read(int(info["length"])) != t.raw_data:
+                raise GenaiError(f"initializer '{t.name}' differs between {saved.name} and the prompt graph")
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            t.external_data.extend(ref.external_data)
+            shared += 1
+    finally:
+        for f in files.values():
+            f.close()
+    return shared
+
+
+def write_genai_files(graph: gs.Graph, structure, path, config_json, tokenizer_dir=None, accuracy_level: int = 4,
+                      metadata: dict[str, str] | None = None, kernel: str = "nbits") -> list[pathlib.Path]:
+    """Write the genai-form model at `path` (its weights in `path`.data), genai_config.json, config.json
+    and the tokenizer files beside it; the files written, the model first. kernel: ``nbits``
+    (MatMulNBits), ``int8`` (``build_decoder``'s int8_linears) or ``int8-prompt``: both, the INT8
+    graph at ``prompt_path(path)`` for prompts, reading the model's weight file (nothing of its own
+    but small constants), `path` for token generation."""
+    path, config_json = pathlib.Path(path), pathlib.Path(config_json)
+    tokenizer_dir = pathlib.Path(tokenizer_dir) if tokenizer_dir else config_json.parent
+    config = ModelConfig.read(config_json)
+    model = _with_metadata(build_decoder(graph, structure, config, accuracy_level, int8_linears=kernel == "int8"),
+                           metadata)
     directory, data = path.parent, path.name + ".data"
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
                     size_threshold=1024)
     del model
     (directory / data).chmod(path.stat().st_mode & 0o777)  # onnx writes external data private (0600)
-    (directory / "genai_config.json").write_text(json.dumps(genai_config(structure, config, path.name), indent=4) + "\n")
-    files = [path, directory / data, directory / "genai_config.json"]
+    files = [path, directory / data]
+    prompt = None
+    if kernel == "int8-prompt":
+        prompt = prompt_path(path)
+        model = _with_metadata(build_decoder(graph, structure, config, accuracy_level, int8_linears=True), metadata)
+        _share_weights(model, path)
+        onnx.save_model(model, str(prompt))
+        del model
+        files.append(prompt)
+    (directory / "genai_config.json").write_text(
+        json.dumps(genai_config(structure, config, path.name, prompt and prompt.name), indent=4) + "\n")
+    files.append(directory / "genai_config.json")
     for src in [config_json] + [tokenizer_dir / name for name in TOKENIZER_FILES]:
         if src.is_file() and not (directory / src.name).exists():
             shutil.copyfile(src, directory / src.name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -265,11 +264,7 @@ class _Builder:
             y = self.int8_matmul(x, weight, name, output if bias is None else None, per_token)
         elif isinstance(weight, BlockInt4):
             k, n = weight.shape
-            codes, scales, zero = _matmulnbits_layout(weight)
-            inputs = [x, self.const(f"{name}.weight_Q4", codes), self.const(f"{name}.weight_scales", scales)]
-            if zero is not None:
-                inputs.append(self.const(f"{name}.weight_zero_points", zero))
-            y = self.op("MatMulNBits", inputs,
+            y = self.op("MatMulNBits", [x, *self.nbits_constants(weight, name)],
                         f"{name}/MatMulNBits", domain=MS, K=k, N=n, bits=4, block_size=weight.block,
                         accuracy_level=self.accuracy_level, outputs=[output] if output and bias is None else 1)
         else:
@@ -279,27 +274,70 @@ class _Builder:
             y = self.op("Add", [y, self.const(f"{name}.bias", bias)], f"{name}/Add", outputs=[output] if output else 1)
         return y
 
+    def nbits_constants(self, weight: BlockInt4, name: str) -> list[str]:
+        """The initializers of `name`'s INT4 blocks in MatMulNBits' layout (``_matmulnbits_layout``):
+        codes, scales and, unless all are 8, packed zero points. Every kernel reads these same
+        bytes, so the folder's graphs can share one weight file."""
+        codes, scales, zero = _matmulnbits_layout(weight)
+        names = [self.const(f"{name}.weight_Q4", codes), self.const(f"{name}.weight_scales", scales)]
+        if zero is not None:
+            names.append(self.const(f"{name}.weight_zero_points", zero))
+        return names
+
+    def _nibbles_as_float(self, packed: str, name: str) -> str:
+        """uint8 bytes [a, c, m] -> their 4-bit values [a, c, 2m] as float, the low nibble first."""
+        f = self.op("Cast", [packed], f"{name}/Cast", to=TensorProto.FLOAT)
+        high = self.op("Floor", [self.op("Mul", [f, self.shared("float_1_16", np.array(1 / 16, np.float32))],
+                                         f"{name}/Mul")], f"{name}/Floor")
+        low = self.op("Sub", [f, self.op("Mul", [high, self.shared("float_16", np.array(16, np.float32))],
+                                         f"{name}/Mul_1")], f"{name}/Sub")
+        last = self.shared("last_axis", np.array([-1], np.int64))
+        pairs = self.op("Concat", [self.op("Unsqueeze", [low, last], f"{name}/Unsqueeze"),
+                                   self.op("Unsqueeze", [high, last], f"{name}/Unsqueeze_1")], f"{name}/Concat", axis=-1)
+        return self.op("Reshape", [pairs, self.shared("pairs_as_rows", np.array([0, 0, -1], np.int64))],
+                       f"{name}/Reshape")
+
     def int8_matmul(self, x: str, weight: BlockInt4, name: str, output: str | None, per_token: bool = False) -> str:
-        """x @ W over INT8 weights: W's INT4 codes are stored as UINT4 [blocks, b, N], widened to
-        INT8 with one scale per column by constant nodes (``int8_columns``) that onnxruntime folds
-        into an INT8 initializer when it loads the model, so the file stays 4-bit. x is quantized
+        """x @ W over INT8 weights: constant nodes widen W's MatMulNBits bytes (``nbits_constants``)
+        to INT8 with one scale per column, as ``int8_columns`` computes them, and onnxruntime folds
+        them into an INT8 initializer when it loads the model, so the file stays 4-bit. x is quantized
         to uint8 with one scale per call (DynamicQuantizeMatMul), or with ``per_token`` one
         symmetric scale per token, max|x| / 127 (standard ops and MatMulInteger)."""
         k, n = weight.shape
-        codes, zero, ratio, scale = int8_columns(weight)
-        f = self.op("Cast", [self.const(f"{name}.weight_Q4", codes.astype(ml_dtypes.uint4))], f"{name}/int8/Cast",
-                    to=TensorProto.FLOAT)
-        zero = self.const(f"{name}.weight_zero", zero) if zero.size > 1 else self.shared("int4_zero_8", zero)
-        f = self.op("Mul", [self.op("Sub", [f, zero], f"{name}/int8/Sub"), self.const(f"{name}.weight_ratio", ratio)],
-                    f"{name}/int8/Mul")
-        w = self.op("Cast", [self.op("Round", [f], f"{name}/int8/Round")], f"{name}/int8/Cast_1", to=TensorProto.INT8)
-        w = self.op("Reshape", [w, self.const(f"{name}.weight_rows", np.array([codes.shape[0] * codes.shape[1], n],
-                                                                               np.int64))], f"{name}/int8/Reshape")
-        if codes.shape[0] * codes.shape[1] != k:  # a ragged last block's padding
+        blocks, b = weight.scale.shape[0], weight.block
+        q4, scales, *zero = self.nbits_constants(weight, name)
+        p = f"{name}/int8"
+        u = self._nibbles_as_float(q4, f"{p}/codes")                                       # [N, blocks, b]
+        if zero:  # packed [N, ceil(blocks / 2)] -> [N, blocks, 1]
+            z = self.op("Reshape", [zero[0], self.const(f"{name}.zero_rows", np.array([n, 1, -1], np.int64))],
+                        f"{p}/zero/Reshape")
+            z = self.op("Reshape", [self._nibbles_as_float(z, f"{p}/zero"),
+                                    self.const(f"{name}.zero_columns", np.array([n, -1, 1], np.int64))],
+                        f"{p}/zero/Reshape_1")
+            if blocks % 2:
+                z = self.op("Slice", [z, self.shared("zero_int64", np.array([0], np.int64)),
+                                      self.const(f"{name}.blocks", np.array([blocks], np.int64)),
+                                      self.shared("one_int64", np.array([1], np.int64))], f"{p}/zero/Slice")
+        else:
+            z = self.shared("int4_zero_8", np.array(8, np.float32))
+        centered = self.op("Sub", [u, z], f"{p}/Sub")
+        steps = self.op("ReduceMax", [self.op("Abs", [centered], f"{p}/Abs"), self.shared("last_axis", np.array([-1], np.int64))],
+                        f"{p}/steps", keepdims=1)                                          # [N, blocks, 1]
+        s = self.op("Unsqueeze", [scales, self.shared("last_axis", np.array([-1], np.int64))], f"{p}/Unsqueeze")
+        amax = self.op("ReduceMax", [self.op("Mul", [self.op("Abs", [s], f"{p}/Abs_1"), steps], f"{p}/Mul"),
+                                     self.shared("axes_1_2", np.array([1, 2], np.int64))], f"{p}/ReduceMax", keepdims=1)
+        col = self.op("Div", [amax, self.shared("int8_max_float", np.array(127, np.float32))], f"{p}/Div")
+        col = self.op("Where", [self.op("Greater", [col, self.shared("float_0", np.array(0, np.float32))], f"{p}/Greater"),
+                                col, self.shared("float_1", np.array(1, np.float32))], f"{p}/column_scale")   # [N, 1, 1]
+        ratio = self.op("Div", [s, col], f"{p}/ratio")
+        w = self.op("Round", [self.op("Mul", [centered, ratio], f"{p}/Mul_1")], f"{p}/Round")
+        w = self.op("Reshape", [w, self.const(f"{name}.weight_rows", np.array([n, blocks * b], np.int64))], f"{p}/Reshape")
+        if blocks * b != k:  # a ragged last block's padding
             w = self.op("Slice", [w, self.shared("zero_int64", np.array([0], np.int64)),
                                   self.const(f"{name}.weight_k", np.array([k], np.int64)),
-                                  self.shared("zero_int64", np.array([0], np.int64))], f"{name}/int8/Slice")
-        scale = self.const(f"{name}.weight_scale", scale)
+                                  self.shared("one_int64", np.array([1], np.int64))], f"{p}/Slice")
+        w = self.op("Cast", [self.op("Transpose", [w], f"{p}/Transpose", perm=[1, 0])], f"{p}/Cast", to=TensorProto.INT8)
+        scale = self.op("Reshape", [col, self.shared("flat", np.array([-1], np.int64))], f"{p}/scale")
         if not per_token:
             return self.op("DynamicQuantizeMatMul", [x, w, scale], f"{name}/DynamicQuantizeMatMul", domain=MS,
                            outputs=[output] if output else 1)
@@ -326,11 +364,7 @@ class _Builder:
             raise GenaiError(f"'{name}': the embedding gathers INT4 block codes; this weight is float")
         n, blocks, b = weight.shape[1], weight.scale.shape[0], weight.block
         if own:
-            codes, scales, zero = _matmulnbits_layout(weight)
-            self.const(f"{name}.weight_Q4", codes)
-            self.const(f"{name}.weight_scales", scales)
-            if zero is not None:
-                self.const(f"{name}.weight_zero_points", zero)
+            self.nbits_constants(weight, name)
         rows = self.op("Reshape", [f"{name}.weight_Q4", self.const(f"{name}.weight_Q4_rows",
                                                                      np.array([n, blocks * b // 2], np.int64))],
                        "embed_tokens/Reshape")

@@ -65,6 +65,7 @@ class Kernel(Choice):
     """How the genai folder multiplies by its INT4 decoder weights."""
     NBITS = "nbits"  # MatMulNBits everywhere (4-bit weights read per token)
     INT8 = "int8"    # decoder linears widened to INT8 at load, int8 activations (genai_decoder.int8_matmul)
+    INT8_PROMPT = "int8-prompt"  # prompts through an INT8 graph, token generation through MatMulNBits (one weight file)
 
 
 class Rounding(Choice):

@@ -33,10 +33,13 @@ def _options(level: str = "0") -> ort.SessionOptions:
     return opts
 
 
-def greedy_logits(path, ids: np.ndarray, steps: int) -> list[np.ndarray]:
+def greedy_logits(path, ids: np.ndarray, steps: int, step_path=None) -> list[np.ndarray]:
     """Logits of the prompt, then of `steps` greedy tokens fed one at a time through the KV cache
-    (the feeds an optimum with-past export and the genai form both accept)."""
+    (the feeds an optimum with-past export and the genai form both accept); with `step_path`,
+    the single tokens run through that model (a two-graph genai folder's token graph)."""
     sess = ort.InferenceSession(str(path), _options(), providers=["CPUExecutionProvider"])
+    step = sess if step_path is None else ort.InferenceSession(str(step_path), _options(),
+                                                               providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     inputs = {i.name: i for i in sess.get_inputs()}
     batch, length = ids.shape
@@ -54,7 +57,7 @@ def greedy_logits(path, ids: np.ndarray, steps: int) -> list[np.ndarray]:
         if "position_ids" in inputs:
             feeds["position_ids"] = np.full((batch, 1), length, np.int64)
         feeds.update({n.replace("present", "past_key_values", 1): out[n] for n in names if n.startswith("present")})
-        out = dict(zip(names, sess.run(names, feeds)))
+        out = dict(zip(names, step.run(names, feeds)))
         result.append(out["logits"])
         length += 1
     return result
@@ -367,64 +370,131 @@ def _matmulnbits_blocks(model, node):
     return BlockInt4(np.ascontiguousarray(u), np.ascontiguousarray(scales), np.full(scales.shape, 8, np.uint8), b), w
 
 
+def _int8_folders(tiny_models, tmp_path, kernels=("nbits", "int8", "int8-prompt")) -> dict:
+    """{kernel: folder} of one tiny untied llama with past, optimized for genai with each kernel."""
+    src = tiny_models("llama", past=True, tied=False)
+    folders = {k: tmp_path / k for k in kernels}
+    for kernel, folder in folders.items():
+        pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", calib_samples=4, seq_len=32,
+                                                                     kernel=kernel), progress=False)
+    return folders
+
+
+def _folded(path, tmp_path) -> "onnx.ModelProto":
+    """The model as onnxruntime runs it after loading (constant folding done)."""
+    import onnx
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / f"folded-{path.parent.name}-{path.name}")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(opts.optimized_model_filepath, load_external_data=False)  # the folded ones are inline
+
+
 def test_genai_int8_kernel(tiny_models, tmp_path):
     """--kernel int8: q/k/v/o/gate/up run as DynamicQuantizeMatMul, down_proj as MatMulInteger
     with one scale per token, over INT8 weights that onnxruntime folds, when it loads the model,
-    from the file's UINT4 codes exactly as ``int8_weight`` computes them, each within half an
-    INT8 step of the INT4 weight MatMulNBits reads in the default folder; lm_head stays MatMulNBits;
-    the logits stay close to the MatMulNBits folder's (int8 activations); refused where it
-    cannot apply. (The file's codes are UINT4; a scale per column adds a little.)"""
+    from the file's MatMulNBits bytes (the same bytes the default folder stores) exactly as
+    ``int8_weight`` / ``int8_columns`` compute them, each within half an INT8 step of the INT4
+    weight; lm_head stays MatMulNBits; the logits stay close to the MatMulNBits folder's (int8
+    activations); refused where it cannot apply."""
     import onnx
     from onnx import numpy_helper
 
     from perq_onnx.errors import PerqError
-    from perq_onnx.genai_decoder import int8_weight
-    src = tiny_models("llama", past=True, tied=False)
-    options = dict(target="genai", calib_samples=4, seq_len=32)
-    folders = {k: tmp_path / k for k in ("nbits", "int8")}
-    for kernel, folder in folders.items():
-        pipeline.optimize(src, folder / "model.onnx", Settings.parse(**options, kernel=kernel), progress=False)
+    from perq_onnx.genai_decoder import int8_columns, int8_weight
+    folders = _int8_folders(tiny_models, tmp_path, ("nbits", "int8"))
     nbits, int8 = (onnx.load(str(f / "model.onnx")) for f in folders.values())
     ops = [n.op_type for n in int8.graph.node]
     layers = sum(n.op_type == "GroupQueryAttention" for n in int8.graph.node)
     assert ops.count("DynamicQuantizeMatMul") == 4 * layers  # qkv (packed), o, gate, up
     assert ops.count("MatMulInteger") == layers              # down_proj, one scale per token
     assert ops.count("MatMulNBits") == 1                     # lm_head
-    int8_ops = ("DynamicQuantizeMatMul", "MatMulInteger")
-    int8_linears = {n.name.split("/")[0] for n in int8.graph.node if n.op_type in int8_ops}
-    assert {i.data_type for i in int8.graph.initializer
-            if i.name.removesuffix(".weight_Q4") in int8_linears} == {onnx.TensorProto.UINT4}
+    stored = {i.name: numpy_helper.to_array(i) for i in nbits.graph.initializer if i.name.endswith(".weight_Q4")}
+    assert all(np.array_equal(numpy_helper.to_array(i), stored[i.name])
+               for i in int8.graph.initializer if i.name in stored)  # 4 bits a weight, the same bytes
     size = {k: (f / "model.onnx.data").stat().st_size for k, f in folders.items()}
     for f in folders.values():  # readable as the model file is (onnx writes external data 0600)
         assert (f / "model.onnx.data").stat().st_mode & 0o777 == (f / "model.onnx").stat().st_mode & 0o777
-    assert size["int8"] < 1.05 * size["nbits"]  # 4 bits a weight; one more scale per column
+    assert size["int8"] == size["nbits"]
 
-    # what onnxruntime runs: the folded INT8 initializers
-    opts = ort.SessionOptions()
-    opts.optimized_model_filepath = str(tmp_path / "folded.onnx")
-    ort.InferenceSession(str(folders["int8"] / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    folded = onnx.load(str(tmp_path / "folded.onnx"), load_external_data=False)  # the folded ones are inline
-    values = {i.name: i for i in folded.graph.initializer}
+    folded = _folded(folders["int8"] / "model.onnx", tmp_path)
+    values = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer
+              if i.data_location != onnx.TensorProto.EXTERNAL}  # (the rest stays in the folder's data file)
     reference = {n.name.split("/")[0]: n for n in nbits.graph.node if n.op_type == "MatMulNBits"}
-    written = {i.name: i for i in int8.graph.initializer}
+    int8_ops = ("DynamicQuantizeMatMul", "MatMulInteger")
     checked = 0
     for node in (n for n in folded.graph.node if n.op_type in int8_ops):
         name = node.name.split("/")[0]
-        w8, scale = numpy_helper.to_array(values[node.input[1]]), numpy_helper.to_array(written[f"{name}.weight_scale"])
-        assert w8.dtype == np.int8 and np.abs(w8.astype(np.int32)).max() <= 127
         blocks, w4 = _matmulnbits_blocks(nbits, reference[name])
+        w8, scale = values[node.input[1]], int8_columns(blocks)[3]
+        assert w8.dtype == np.int8 and np.abs(w8.astype(np.int32)).max() <= 127
         assert np.array_equal(w8, int8_weight(blocks)), name     # the same INT4 weights, folded as documented
+        if node.op_type == "DynamicQuantizeMatMul":
+            assert np.array_equal(values[node.input[2]], scale), name
         assert np.abs(w8 * scale - w4).max() <= 0.5 * scale.max() * (1 + 1e-5), name
         checked += 1
     assert checked == 5 * layers
     ids = np.random.default_rng(3).integers(0, 512, size=(1, 12))
     err = _relative(*(greedy_logits(f / "model.onnx", ids, 0) for f in folders.values()))  # (greedy paths of a
     assert err < 0.05, err                                                                   # random model part)
-    for extra, message in (({"target": "ort"}, "--kernel int8: the ort target has no kernel choice"),
-                           ({"target": "genai", "quantize": False}, "--kernel int8 multiplies by INT4 weights")):
-        with pytest.raises(PerqError, match=message):
-            pipeline.optimize(src, tmp_path / "refused" / "model.onnx", Settings.parse(kernel="int8", **extra),
-                              progress=False)
+    src = tiny_models("llama", past=True, tied=False)
+    for kernel in ("int8", "int8-prompt"):
+        for extra, message in (({"target": "ort"}, f"--kernel {kernel}: the ort target has no kernel choice"),
+                               ({"target": "genai", "quantize": False}, f"--kernel {kernel} multiplies by INT4 weights")):
+            with pytest.raises(PerqError, match=message):
+                pipeline.optimize(src, tmp_path / "refused" / "model.onnx", Settings.parse(kernel=kernel, **extra),
+                                  progress=False)
+
+
+def test_genai_int8_prompt_kernel(tiny_models, tmp_path):
+    """--kernel int8-prompt: two graphs on one weight file. model.onnx is the MatMulNBits folder's
+    graph; model.prompt.onnx is the --kernel int8 folder's graph, every weight read from
+    model.onnx.data (no data file of its own); genai_config.json runs the prompt graph on
+    multi-token steps and model.onnx on single tokens, and onnxruntime-genai does: its prompt
+    logits are the INT8 graph's, and its greedy tokens are those of the INT8 prompt followed by
+    MatMulNBits steps in plain onnxruntime."""
+    import onnx
+    from onnx import numpy_helper
+    folders = _int8_folders(tiny_models, tmp_path)
+    split = folders["int8-prompt"]
+    assert sorted(p.name for p in split.glob("model*")) == ["model.onnx", "model.onnx.data", "model.prompt.onnx"]
+    assert (split / "model.onnx.data").stat().st_size == (folders["nbits"] / "model.onnx.data").stat().st_size
+
+    def graph_of(path):
+        model = onnx.load(str(path))
+        return ([(n.op_type, list(n.input), list(n.output)) for n in model.graph.node],
+                {i.name: numpy_helper.to_array(i).tobytes() for i in model.graph.initializer})
+    assert graph_of(split / "model.onnx") == graph_of(folders["nbits"] / "model.onnx")
+    assert graph_of(split / "model.prompt.onnx") == graph_of(folders["int8"] / "model.onnx")
+    prompt = onnx.load(str(split / "model.prompt.onnx"), load_external_data=False)
+    large = [i for i in prompt.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert {e.value for i in large for e in i.external_data if e.key == "location"} == {"model.onnx.data"}
+    assert sum(len(i.raw_data) for i in prompt.graph.initializer) < 4096  # only small constants of its own
+    assert any(i.name.endswith("weight_Q4") for i in large)
+
+    config = json.loads((split / "genai_config.json").read_text())["model"]
+    assert config["type"] == "decoder-pipeline"
+    stages = [next(iter(stage.items())) for stage in config["decoder"]["pipeline"]]
+    assert [(s["filename"], s["run_on_prompt"], s["run_on_token_gen"]) for _, s in stages] == [
+        ("model.prompt.onnx", True, False), ("model.onnx", False, True)]
+
+    og = pytest.importorskip("onnxruntime_genai")
+    ids = np.random.default_rng(5).integers(0, 512, size=(1, 10))
+    new = 6
+    expected = greedy_logits(split / "model.prompt.onnx", ids, new - 1, step_path=split / "model.onnx")
+    all_nbits = greedy_logits(split / "model.onnx", ids, 0)[0]
+    model = og.Model(str(split))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=ids.shape[1] + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids.astype(np.int32))
+    seen = np.asarray(gen.get_output("logits")).reshape(expected[0].shape)
+    assert _relative([expected[0]], [seen]) < 1e-5                 # the prompt ran through the INT8 graph,
+    assert _relative([all_nbits], [seen]) > 1e-3                   # not through MatMulNBits
+    tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        tokens.append(int(gen.get_next_tokens()[0]))
+    assert tokens == [int(x[0, -1].argmax()) for x in expected]
 
 
 def test_genai_ties_the_embedding_by_default_where_the_model_does(tiny_models):

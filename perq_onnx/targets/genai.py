@@ -8,7 +8,8 @@ the model ties them (one table, see passes/tie_lm_head.py; chosen on valid windo
 fused LLM form (perq_onnx/genai.py: GroupQueryAttention with a KV cache and rotary inside,
 Skip/SimplifiedLayerNormalization, MatMulNBits with accuracy_level 4 in the nodes, or with
 ``--kernel int8`` DynamicQuantizeMatMul / MatMulInteger over INT8 weights widened at load for
-every decoder linear, the online rotation as standard ops) and written with ``genai_config.json``, config.json, the tokenizer and
+every decoder linear; ``--kernel int8-prompt`` both, as two graphs on one weight file, the INT8
+one for prompts and the MatMulNBits one for token generation; the online rotation as standard ops) and written with ``genai_config.json``, config.json, the tokenizer and
 the chat template beside it, so that ``onnxruntime_genai.Model(folder)`` runs it, as does a plain
 onnxruntime session (``perq-onnx eval``). Float32 Llama, Mistral and Qwen2 exports; others are
 refused with the reason.
@@ -32,7 +33,7 @@ ACCURACY_LEVEL = 4  # int8 activations inside MatMulNBits: 1.38x faster decode t
 class Genai(Ort):
     name: str = "genai"
     embeddings: tuple[Embedding, ...] = (Embedding.INT4, Embedding.INT8, Embedding.TIED)
-    kernels: tuple[Kernel, ...] = (Kernel.NBITS, Kernel.INT8)
+    kernels: tuple[Kernel, ...] = (Kernel.NBITS, Kernel.INT8, Kernel.INT8_PROMPT)
 
     def passes(self, settings: Settings) -> list[Pass]:
         passes = super().passes(settings)
@@ -50,4 +51,4 @@ class Genai(Ort):
     def write(self, ctx: Context, path: pathlib.Path, source_dir: pathlib.Path,
               settings: Settings) -> list[pathlib.Path]:
         return write_genai_files(ctx.graph, ctx.structure, path, source_dir / "config.json", source_dir,
-                                 ACCURACY_LEVEL, ctx.metadata, int8_linears=settings.kernel is Kernel.INT8)
+                                 ACCURACY_LEVEL, ctx.metadata, kernel=settings.kernel or Kernel.NBITS)
