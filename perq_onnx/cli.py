@@ -291,10 +291,12 @@ def parser() -> argparse.ArgumentParser:
                         "int8 (one scale per token; ort's), tied (gathered from lm_head's INT4 codes, one table for "
                         "both; genai's default where the model ties them)")
     o.add_argument("--kernel", choices=Kernel.values(),
-                   help="genai: how the INT4 decoder weights are multiplied: nbits (MatMulNBits; the default) or "
+                   help="genai: how the INT4 decoder weights are multiplied: nbits (MatMulNBits; the default), "
                         "int8 (widened to INT8 when the model loads; int8 activations, one scale per call, per "
                         "token at down_proj; lm_head stays MatMulNBits: faster prompts where MatMulNBits has no "
-                        "int8 kernel, e.g. x86 without AVX2; decode reads twice the bytes; the file stays INT4)")
+                        "int8 kernel, e.g. x86 without AVX2; decode reads twice the bytes; the file stays INT4) or "
+                        "int8-prompt (both graphs on one weight file: int8 for prompts, nbits for each generated "
+                        "token; the INT8 copy costs memory, not file size)")
     o.add_argument("--rounding", choices=Rounding.values(),
                    help="weight rounding: round-to-nearest or GPTQ with Hessians from calibration data "
                         "(default: rtn for simulate, gptq for ort and tensorrt)")

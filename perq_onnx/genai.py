@@ -116,8 +116,9 @@ def _with_metadata(model: onnx.ModelProto, metadata: dict[str, str] | None) -> o
 
 def _share_weights(model: onnx.ModelProto, saved) -> int:
     """Point every initializer of `model` that the saved model file `saved` keeps in its external
-    data file, with the same name and bytes, at those bytes; the number shared. A same-named
-    tensor with other bytes is an internal error (the graphs must read one set of weights)."""
+    data file, with the same name and bytes, at those bytes (the type may differ: the prompt
+    graph reads MatMulNBits' packed bytes as UINT4 codes); the number shared. A same-named tensor
+    with other bytes is an internal error (the graphs must read one set of weights)."""
     saved = pathlib.Path(saved)
     refs = {t.name: t for t in onnx.load(str(saved), load_external_data=False).graph.initializer
             if t.data_location == onnx.TensorProto.EXTERNAL}
@@ -130,8 +131,7 @@ def _share_weights(model: onnx.ModelProto, saved) -> int:
             info = {e.key: e.value for e in ref.external_data}
             f = files.get(info["location"]) or files.setdefault(info["location"], open(saved.parent / info["location"], "rb"))
             f.seek(int(info.get("offset", 0)))
-            if ref.data_type != t.data_type or list(ref.dims) != list(t.dims) or \
-                    f.read(int(info["length"])) != t.raw_data:
+            if f.read(int(info["length"])) != t.raw_data:
                 raise GenaiError(f"initializer '{t.name}' differs between {saved.name} and the prompt graph")
             t.ClearField("raw_data")
             t.data_location = onnx.TensorProto.EXTERNAL

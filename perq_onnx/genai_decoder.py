@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -274,72 +275,62 @@ class _Builder:
             y = self.op("Add", [y, self.const(f"{name}.bias", bias)], f"{name}/Add", outputs=[output] if output else 1)
         return y
 
-    def nbits_constants(self, weight: BlockInt4, name: str) -> list[str]:
+    def nbits_constants(self, weight: BlockInt4, name: str, as_uint4: bool = False) -> list[str]:
         """The initializers of `name`'s INT4 blocks in MatMulNBits' layout (``_matmulnbits_layout``):
         codes, scales and, unless all are 8, packed zero points. Every kernel reads these same
-        bytes, so the folder's graphs can share one weight file."""
+        bytes, so the folder's graphs can share one weight file; with `as_uint4` the packed codes
+        and zero points are typed as the UINT4 values they hold (codes [N, blocks, b], zero points
+        [N, blocks rounded up to even]), the same bytes."""
         codes, scales, zero = _matmulnbits_layout(weight)
+        if as_uint4:
+            n, blocks, half = codes.shape
+            codes = _uint4(codes, (n, blocks, 2 * half))
+            zero = None if zero is None else _uint4(zero, (n, 2 * zero.shape[1]))
         names = [self.const(f"{name}.weight_Q4", codes), self.const(f"{name}.weight_scales", scales)]
         if zero is not None:
             names.append(self.const(f"{name}.weight_zero_points", zero))
         return names
 
-    def _nibbles_as_float(self, packed: str, name: str) -> str:
-        """uint8 bytes [a, c, m] -> their 4-bit values [a, c, 2m] as float, the low nibble first."""
-        f = self.op("Cast", [packed], f"{name}/Cast", to=TensorProto.FLOAT)
-        high = self.op("Floor", [self.op("Mul", [f, self.shared("float_1_16", np.array(1 / 16, np.float32))],
-                                         f"{name}/Mul")], f"{name}/Floor")
-        low = self.op("Sub", [f, self.op("Mul", [high, self.shared("float_16", np.array(16, np.float32))],
-                                         f"{name}/Mul_1")], f"{name}/Sub")
-        last = self.shared("last_axis", np.array([-1], np.int64))
-        pairs = self.op("Concat", [self.op("Unsqueeze", [low, last], f"{name}/Unsqueeze"),
-                                   self.op("Unsqueeze", [high, last], f"{name}/Unsqueeze_1")], f"{name}/Concat", axis=-1)
-        return self.op("Reshape", [pairs, self.shared("pairs_as_rows", np.array([0, 0, -1], np.int64))],
-                       f"{name}/Reshape")
-
     def int8_matmul(self, x: str, weight: BlockInt4, name: str, output: str | None, per_token: bool = False) -> str:
-        """x @ W over INT8 weights: constant nodes widen W's MatMulNBits bytes (``nbits_constants``)
-        to INT8 with one scale per column, as ``int8_columns`` computes them, and onnxruntime folds
-        them into an INT8 initializer when it loads the model, so the file stays 4-bit. x is quantized
-        to uint8 with one scale per call (DynamicQuantizeMatMul), or with ``per_token`` one
-        symmetric scale per token, max|x| / 127 (standard ops and MatMulInteger)."""
+        """x @ W over 8-bit weights that onnxruntime computes when it loads the model (constant
+        folding), so the file stays 4-bit: W's MatMulNBits bytes read as UINT4 codes (``nbits_constants``),
+        widened to uint8 with zero point 128 and one scale per column as ``int8_columns`` describes.
+        onnxruntime keeps every folded intermediate until the session is built, so the chain is
+        short in bytes: Cast to float, Mul, Add, Cast to uint8 (truncating w + 128.5 rounds),
+        Reshape, Transpose: 15 bytes a weight while the model loads. x is quantized to uint8 with
+        one scale per call (DynamicQuantizeMatMul), or with ``per_token`` one symmetric scale per
+        token, max|x| / 127 (standard ops and MatMulInteger)."""
         k, n = weight.shape
         blocks, b = weight.scale.shape[0], weight.block
-        q4, scales, *zero = self.nbits_constants(weight, name)
+        codes, scales, *zero = self.nbits_constants(weight, name, as_uint4=True)
         p = f"{name}/int8"
-        u = self._nibbles_as_float(q4, f"{p}/codes")                                       # [N, blocks, b]
-        if zero:  # packed [N, ceil(blocks / 2)] -> [N, blocks, 1]
-            z = self.op("Reshape", [zero[0], self.const(f"{name}.zero_rows", np.array([n, 1, -1], np.int64))],
-                        f"{p}/zero/Reshape")
-            z = self.op("Reshape", [self._nibbles_as_float(z, f"{p}/zero"),
-                                    self.const(f"{name}.zero_columns", np.array([n, -1, 1], np.int64))],
-                        f"{p}/zero/Reshape_1")
+        last = self.shared("last_axis", np.array([-1], np.int64))
+        col = self.const(f"{name}.weight_scale", int8_columns(weight).scale)                 # [N]
+        ratio_t = self.op("Unsqueeze", [self.op("Div", [scales, self.op("Unsqueeze", [col, last], f"{p}/Unsqueeze")],
+                                                f"{p}/ratio"), last], f"{p}/Unsqueeze_1")    # [N, blocks, 1]
+        if zero:
+            z = self.op("Cast", [zero[0]], f"{p}/zero/Cast", to=TensorProto.FLOAT)
             if blocks % 2:
                 z = self.op("Slice", [z, self.shared("zero_int64", np.array([0], np.int64)),
                                       self.const(f"{name}.blocks", np.array([blocks], np.int64)),
                                       self.shared("one_int64", np.array([1], np.int64))], f"{p}/zero/Slice")
+            z = self.op("Unsqueeze", [z, last], f"{p}/zero/Unsqueeze")
         else:
-            z = self.shared("int4_zero_8", np.array(8, np.float32))
-        centered = self.op("Sub", [u, z], f"{p}/Sub")
-        steps = self.op("ReduceMax", [self.op("Abs", [centered], f"{p}/Abs"), self.shared("last_axis", np.array([-1], np.int64))],
-                        f"{p}/steps", keepdims=1)                                          # [N, blocks, 1]
-        s = self.op("Unsqueeze", [scales, self.shared("last_axis", np.array([-1], np.int64))], f"{p}/Unsqueeze")
-        amax = self.op("ReduceMax", [self.op("Mul", [self.op("Abs", [s], f"{p}/Abs_1"), steps], f"{p}/Mul"),
-                                     self.shared("axes_1_2", np.array([1, 2], np.int64))], f"{p}/ReduceMax", keepdims=1)
-        col = self.op("Div", [amax, self.shared("int8_max_float", np.array(127, np.float32))], f"{p}/Div")
-        col = self.op("Where", [self.op("Greater", [col, self.shared("float_0", np.array(0, np.float32))], f"{p}/Greater"),
-                                col, self.shared("float_1", np.array(1, np.float32))], f"{p}/column_scale")   # [N, 1, 1]
-        ratio = self.op("Div", [s, col], f"{p}/ratio")
-        w = self.op("Round", [self.op("Mul", [centered, ratio], f"{p}/Mul_1")], f"{p}/Round")
+            z = self.shared("float_8", np.array(8, np.float32))
+        offset_t = self.op("Sub", [self.shared("float_128_5", np.array(128.5, np.float32)),
+                                   self.op("Mul", [z, ratio_t], f"{p}/zero_ratio")], f"{p}/offset")
+        u = self.op("Cast", [codes], f"{p}/Cast", to=TensorProto.FLOAT)                     # [N, blocks, b]
+        w = self.op("Add", [self.op("Mul", [u, ratio_t], f"{p}/Mul"), offset_t], f"{p}/Add")
+        w = self.op("Cast", [w], f"{p}/Cast_1", to=TensorProto.UINT8)
         w = self.op("Reshape", [w, self.const(f"{name}.weight_rows", np.array([n, blocks * b], np.int64))], f"{p}/Reshape")
         if blocks * b != k:  # a ragged last block's padding
             w = self.op("Slice", [w, self.shared("zero_int64", np.array([0], np.int64)),
                                   self.const(f"{name}.weight_k", np.array([k], np.int64)),
                                   self.shared("one_int64", np.array([1], np.int64))], f"{p}/Slice")
-        w = self.op("Cast", [self.op("Transpose", [w], f"{p}/Transpose", perm=[1, 0])], f"{p}/Cast", to=TensorProto.INT8)
-        scale = self.op("Reshape", [col, self.shared("flat", np.array([-1], np.int64))], f"{p}/scale")
+        w = self.op("Transpose", [w], f"{p}/Transpose", perm=[1, 0])                          # [K, N] uint8
+        w_zero = self.shared("uint8_zero", np.array(128, np.uint8))
         if not per_token:
-            return self.op("DynamicQuantizeMatMul", [x, w, scale], f"{name}/DynamicQuantizeMatMul", domain=MS,
+            return self.op("DynamicQuantizeMatMul", [x, w, col, w_zero], f"{name}/DynamicQuantizeMatMul", domain=MS,
                            outputs=[output] if output else 1)
         p = f"{name}/per_token"
         amax = self.op("ReduceMax", [self.op("Abs", [x], f"{p}/Abs"), self.shared("last_axis", np.array([-1], np.int64))],
@@ -349,9 +340,9 @@ class _Builder:
         codes = self.op("Round", [self.op("Div", [x, step], f"{p}/Div")], f"{p}/Round")
         uint8 = self.shared("uint8_zero_float", np.array(128, np.float32))   # |codes| <= 127: 1..255 as uint8
         codes = self.op("Cast", [self.op("Add", [codes, uint8], f"{p}/Add")], f"{p}/Cast", to=TensorProto.UINT8)
-        y = self.op("MatMulInteger", [codes, w, self.shared("uint8_zero", np.array(128, np.uint8))], f"{name}/MatMulInteger")
+        y = self.op("MatMulInteger", [codes, w, w_zero, w_zero], f"{name}/MatMulInteger")
         y = self.op("Mul", [self.op("Cast", [y], f"{p}/Cast_1", to=TensorProto.FLOAT), step], f"{p}/Mul")
-        return self.op("Mul", [y, scale], f"{p}/Mul_1", outputs=[output] if output else 1)
+        return self.op("Mul", [y, col], f"{p}/Mul_1", outputs=[output] if output else 1)
 
     def gathered_int4(self, weight, name: str, hidden: int, own: bool = False) -> str:
         """Token rows gathered from INT4 blocks [hidden, vocab] by GatherBlockQuantized: the
@@ -400,31 +391,47 @@ def _matmulnbits_layout(weight: BlockInt4):
     return _nibbles(u), np.ascontiguousarray(weight.scale.T), zero
 
 
-def int8_columns(weight: BlockInt4):
-    """INT4 blocks [K, N] as INT8 with one scale per column: W8 = round((codes - zero) * ratio),
-    W ~ W8 * scale, where scale = max|W[:, n]| / 127 and ratio = block scale / column scale (so
-    |W8| <= 127, each value within half an INT8 step of the INT4 weight). Returns codes
-    [blocks, b, N] (uint8 0..15, a ragged last block padded with its zero point), zero and ratio
-    [blocks, 1, N] float32 (zero a single 8 when every zero point is 8) and scale [N] float32; the
-    float32 arithmetic is what ``_Builder.int8_matmul``'s nodes do."""
+@dataclass(frozen=True)
+class Int8Columns:
+    """INT4 blocks as 8-bit weights with one scale per column (``int8_columns``), in MatMulNBits'
+    orientation: codes [N, blocks, b], zero / ratio / offset [N, blocks, 1], scale [N]."""
+    codes: np.ndarray
+    zero: np.ndarray
+    ratio: np.ndarray
+    offset: np.ndarray
+    scale: np.ndarray
+
+
+def int8_columns(weight: BlockInt4) -> Int8Columns:
+    """INT4 blocks [K, N] as W8 = round((codes - zero) * ratio) with W ~ W8 * scale, where scale =
+    max over blocks of |block scale| * max(zero, 15 - zero), / 127 (a bound of the block's largest
+    |code - zero|, so it comes from the scales and zero points alone) and ratio = block scale /
+    scale: |W8| <= 127, each value within half an INT8 step of the INT4 weight. The float32
+    arithmetic is what ``_Builder.int8_matmul``'s nodes do: ratio = scales / scale, offset = 128.5 -
+    zero * ratio, W8 + 128 = trunc(codes * ratio + offset) (uint8; ties round up)."""
     n = weight.shape[1]
     b, blocks = weight.block, weight.scale.shape[0]
-    u = _padded_codes(weight)
-    zero = weight.zero.astype(np.float32)[:, None, :]
-    steps = np.abs(u.reshape(blocks, b, n).astype(np.float32) - zero).max(axis=1)   # [blocks, N]
-    scale = (np.abs(weight.scale) * steps).max(axis=0) / np.float32(127)
+    codes = np.ascontiguousarray(_padded_codes(weight).T).reshape(n, blocks, b)
+    zero = np.ascontiguousarray(weight.zero.T).astype(np.float32)[..., None]
+    s = np.ascontiguousarray(weight.scale.T)
+    scale = (np.abs(s) * np.maximum(zero, 15 - zero)[..., 0]).max(axis=1) / np.float32(127)
     scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-    ratio = (weight.scale / scale)[:, None, :].astype(np.float32)
-    if np.all(zero == 8):
-        zero = np.array(8, np.float32)
-    return u.reshape(blocks, b, n), zero, ratio, scale
+    ratio = (s / scale[:, None])[..., None].astype(np.float32)
+    offset = (np.float32(128.5) - zero * ratio).astype(np.float32)
+    return Int8Columns(codes, zero, ratio, offset, scale)
 
 
 def int8_weight(weight: BlockInt4) -> np.ndarray:
     """The [K, N] INT8 values ``int8_columns`` describes (the reference for what onnxruntime folds)."""
-    codes, zero, ratio, _ = int8_columns(weight)
-    w = np.round((codes.astype(np.float32) - zero) * ratio).astype(np.int8)
-    return w.reshape(-1, w.shape[-1])[:weight.shape[0]]
+    c = int8_columns(weight)
+    w = (c.codes.astype(np.float32) * c.ratio + c.offset).astype(np.uint8).astype(np.int16) - 128
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1)[:, :weight.shape[0]].T).astype(np.int8)
+
+
+def _uint4(packed: np.ndarray, shape) -> np.ndarray:
+    """Bytes of two 4-bit values each (the low nibble first) as the UINT4 array of `shape` they hold."""
+    u = np.stack([packed & 15, packed >> 4], axis=-1).reshape(shape)
+    return u.astype(ml_dtypes.uint4)
 
 
 def _nibbles(u: np.ndarray) -> np.ndarray:
