@@ -292,14 +292,15 @@ class _Builder:
         return names
 
     def int8_matmul(self, x: str, weight: BlockInt4, name: str, output: str | None, per_token: bool = False) -> str:
-        """x @ W over 8-bit weights that onnxruntime computes when it loads the model (constant
+        """x @ W over INT8 weights that onnxruntime computes when it loads the model (constant
         folding), so the file stays 4-bit: W's MatMulNBits bytes read as UINT4 codes (``nbits_constants``),
-        widened to uint8 with zero point 128 and one scale per column as ``int8_columns`` describes.
-        onnxruntime keeps every folded intermediate until the session is built, so the chain is
-        short in bytes: Cast to float, Mul, Add, Cast to uint8 (truncating w + 128.5 rounds),
-        Reshape, Transpose: 15 bytes a weight while the model loads. x is quantized to uint8 with
-        one scale per call (DynamicQuantizeMatMul), or with ``per_token`` one symmetric scale per
-        token, max|x| / 127 (standard ops and MatMulInteger)."""
+        widened to INT8 with one scale per column as ``int8_columns`` describes. onnxruntime keeps
+        every folded intermediate until the session is built, so the chain is short in bytes: Cast
+        to float, Mul, Add, Round, Cast to int8, Reshape, Transpose: 19 bytes a weight while the
+        model loads (uint8 weights with a zero point would save the Round, but onnxruntime's
+        u8 x u8 GEMM took 1.5x as long here). x is quantized to uint8 with one scale per call
+        (DynamicQuantizeMatMul), or with ``per_token`` one symmetric scale per token, max|x| / 127
+        (standard ops and MatMulInteger)."""
         k, n = weight.shape
         blocks, b = weight.scale.shape[0], weight.block
         codes, scales, *zero = self.nbits_constants(weight, name, as_uint4=True)
@@ -317,20 +318,19 @@ class _Builder:
             z = self.op("Unsqueeze", [z, last], f"{p}/zero/Unsqueeze")
         else:
             z = self.shared("float_8", np.array(8, np.float32))
-        offset_t = self.op("Sub", [self.shared("float_128_5", np.array(128.5, np.float32)),
-                                   self.op("Mul", [z, ratio_t], f"{p}/zero_ratio")], f"{p}/offset")
+        offset_t = self.op("Neg", [self.op("Mul", [z, ratio_t], f"{p}/zero_ratio")], f"{p}/offset")
         u = self.op("Cast", [codes], f"{p}/Cast", to=TensorProto.FLOAT)                     # [N, blocks, b]
-        w = self.op("Add", [self.op("Mul", [u, ratio_t], f"{p}/Mul"), offset_t], f"{p}/Add")
-        w = self.op("Cast", [w], f"{p}/Cast_1", to=TensorProto.UINT8)
+        w = self.op("Round", [self.op("Add", [self.op("Mul", [u, ratio_t], f"{p}/Mul"), offset_t], f"{p}/Add")],
+                    f"{p}/Round")
+        w = self.op("Cast", [w], f"{p}/Cast_1", to=TensorProto.INT8)
         w = self.op("Reshape", [w, self.const(f"{name}.weight_rows", np.array([n, blocks * b], np.int64))], f"{p}/Reshape")
         if blocks * b != k:  # a ragged last block's padding
             w = self.op("Slice", [w, self.shared("zero_int64", np.array([0], np.int64)),
                                   self.const(f"{name}.weight_k", np.array([k], np.int64)),
                                   self.shared("one_int64", np.array([1], np.int64))], f"{p}/Slice")
-        w = self.op("Transpose", [w], f"{p}/Transpose", perm=[1, 0])                          # [K, N] uint8
-        w_zero = self.shared("uint8_zero", np.array(128, np.uint8))
+        w = self.op("Transpose", [w], f"{p}/Transpose", perm=[1, 0])                          # [K, N] int8
         if not per_token:
-            return self.op("DynamicQuantizeMatMul", [x, w, col, w_zero], f"{name}/DynamicQuantizeMatMul", domain=MS,
+            return self.op("DynamicQuantizeMatMul", [x, w, col], f"{name}/DynamicQuantizeMatMul", domain=MS,
                            outputs=[output] if output else 1)
         p = f"{name}/per_token"
         amax = self.op("ReduceMax", [self.op("Abs", [x], f"{p}/Abs"), self.shared("last_axis", np.array([-1], np.int64))],
@@ -340,7 +340,8 @@ class _Builder:
         codes = self.op("Round", [self.op("Div", [x, step], f"{p}/Div")], f"{p}/Round")
         uint8 = self.shared("uint8_zero_float", np.array(128, np.float32))   # |codes| <= 127: 1..255 as uint8
         codes = self.op("Cast", [self.op("Add", [codes, uint8], f"{p}/Add")], f"{p}/Cast", to=TensorProto.UINT8)
-        y = self.op("MatMulInteger", [codes, w, w_zero, w_zero], f"{name}/MatMulInteger")
+        y = self.op("MatMulInteger", [codes, w, self.shared("uint8_zero", np.array(128, np.uint8))],
+                    f"{name}/MatMulInteger")
         y = self.op("Mul", [self.op("Cast", [y], f"{p}/Cast_1", to=TensorProto.FLOAT), step], f"{p}/Mul")
         return self.op("Mul", [y, col], f"{p}/Mul_1", outputs=[output] if output else 1)
 
@@ -407,8 +408,8 @@ def int8_columns(weight: BlockInt4) -> Int8Columns:
     max over blocks of |block scale| * max(zero, 15 - zero), / 127 (a bound of the block's largest
     |code - zero|, so it comes from the scales and zero points alone) and ratio = block scale /
     scale: |W8| <= 127, each value within half an INT8 step of the INT4 weight. The float32
-    arithmetic is what ``_Builder.int8_matmul``'s nodes do: ratio = scales / scale, offset = 128.5 -
-    zero * ratio, W8 + 128 = trunc(codes * ratio + offset) (uint8; ties round up)."""
+    arithmetic is what ``_Builder.int8_matmul``'s nodes do: ratio = scales / scale, offset =
+    -(zero * ratio), W8 = round(codes * ratio + offset) (half to even)."""
     n = weight.shape[1]
     b, blocks = weight.block, weight.scale.shape[0]
     codes = np.ascontiguousarray(_padded_codes(weight).T).reshape(n, blocks, b)
@@ -417,15 +418,15 @@ def int8_columns(weight: BlockInt4) -> Int8Columns:
     scale = (np.abs(s) * np.maximum(zero, 15 - zero)[..., 0]).max(axis=1) / np.float32(127)
     scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
     ratio = (s / scale[:, None])[..., None].astype(np.float32)
-    offset = (np.float32(128.5) - zero * ratio).astype(np.float32)
-    return Int8Columns(codes, zero, ratio, offset, scale)
+    offset = -(zero * ratio)
+    return Int8Columns(codes, zero, ratio, offset.astype(np.float32), scale)
 
 
 def int8_weight(weight: BlockInt4) -> np.ndarray:
     """The [K, N] INT8 values ``int8_columns`` describes (the reference for what onnxruntime folds)."""
     c = int8_columns(weight)
-    w = (c.codes.astype(np.float32) * c.ratio + c.offset).astype(np.uint8).astype(np.int16) - 128
-    return np.ascontiguousarray(w.reshape(w.shape[0], -1)[:, :weight.shape[0]].T).astype(np.int8)
+    w = np.round(c.codes.astype(np.float32) * c.ratio + c.offset).astype(np.int8)
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1)[:, :weight.shape[0]].T)
 
 
 def _uint4(packed: np.ndarray, shape) -> np.ndarray:
