@@ -53,8 +53,8 @@ users run them, in ``og.Generator``:
   skipped without it). The builder is a peer run here, never part of perq-onnx.
 * ``perq-genai``: ``perq-onnx optimize smollm2 --target genai`` with its defaults, calibrated like
   the rows above; ``perq-genai-acc0`` is the same folder with every MatMulNBits at accuracy level
-  0 (float activations in the kernel; the writer uses 4); ``perq-genai-noR3`` adds ``--block none``
-  (no online block rotation before down_proj, so no permutation either); ``perq-genai-int4`` and
+  0 (float activations in the kernel; the writer uses 4); ``perq-genai-R3`` adds ``--block 16``
+  (the online block rotation before down_proj and its permutation, off by default in genai); ``perq-genai-int4`` and
   ``perq-genai-int8`` change the embedding's form (``--embedding int4``: INT4 blocks of its own;
   ``int8``: one scale per token; the default for SmolLM2, a tied model, gathers from lm_head's
   INT4 codes: one table);
@@ -426,10 +426,10 @@ GENAI_CONFIGS = {
     "builder-k_quant_mixed": dict(kind="builder", precision="int4", algo="k_quant_mixed",
                                   label="builder int4 k_quant_mixed (lm_head and sensitive layers int8)"),
     "perq-genai": dict(kind="perq", settings=dict(target="genai"),
-                       label="perq-onnx --target genai (defaults: R1+R2+P3+R3 b16, GPTQ, b32, acc 4, embedding tied)"),
+                       label="perq-onnx --target genai (defaults: R1+R2, GPTQ, b32, acc 4, embedding tied)"),
     "perq-genai-acc0": dict(kind="acc0", of="perq-genai", label="the same, MatMulNBits accuracy level 0"),
-    "perq-genai-noR3": dict(kind="perq", settings=dict(target="genai", block="none"),
-                            label="perq-onnx --target genai --block none (no online rotation R3, no P3)"),
+    "perq-genai-R3": dict(kind="perq", settings=dict(target="genai", block=16),
+                          label="perq-onnx --target genai --block 16 (R3 and P3 kept: the default before)"),
     "perq-genai-int4": dict(kind="perq", settings=dict(target="genai", embedding="int4"),
                             label="perq-onnx --target genai --embedding int4 (an INT4 table of its own)"),
     "perq-genai-int8": dict(kind="perq", settings=dict(target="genai", embedding="int8"),

@@ -215,12 +215,16 @@ def test_genai_target_writes_the_ort_models_folder(tiny_models, tmp_path, capsys
     src = tiny_models("llama", past=True, tied=False)
     options = dict(calib_samples=4, seq_len=32)
     ort_out, folder = tmp_path / "ort" / "model.onnx", tmp_path / "genai"
-    # the genai target folds R1; the ort target's weight-only default is the online R1
-    pipeline.optimize(src, ort_out, Settings.parse(target="ort", residual_rotation="full", **options), progress=False)
+    # the genai target folds R1 and has no R3 by default; the ort target's defaults are the online R1 and R3
+    pipeline.optimize(src, ort_out, Settings.parse(target="ort", residual_rotation="full", block="none", **options),
+                      progress=False)
     pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", embedding="int8", **options),
                       progress=False)  # the ort target's embedding form (test_genai_embedding_forms: the others)
     for name in ("genai_config.json", "config.json", "tokenizer.json", "model.onnx.data"):
         assert (folder / name).is_file(), name
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node}
+    assert "MatMul" not in ops  # no online rotation unless --block is given (nor a tie map: untied)
     ids = np.random.default_rng(4).integers(0, 512, size=(1, 12))
     assert _relative(greedy_logits(ort_out, ids, 2), greedy_logits(folder / "model.onnx", ids, 2)) < TOL
     pytest.importorskip("onnxruntime_genai")
