@@ -39,7 +39,7 @@ from .passes.rotate_residual_online import RotateResidualOnline
 from .passes.tie_lm_head import is_tied
 from .plan import ModelShape, Plan, make_plan
 from .runtime import session
-from .settings import Embedding, NumberFormat, OnlineRotation, ResidualRotation, Rounding, Settings, TargetName
+from .settings import Embedding, Kernel, NumberFormat, OnlineRotation, ResidualRotation, Rounding, Settings, TargetName
 from .targets import Target, target
 from .weights import WeightStore, input_files
 
@@ -182,14 +182,15 @@ def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Repo
         settings = settings.replace(residual_rotation=ResidualRotation.ONLINE)
         _note(report, "weight-only GPTQ: residual rotation online by default (block Hadamards at the residual's "
                       "readers, gammas unfolded; --residual-rotation full gives the folded R1)")
-    if settings.target is TargetName.GENAI and settings.weights_quantized and not settings.rotation.online.given \
+    if settings.target is TargetName.GENAI and settings.kernel is Kernel.NBITS and not settings.rotation.online.given \
             and settings.rotation.online.block is not None:
-        # SmolLM2, benchmarks/deploy.py: the online rotation cost 4% of each decoded token in
-        # og.Generator (96.2 vs 100.8 tokens/s; Reshape + MatMul per layer, 3% in a profile) for a
-        # test ppl of 26.756 vs 26.755 (valid windows 32-47: 24.63 with it, 24.71 without)
+        # SmolLM2, benchmarks/deploy.py: in front of MatMulNBits the online rotation's Reshape +
+        # MatMul per layer are 3% of a decoded token's op time (profile) for a test ppl of 26.756 vs
+        # 26.755 (valid windows 32-47: 24.63 with it, 24.71 without). The INT8 kernels keep it: it
+        # spreads the outliers of down_proj's input before its per-token int8 quantization
         settings = settings.replace(block=OnlineRotation(None, False, given=False))
-        _note(report, "genai: no online block rotation (R3) by default: in the genai folder it costs ~4% of each "
-                      "decoded token for no measured test gain; --block 16 keeps it")
+        _note(report, "genai: no online block rotation (R3) in front of MatMulNBits by default (3% of each decoded "
+                      "token for no measured gain); --block 16 keeps it")
     if off:
         settings = settings.replace(**off)
         names = " and ".join(name for key, name in (("residual_rotation", "R1"), ("head_rotation", "R2")) if key in off)

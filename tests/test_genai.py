@@ -375,12 +375,13 @@ def _matmulnbits_blocks(model, node):
 
 
 def _int8_folders(tiny_models, tmp_path, kernels=("nbits", "int8", "int8-prompt")) -> dict:
-    """{kernel: folder} of one tiny untied llama with past, optimized for genai with each kernel."""
+    """{kernel: folder} of one tiny untied llama with past, optimized for genai with each kernel
+    and the same rotations (R3 given: by default only the INT8 kernels have it)."""
     src = tiny_models("llama", past=True, tied=False)
     folders = {k: tmp_path / k for k in kernels}
     for kernel, folder in folders.items():
         pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", calib_samples=4, seq_len=32,
-                                                                     kernel=kernel), progress=False)
+                                                                     kernel=kernel, block=16), progress=False)
     return folders
 
 
@@ -534,3 +535,21 @@ def test_an_online_residual_rotation_is_refused_not_dropped(tiny_models, tmp_pat
     with pytest.raises(GenaiError, match=r"node '.*': perq.BlockHadamard in front of '.*q_proj.*' \(an online residual"):
         genai_from_model(ort_out, src, tmp_path / "genai")
     assert not (tmp_path / "genai" / "model.onnx").exists()
+
+
+def test_genai_keeps_the_online_rotation_only_for_the_int8_kernels(tiny_models, tmp_path):
+    """By default the genai folder has R3 in front of down_proj only where it pays: before the
+    INT8 kernels' per-token activation quantization, not in front of MatMulNBits (both graphs of
+    an int8-prompt folder have it: they share the weights); --block 16 keeps it for MatMulNBits."""
+    import onnx
+    src = tiny_models("llama", past=True, tied=False)
+    layers = None
+    for kernel, block, expected in (("nbits", None, False), ("nbits", 16, True), ("int8-prompt", None, True)):
+        folder = tmp_path / f"{kernel}-{block}"
+        pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", calib_samples=4, seq_len=32,
+                                                                     kernel=kernel, block=block), progress=False)
+        for graph in folder.glob("model*.onnx"):
+            nodes = onnx.load(str(graph), load_external_data=False).graph.node
+            layers = sum(n.op_type == "GroupQueryAttention" for n in nodes)
+            rotations = sum(n.name.endswith("online_rotation/MatMul") for n in nodes)
+            assert rotations == (layers if expected else 0), (kernel, block, graph.name)
