@@ -133,9 +133,9 @@ CONFIGS = {
     # perq-ort is the ort target with its defaults (GPTQ, activation-aware full-range scales);
     # the rows after it change one thing each
     "perq-ort": dict(kind="perq", settings=dict(target="ort"),
-                     label="perq ort (R1+R2+P3+R3 b16), INT4 b32, GPTQ (defaults)"),
+                     label="perq ort (online R1+R2+P3+R3 b16), INT4 b32, GPTQ (defaults)"),
     "perq-ort-noR3": dict(kind="perq", settings=dict(target="ort", block="none"),
-                          label="perq ort without R3"),
+                          label="perq ort --block none (no R3, so R1 folded)"),
     "perq-ort-rtn": dict(timed=False, kind="perq", settings=dict(target="ort", rounding="rtn"),
                          label="perq ort, round to nearest (act scales)"),
     "perq-ort-norot": dict(timed=False, kind="perq", settings=dict(target="ort", **NO_ROTATION),
