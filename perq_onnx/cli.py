@@ -266,7 +266,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("model", help="ONNX file, or the recipe name 'smollm2'")
     o.add_argument("-o", "--output", required=True, help="output ONNX file (written atomically)")
     o.add_argument("--block", help="online rotation at down_proj: block size (power of two), 'full' "
-                                   "(full-vector) or 'none' (default: the --format's scale block, else 16)")
+                                   "(full-vector) or 'none' (default: the --format's scale block, else 16; the genai target's "
+                                   "MatMulNBits folder: none)")
     o.add_argument("--permute", default="massdiff", choices=Permute.values())
     o.add_argument("--residual-rotation", choices=ResidualRotation.values(),
                    help="R1: default full where it is exact; on post-norm models (Gemma 2/3, OLMo2), where it is "
