@@ -19,7 +19,11 @@ instead of pattern-rewriting optimum's unfused attention:
   block b) becomes ``com.microsoft.MatMulNBits`` (codes + 8 packed two per byte along K, scales
   [N, ceil(K/b)], default zero point 8: (u - 8) * s == q * s also for perq's negative scales; a
   ragged last block padded with its zero point); an asymmetric UINT4 one keeps its codes and gets
-  its zero points packed likewise; a float weight stays a MatMul; biases stay an Add;
+  its zero points packed likewise; a float weight stays a MatMul; biases stay an Add; or, with
+  ``kernel="int8"``, INT8 GEMMs over weights onnxruntime widens from those bytes when it loads
+  the model (genai_decoder.py); ``kernel="int8-prompt"`` writes both graphs, the INT8 one as
+  ``prompt_path(model)`` reading the model's weight file, and a ``decoder-pipeline``
+  genai_config.json that runs it on prompts and the MatMulNBits graph on each generated token;
 * MLP: gate and up as two linears (packed into one behind a Split, decode was 6% slower per token
   in og.Generator here), SiLU gating as Sigmoid/Mul/Mul; the online rotation R3 (``perq.BlockHadamard``, its
   inlined Reshape-MatMul-Reshape, or a full-matrix MatMul) as standard ops, so no custom-op
