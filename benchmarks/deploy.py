@@ -505,7 +505,7 @@ def reusable_ppl(record: dict, model_mtime_ns: int) -> bool:
 def folder_bytes(folder: pathlib.Path) -> int:
     """The folder's model: model.onnx (and a two-graph folder's prompt graph) and the external
     data files they reference."""
-    graphs = [folder / "model.onnx"] + ([prompt_path(folder / "model.onnx")] if prompt_path(folder / "model.onnx").is_file() else [])
+    graphs = [g for g in (folder / "model.onnx", prompt_path(folder / "model.onnx")) if g.is_file()]
     return sum(f.stat().st_size for f in set().union(*map(model_files, graphs)))
 
 

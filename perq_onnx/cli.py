@@ -167,13 +167,16 @@ def cmd_eval(args) -> int:
     from .evaluate import perplexity
     _at_least("--seq-len", args.seq_len, 2)  # one prediction needs two tokens
     _at_least("--max-windows", args.max_windows, 1)
+    _at_least("--skip-windows", args.skip_windows, 0)
     path = _model(args.model)
     _inputs(path)
     reference = _model(args.reference) if args.reference else None
     if reference is not None:
         _inputs(reference)
     tokenizer = load_tokenizer(args.tokenizer or path.parent)
-    wins = windows(tokenize_file(args.text, tokenizer), args.seq_len, args.max_windows, str(args.text))
+    tokens = tokenize_file(args.text, tokenizer)[args.skip_windows * args.seq_len:]
+    wins = windows(tokens, args.seq_len, args.max_windows, f"{args.text} after {args.skip_windows} windows"
+                   if args.skip_windows else str(args.text))
     result = perplexity(path, wins, args.threads)
     print(f"perplexity {result.ppl:.4f} over {result.tokens} predicted tokens "
           f"({result.windows} windows x {args.seq_len}) in {result.seconds:.1f} s")
@@ -345,6 +348,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-windows", type=int)
+    e.add_argument("--skip-windows", type=int, default=0,
+                   help="start after this many windows (e.g. those a --calib-data run read from the same file)")
     e.add_argument("--reference", help="also the perplexity of this model (e.g. the float model the evaluated one "
                                        "was made from) on the same windows")
     e.set_defaults(func=cmd_eval)

@@ -118,33 +118,25 @@ def _with_metadata(model: onnx.ModelProto, metadata: dict[str, str] | None) -> o
     return model
 
 
-def _share_weights(model: onnx.ModelProto, saved) -> int:
-    """Point every initializer of `model` that the saved model file `saved` keeps in its external
-    data file, with the same name and bytes, at those bytes (the type may differ: the prompt
-    graph reads MatMulNBits' packed bytes as UINT4 codes); the number shared. A same-named tensor
-    with other bytes is an internal error (the graphs must read one set of weights)."""
-    saved = pathlib.Path(saved)
+def _share_weights(model: onnx.ModelProto, saved: pathlib.Path) -> None:
+    """Point every initializer of `model` that the saved model file `saved` keeps in its (one)
+    external data file, with the same name and bytes, at those bytes (the type may differ: the
+    prompt graph reads MatMulNBits' packed bytes as UINT4 codes). A same-named tensor with other
+    bytes is an internal error (the graphs must read one set of weights)."""
     refs = {t.name: t for t in onnx.load(str(saved), load_external_data=False).graph.initializer
             if t.data_location == onnx.TensorProto.EXTERNAL}
-    shared, files = 0, {}
-    try:
+    with open(saved.parent / (saved.name + ".data"), "rb") as f:
         for t in model.graph.initializer:
             ref = refs.get(t.name)
             if ref is None:
                 continue
             info = {e.key: e.value for e in ref.external_data}
-            f = files.get(info["location"]) or files.setdefault(info["location"], open(saved.parent / info["location"], "rb"))
             f.seek(int(info.get("offset", 0)))
             if f.read(int(info["length"])) != t.raw_data:
                 raise GenaiError(f"initializer '{t.name}' differs between {saved.name} and the prompt graph")
             t.ClearField("raw_data")
             t.data_location = onnx.TensorProto.EXTERNAL
             t.external_data.extend(ref.external_data)
-            shared += 1
-    finally:
-        for f in files.values():
-            f.close()
-    return shared
 
 
 def write_genai_files(graph: gs.Graph, structure, path, config_json, tokenizer_dir=None, accuracy_level: int = 4,

@@ -298,7 +298,7 @@ class _Builder:
         every folded intermediate until the session is built, so the chain is short in bytes: Cast
         to float, Mul, Add, Round, Cast to int8, Reshape, Transpose: 19 bytes a weight while the
         model loads (uint8 weights with a zero point would save the Round, but onnxruntime's
-        u8 x u8 GEMM took 1.5x as long here). x is quantized to uint8 with one scale per call
+        u8 x u8 GEMM made SmolLM2's prompts about 1.5x slower here; README). x is quantized to uint8 with one scale per call
         (DynamicQuantizeMatMul), or with ``per_token`` one symmetric scale per token, max|x| / 127
         (standard ops and MatMulInteger)."""
         k, n = weight.shape
@@ -306,7 +306,7 @@ class _Builder:
         codes, scales, *zero = self.nbits_constants(weight, name, as_uint4=True)
         p = f"{name}/int8"
         last = self.shared("last_axis", np.array([-1], np.int64))
-        col = self.const(f"{name}.weight_scale", int8_columns(weight).scale)                 # [N]
+        col = self.const(f"{name}.weight_scale", int8_column_scale(weight))                  # [N]
         ratio_t = self.op("Unsqueeze", [self.op("Div", [scales, self.op("Unsqueeze", [col, last], f"{p}/Unsqueeze")],
                                                 f"{p}/ratio"), last], f"{p}/Unsqueeze_1")    # [N, blocks, 1]
         if zero:
@@ -414,12 +414,17 @@ def int8_columns(weight: BlockInt4) -> Int8Columns:
     b, blocks = weight.block, weight.scale.shape[0]
     codes = np.ascontiguousarray(_padded_codes(weight).T).reshape(n, blocks, b)
     zero = np.ascontiguousarray(weight.zero.T).astype(np.float32)[..., None]
-    s = np.ascontiguousarray(weight.scale.T)
-    scale = (np.abs(s) * np.maximum(zero, 15 - zero)[..., 0]).max(axis=1) / np.float32(127)
-    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
-    ratio = (s / scale[:, None])[..., None].astype(np.float32)
+    scale = int8_column_scale(weight)
+    ratio = (weight.scale.T / scale[:, None])[..., None].astype(np.float32)
     offset = -(zero * ratio)
     return Int8Columns(codes, zero, ratio, offset.astype(np.float32), scale)
+
+
+def int8_column_scale(weight: BlockInt4) -> np.ndarray:
+    """``int8_columns``' scale [N] from the block scales and zero points alone."""
+    bound = np.maximum(weight.zero, 15 - weight.zero).astype(np.float32)            # [blocks, N]
+    scale = (np.abs(weight.scale) * bound).max(axis=0) / np.float32(127)
+    return np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
 
 
 def int8_weight(weight: BlockInt4) -> np.ndarray:

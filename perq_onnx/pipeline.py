@@ -184,13 +184,14 @@ def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Repo
                       "readers, gammas unfolded; --residual-rotation full gives the folded R1)")
     if settings.target is TargetName.GENAI and settings.kernel is Kernel.NBITS and not settings.rotation.online.given \
             and settings.rotation.online.block is not None:
-        # SmolLM2, benchmarks/deploy.py: in front of MatMulNBits the online rotation's Reshape +
-        # MatMul per layer are 3% of a decoded token's op time (profile) for a test ppl of 26.756 vs
-        # 26.755 (valid windows 32-47: 24.63 with it, 24.71 without). The INT8 kernels keep it: it
-        # spreads the outliers of down_proj's input before its per-token int8 quantization
+        # SmolLM2, benchmarks/deploy.py: in front of MatMulNBits the online rotation (a Reshape +
+        # MatMul + Reshape per layer and token) bought a test ppl of 26.756 vs 26.755 (valid windows
+        # 32-47: 24.63 with it, 24.71 without) for og decode 105.1 vs 108.1, 96.2 vs 100.8 and 109.2
+        # vs 109.0 tok/s in three runs. The INT8 kernels keep it: it spreads the outliers of
+        # down_proj's input before its per-token int8 quantization
         settings = settings.replace(block=OnlineRotation(None, False, given=False))
-        _note(report, "genai: no online block rotation (R3) in front of MatMulNBits by default (3% of each decoded "
-                      "token for no measured gain); --block 16 keeps it")
+        _note(report, "genai: no online block rotation (R3) in front of MatMulNBits by default (it costs decode "
+                      "for no measured gain); --block 16 keeps it")
     if off:
         settings = settings.replace(**off)
         names = " and ".join(name for key, name in (("residual_rotation", "R1"), ("head_rotation", "R2")) if key in off)

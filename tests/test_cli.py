@@ -122,6 +122,16 @@ def test_eval_perplexity(tiny_models, tmp_path):
     assert r.returncode == 0, r.stderr
     ppl = float(r.stdout.split()[1])
     assert 1.0 < ppl < 2000 and "3 windows x 32" in r.stdout
+    # --skip-windows: the windows after the first N (e.g. held out from a --calib-data run)
+    from perq_onnx.calibration import load_tokenizer, tokenize_file, windows
+    from perq_onnx.evaluate import perplexity
+    words = np.random.default_rng(0).choice(["red", "green", "blue", "fox", "dog", "runs", "and", "the"], 2000)
+    text.write_text(" ".join(words))
+    wins = windows(tokenize_file(text, load_tokenizer(model.parent)), 32, None, "t.txt")
+    r = perq("eval", model, text, "--seq-len", "32", "--skip-windows", "2", "--max-windows", "2")
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.split()[1]) == pytest.approx(perplexity(model, wins[2:4], progress=False).ppl, rel=1e-4)
+    assert float(r.stdout.split()[1]) != pytest.approx(perplexity(model, wins[:2], progress=False).ppl, rel=1e-4)
 
 
 @pytest.mark.slow
