@@ -46,13 +46,16 @@ Measurements:
 onnxruntime-genai folders (``--part genai``; ``--part all`` runs both parts), timed where their
 users run them, in ``og.Generator``:
 
-* ``builder-fp32``, ``builder-int4``, ``builder-k_quant``, ``builder-k_quant_mixed``: onnxruntime-genai's
-  model builder (``python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu``, the last two with
-  ``--extra_options algo_config=k_quant|k_quant_mixed``) from the recipe's Hugging Face folder. The
+* ``builder-fp32``, ``builder-int4``, ``builder-int4-b64``, ``builder-int4-b128``, ``builder-k_quant``,
+  ``builder-k_quant_mixed``: onnxruntime-genai's model builder (``python -m
+  onnxruntime_genai.models.builder -p fp32|int4 -e cpu``; ``--extra_options int4_block_size=64|128``
+  for the RTN rows in larger blocks, ``algo_config=k_quant|k_quant_mixed`` for the last two) from
+  the recipe's Hugging Face folder. The
   builder needs transformers 5: give its venv's python with ``--builder-python`` (these rows are
   skipped without it). The builder is a peer run here, never part of perq-onnx.
-* ``perq-genai``: ``perq-onnx optimize smollm2 --target genai`` with its defaults, calibrated like
-  the rows above; ``perq-genai-acc0`` is the same folder with every MatMulNBits at accuracy level
+* ``perq-genai``: ``perq-onnx optimize smollm2 --target genai`` with its defaults (INT4 blocks of
+  64), calibrated like the rows above; ``perq-genai-b32`` / ``perq-genai-b128`` are ``--w-group 32``
+  / ``128``; ``perq-genai-acc0`` is the same folder with every MatMulNBits at accuracy level
   0 (float activations in the kernel; the writer uses 4); ``perq-genai-R3`` adds ``--block 16``
   (the online block rotation before down_proj and its permutation, off by default in genai); ``perq-genai-int4`` and
   ``perq-genai-int8`` change the embedding's form (``--embedding int4``: INT4 blocks of its own;
@@ -422,11 +425,17 @@ NOTES = [
 GENAI_CONFIGS = {
     "builder-fp32": dict(kind="builder", precision="fp32", label="builder fp32 (the reference)"),
     "builder-int4": dict(kind="builder", precision="int4", label="builder int4 (RTN, block 32: its default)"),
+    "builder-int4-b64": dict(kind="builder", precision="int4", block=64, label="builder int4, RTN in blocks of 64"),
+    "builder-int4-b128": dict(kind="builder", precision="int4", block=128, label="builder int4, RTN in blocks of 128"),
     "builder-k_quant": dict(kind="builder", precision="int4", algo="k_quant", label="builder int4 k_quant"),
     "builder-k_quant_mixed": dict(kind="builder", precision="int4", algo="k_quant_mixed",
                                   label="builder int4 k_quant_mixed (lm_head and sensitive layers int8)"),
     "perq-genai": dict(kind="perq", settings=dict(target="genai"),
-                       label="perq-onnx --target genai (defaults: R1+R2, GPTQ, b32, acc 4, embedding tied)"),
+                       label="perq-onnx --target genai (defaults: R1+R2, GPTQ, b64, acc 4, embedding tied)"),
+    "perq-genai-b32": dict(kind="perq", settings=dict(target="genai", w_group=32),
+                           label="perq-onnx --target genai --w-group 32 (the default before)"),
+    "perq-genai-b128": dict(kind="perq", settings=dict(target="genai", w_group=128),
+                            label="perq-onnx --target genai --w-group 128 (a ragged last block at 576)"),
     "perq-genai-acc0": dict(kind="acc0", of="perq-genai", label="the same, MatMulNBits accuracy level 0"),
     "perq-genai-R3": dict(kind="perq", settings=dict(target="genai", block=16),
                           label="perq-onnx --target genai --block 16 (R3 and P3 kept: the default before)"),
@@ -463,8 +472,9 @@ def build_genai(name: str, stats, batches, builder_python: str | None, log) -> b
         cmd = [builder_python, "-m", "onnxruntime_genai.models.builder", "-m", "HuggingFaceTB/SmolLM2-135M-Instruct",
                "-i", str(hf), "-o", str(dst), "-p", cfg["precision"], "-e", "cpu",
                "-c", str(cache_root() / "builder-cache")]
-        if cfg.get("algo"):
-            cmd += ["--extra_options", f"algo_config={cfg['algo']}"]
+        extra = [f"algo_config={cfg['algo']}"] * bool(cfg.get("algo")) + [f"int4_block_size={cfg['block']}"] * bool(cfg.get("block"))
+        if extra:
+            cmd += ["--extra_options", *extra]
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if r.returncode != 0:
             raise SystemExit(f"{name}: the model builder failed:\n{r.stderr[-3000:]}")

@@ -285,7 +285,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--no-quant", action="store_true", help="emit the rotated and permuted float model")
     o.add_argument("--w-bits", type=int, default=4, choices=[4, 8, 16])
     o.add_argument("--w-group", type=int, help="weight scales per group of this many input rows (default: per "
-                                                "output channel for simulate, 32 for ort, 128 for tensorrt)")
+                                                "output channel for simulate, 32 for ort, 64 for genai, 128 for "
+                                                "tensorrt; the largest of the target's that divides every "
+                                                "linear's input)")
     o.add_argument("--w-asymmetric", action="store_true",
                    help="INT weights with a zero point per scale (uint4 codes; ort, genai and simulate; default symmetric)")
     o.add_argument("--float-embeddings", action="store_true",

@@ -215,8 +215,10 @@ def test_genai_target_writes_the_ort_models_folder(tiny_models, tmp_path, capsys
     src = tiny_models("llama", past=True, tied=False)
     options = dict(calib_samples=4, seq_len=32)
     ort_out, folder = tmp_path / "ort" / "model.onnx", tmp_path / "genai"
-    # the genai target folds R1 and has no R3 by default; the ort target's defaults are the online R1 and R3
-    pipeline.optimize(src, ort_out, Settings.parse(target="ort", residual_rotation="full", block="none", **options),
+    # the genai target folds R1, has no R3 and INT4 blocks of 64 by default; the ort target's defaults are
+    # the online R1 and R3 and blocks of 32
+    pipeline.optimize(src, ort_out, Settings.parse(target="ort", residual_rotation="full", block="none", w_group=64,
+                                                   **options),
                       progress=False)
     pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", embedding="int8", **options),
                       progress=False)  # the ort target's embedding form (test_genai_embedding_forms: the others)
@@ -523,6 +525,17 @@ def test_genai_ties_the_embedding_by_default_where_the_model_does(tiny_models):
         assert resolved is (Embedding.TIED if tied else Embedding.INT4)
     assert genai.resolve(Settings.parse(target="genai", embedding="int8"), {}, True).embedding is Embedding.INT8
     assert target("ort").resolve(Settings.parse(target="ort"), {}, True).embedding is Embedding.INT8
+
+
+def test_genai_weight_blocks_default_to_64_where_they_divide():
+    """The genai target's INT4 blocks: 64 where 64 divides every linear's input (SmolLM2's 576 and
+    1536), else ort's 32; an explicit --w-group wins."""
+    from perq_onnx.targets import target
+    genai, settings = target("genai"), Settings.parse(target="genai")
+    assert genai.resolve(settings, {"q": 576, "down": 1536}).weights.group == 64
+    assert genai.resolve(settings, {"q": 576, "down": 1504}).weights.group == 32
+    assert genai.resolve(Settings.parse(target="genai", w_group=128), {"q": 576}).weights.group == 128
+    assert target("ort").resolve(Settings.parse(target="ort"), {"q": 576}).weights.group == 32
 
 
 @pytest.mark.slow
