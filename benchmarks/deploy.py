@@ -48,7 +48,7 @@ users run them, in ``og.Generator``:
 
 * ``builder-fp32``, ``builder-int4``, ``builder-int4-b64``, ``builder-int4-b128``, ``builder-k_quant``,
   ``builder-k_quant_mixed``: onnxruntime-genai's model builder (``python -m
-  onnxruntime_genai.models.builder -p fp32|int4 -e cpu``; ``--extra_options int4_block_size=64|128``
+  onnxruntime_genai.models.builder -p fp32|int4 -e cpu``; ``--extra_options block_size=64|128``
   for the RTN rows in larger blocks, ``algo_config=k_quant|k_quant_mixed`` for the last two) from
   the recipe's Hugging Face folder. The
   builder needs transformers 5: give its venv's python with ``--builder-python`` (these rows are
@@ -472,7 +472,8 @@ def build_genai(name: str, stats, batches, builder_python: str | None, log) -> b
         cmd = [builder_python, "-m", "onnxruntime_genai.models.builder", "-m", "HuggingFaceTB/SmolLM2-135M-Instruct",
                "-i", str(hf), "-o", str(dst), "-p", cfg["precision"], "-e", "cpu",
                "-c", str(cache_root() / "builder-cache")]
-        extra = [f"algo_config={cfg['algo']}"] * bool(cfg.get("algo")) + [f"int4_block_size={cfg['block']}"] * bool(cfg.get("block"))
+        extra = [f"{key}={cfg[name]}" for name, key in (("algo", "algo_config"), ("block", "block_size"))
+                 if name in cfg]
         if extra:
             cmd += ["--extra_options", *extra]
         r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
