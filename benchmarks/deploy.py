@@ -71,6 +71,11 @@ users run them, in ``og.Generator``:
   512 test tokens into a fresh ``og.Generator``; og decode: then --genai-steps
   ``generate_next_token`` calls, the median per token. Every folder once per round in a shuffled
   order (the builder's fp32 folder is the reference of the ratios), median over --runs rounds;
+  each round loads every folder afresh (``og.Model``, a short warm-up, the timed prompt and
+  tokens, then the model is dropped): five copies of one folder loaded side by side in one
+  process decoded at 92-105 tok/s, each copy keeping its speed through the rounds (a one-off
+  check, script not kept), so a folder loaded once would carry one placement's luck into every
+  round;
   every folder runs with onnxruntime-genai's default threads (on this 2-vCPU machine one intra-op
   thread: the builder's fp32 prompt takes as long as a one-thread plain session, half as long
   with ``"intra_op_num_threads": 2`` in genai_config.json).
@@ -651,14 +656,14 @@ def genai_part(args, res: dict, prev: dict, test: np.ndarray, valid: np.ndarray,
         save()
     if args.no_latency:
         return
-    models = {n: og.Model(str(genai_folder(n))) for n in names}
     ids = test[0][None, :SEQ_LEN]
-    for m in models.values():  # warm-up
-        og_seconds(m, ids[:, :16], 4)
     raw = {n: {"prompt": [], "decode": []} for n in names}
     for r in range(args.runs):
-        for n in shuffled(models, r):
-            prompt, steps = og_seconds(models[n], ids, args.genai_steps)
+        for n in shuffled(names, r):
+            model = og.Model(str(genai_folder(n)))  # afresh each round (see the module docstring)
+            og_seconds(model, ids[:, :16], 4)  # warm-up
+            prompt, steps = og_seconds(model, ids, args.genai_steps)
+            del model
             raw[n]["prompt"].append(prompt)
             raw[n]["decode"].append(statistics.median(steps))
             c = g["configs"][n]
