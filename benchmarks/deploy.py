@@ -19,7 +19,7 @@ KV-cache export `smollm2-with-past` for decode):
   blocks of 32 input rows rounded by GPTQ with activation-aware scales -> MatMulNBits at accuracy
   level 4 (session setting recorded in the model), lm_head INT4, embedding INT8
   (``--float-embeddings`` would keep both float).
-* ``perq-ort-noR3`` (``block="none"``), ``perq-ort-rtn`` (``rounding="rtn"``), ``perq-ort-norot``
+* ``perq-ort-b64`` (``w_group=64``), ``perq-ort-noR3`` (``block="none"``), ``perq-ort-rtn`` (``rounding="rtn"``), ``perq-ort-norot``
   (no rotation or permutation): the same target with one thing changed.
 * ``perq-tensorrt``: ``--target tensorrt`` with its defaults (INT4 weight-only blocks of 64: 128
   does not divide SmolLM2's 576; GPTQ; R3 inlined; embedding float, lm_head INT4). TensorRT is not
@@ -142,6 +142,8 @@ CONFIGS = {
     # the rows after it change one thing each
     "perq-ort": dict(kind="perq", settings=dict(target="ort"),
                      label="perq ort (online R1+R2+P3+R3 b16), INT4 b32, GPTQ (defaults)"),
+    "perq-ort-b64": dict(kind="perq", settings=dict(target="ort", w_group=64),
+                         label="perq ort --w-group 64 (the genai target's blocks)"),
     "perq-ort-noR3": dict(kind="perq", settings=dict(target="ort", block="none"),
                           label="perq ort --block none (no R3, so R1 folded)"),
     "perq-ort-rtn": dict(timed=False, kind="perq", settings=dict(target="ort", rounding="rtn"),
@@ -162,8 +164,8 @@ DEFAULT = [k for k, v in CONFIGS.items() if not v.get("optional")]
 
 def timed(name: str) -> bool:
     """Whether a configuration gets latency and decode RSS (and so a with-past build): fp32, the
-    block-32/128 peers at accuracy level 4 and the ort target with and without R3; the others
-    differ from those in quality only and get ppl, size and prefill RSS."""
+    block-32/128 peers at accuracy level 4 and the ort target with and without R3 and in blocks of
+    64; the others differ from those in quality only and get ppl, size and prefill RSS."""
     return CONFIGS[name].get("timed", True)
 
 
