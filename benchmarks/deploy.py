@@ -377,6 +377,8 @@ def goals(res: dict) -> list[str]:
 
 
 def markdown(res: dict) -> str:
+    if not res.get("configs"):  # a genai-only results file
+        return "\n".join(["# Deployment benchmark: SmolLM2-135M (fp32 recipe)", *genai_markdown(res)]) + "\n"
     m = res["machine"]
     lines = ["# Deployment benchmark: SmolLM2-135M (fp32 recipe)", "",
              f"Machine: {m['platform']}, {m['cpu']}, nproc {m['nproc']}, RAM {m['ram_bytes'] / 2**30:.1f} GiB, "
