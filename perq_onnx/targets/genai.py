@@ -2,9 +2,9 @@
 
 The same rounding and weight form as ``ort`` (INT4 with GPTQ and activation-aware full-range
 scales, lm_head INT4), in blocks of 64 input rows where they divide every linear's input (else
-32, ort's): MatMulNBits' int8 kernel here decodes SmolLM2 1.17x faster with blocks of 64 than of
-32 for +0.5% valid perplexity (24.77 vs 24.64; block 128: 1.33x, 25.21; benchmarks/deploy.py has
-the rows), but the embedding is gathered from lm_head's INT4 codes when
+32, ort's): MatMulNBits at accuracy level 4 decodes SmolLM2 1.12x faster here with blocks of 64
+than of 32 for +0.5% held-out valid perplexity (24.77 vs 24.64; blocks of 128: 1.22x, 25.21;
+the perq-genai-b32/-b128 rows of benchmarks/deploy.py, README), but the embedding is gathered from lm_head's INT4 codes when
 the model ties them (one table, see passes/tie_lm_head.py; chosen on valid windows: 24.49 vs
 24.63 for a table of its own, 16% smaller, decode level) and INT4 blocks of its own otherwise
 (``--embedding int4|int8|tied`` chooses), and the decoder is rebuilt in onnxruntime's
