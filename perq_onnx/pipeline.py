@@ -345,7 +345,10 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
     linears = [lin for layer in structure.layers for lin in layer.linears().values()] + [structure.lm_head]
     tied = (Embedding.TIED in tgt.embeddings and settings.embedding is None and settings.quantize
             and not settings.float_embeddings and is_tied(graph, structure))
-    settings = tgt.resolve(settings, {lin.name: lin.in_features for lin in linears}, tied)
+    given_group, settings = settings.weights.group, tgt.resolve(settings, {lin.name: lin.in_features for lin in linears}, tied)
+    if given_group is None and len(tgt.default_w_groups) > 1 and settings.weights.group is not None:
+        _note(report, f"{tgt.name}: INT{settings.weights.bits} blocks of {settings.weights.group} (the largest of "
+                      f"{'/'.join(map(str, tgt.default_w_groups))} that divides every linear's input; --w-group chooses)")
     tgt.check_model(model_path.parent, structure, graph)
     asked, settings = settings, _fit_rotations(settings, structure, report)
     choose = rotation_choice.applies(asked, settings)  # weight-only: do the rotations pay? (measured)

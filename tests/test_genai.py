@@ -232,7 +232,7 @@ def test_genai_target_writes_the_ort_models_folder(tiny_models, tmp_path, capsys
     pytest.importorskip("onnxruntime_genai")
     from perq_onnx.cli import main
     from perq_onnx.generate import stream
-    capsys.readouterr()  # (optimize's messages)
+    assert "genai: INT4 blocks of 64 (the largest of 64/32" in capsys.readouterr().out  # optimize says its choice
     assert main(["generate", str(folder), "The capital of France is", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.endswith("\n")
     # --threads reaches onnxruntime-genai's session options (an overlay; the folder is unchanged)
