@@ -37,7 +37,7 @@ from .passes.rotate_heads import RotateHeads
 from .passes.rotate_residual import RotateResidual
 from .passes.rotate_residual_online import RotateResidualOnline
 from .passes.tie_lm_head import is_tied
-from .plan import ModelShape, Plan, make_plan
+from .plan import ModelShape, Plan, check_blocks, make_plan
 from .runtime import session
 from .settings import Embedding, Kernel, NumberFormat, OnlineRotation, ResidualRotation, Rounding, Settings, TargetName
 from .targets import Target, target
@@ -351,6 +351,7 @@ def _optimize(model_path, output_path, settings, stats, progress, batches) -> Re
                       f"{'/'.join(map(str, tgt.default_w_groups))} that divides every linear's input; --w-group chooses)")
     tgt.check_model(model_path.parent, structure, graph)
     asked, settings = settings, _fit_rotations(settings, structure, report)
+    check_blocks(settings, ModelShape.of(structure))  # before the calibration make_plan needs
     choose = rotation_choice.applies(asked, settings)  # weight-only: do the rotations pay? (measured)
     with publish.staging(output_path.parent) as tmp:
         ctx = Context(graph, structure, WeightStore(pathlib.Path(tmp)))

@@ -88,12 +88,26 @@ def _mass(stats: dict | None, key: str, n: int) -> np.ndarray:
     return np.asarray(stats[key], dtype=np.float64)
 
 
-def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) -> Plan:
-    s, r = settings, settings.rotation
-    b = r.online.block
+def check_blocks(settings: Settings, shape: ModelShape) -> None:
+    """The PerqErrors of make_plan that need no statistics (block sizes against the model's sizes
+    and each other), so that the pipeline can raise them before calibrating."""
+    r, b = settings.rotation, settings.rotation.online.block
     if b is not None and shape.intermediate % b:
         raise PerqError(f"--block {b} does not divide the MLP intermediate size {shape.intermediate} "
                         f"(node '{shape.names.get('intermediate', 'down_proj')}')")
+    rb = r.residual_block_size
+    if r.residual_or_full in (ResidualRotation.BLOCK, ResidualRotation.ONLINE) and rb is not None and shape.hidden % rb:
+        raise PerqError(f"residual block size {rb} does not divide the hidden size {shape.hidden} "
+                        f"(node '{shape.names.get('hidden', 'lm_head')}')")
+    if r.residual_or_full is ResidualRotation.ONLINE and rb is not None and b is not None and b != rb:
+        raise PerqError(f"--residual-block {rb} with --residual-rotation online and --block {b}: "
+                        "the online rotations share one perq.BlockHadamard function body per model; give "
+                        "one block size")
+
+
+def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) -> Plan:
+    s, r, b = settings, settings.rotation, settings.rotation.online.block
+    check_blocks(settings, shape)
     if s.needs_statistics and stats is None:
         raise PerqError(f"--permute {r.permute} needs calibration statistics")
 
@@ -103,9 +117,6 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
         described = f"full {shape.hidden}"
     elif r.residual_or_full is ResidualRotation.BLOCK:
         rb = r.residual_block_size
-        if shape.hidden % rb:
-            raise PerqError(f"residual block size {rb} does not divide the hidden size {shape.hidden} "
-                            f"(node '{shape.names.get('hidden', 'lm_head')}')")
         p = permutation.permutation(str(r.permute), _mass(stats, "residual", shape.hidden), rb, s.seed)
         residual = Chain(Permutation(p), BlockDiagonal(hadamard(rb)))
         described = f"{r.permute} + block {rb}"
@@ -113,13 +124,6 @@ def make_plan(settings: Settings, shape: ModelShape, stats: dict | None = None) 
     if r.residual_or_full is ResidualRotation.ONLINE:
         residual_online_block = r.residual_block_size
         if residual_online_block is not None:
-            if shape.hidden % residual_online_block:
-                raise PerqError(f"residual block size {residual_online_block} does not divide the hidden size "
-                                f"{shape.hidden} (node '{shape.names.get('hidden', 'lm_head')}')")
-            if b is not None and b != residual_online_block:
-                raise PerqError(f"--residual-block {residual_online_block} with --residual-rotation online and --block {b}: "
-                                "the online rotations share one perq.BlockHadamard function body per model; give "
-                                "one block size")
             residual_online = BlockDiagonal(hadamard(residual_online_block))
             described = f"online block {residual_online_block}"
             if r.permute is not Permute.NONE:  # the readers' inputs (gamma applied) where calibrated

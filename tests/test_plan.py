@@ -156,6 +156,21 @@ def test_residual_block_not_dividing_hidden_names_the_node():
                   shape)
 
 
+def test_block_errors_come_before_calibration(tiny_models, tmp_path, monkeypatch):
+    """A block size that cannot work (here the online R1's against R3's) is refused before the
+    pipeline calibrates, not after: the same PerqError make_plan raises."""
+    from perq_onnx import pipeline
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("calibrated before refusing the settings")
+    monkeypatch.setattr(pipeline, "calibration_batches", calibrate)
+    settings = Settings.parse(target="ort", residual_rotation="online", residual_block=32, block="16")
+    with pytest.raises(PerqError, match=r"--residual-block 32 with --residual-rotation online and --block 16"):
+        pipeline.optimize(tiny_models("llama"), tmp_path / "out.onnx", settings, progress=False)
+    with pytest.raises(PerqError, match=r"--residual-block 32 with --residual-rotation online and --block 16"):
+        make_plan(settings, ModelShape(hidden=64, intermediate=128, head_dim=16, layers=2, names=NAMES), stats())
+
+
 @pytest.mark.parametrize("permute", ["massdiff", "zigzag"])
 def test_statistics_required(permute):
     with pytest.raises(PerqError, match=f"--permute {permute} needs calibration statistics"):
