@@ -185,10 +185,11 @@ def _fit_rotations(settings: Settings, structure: DecoderStructure, report: Repo
     if settings.target is TargetName.GENAI and settings.kernel is Kernel.NBITS and not settings.rotation.online.given \
             and settings.rotation.online.block is not None:
         # SmolLM2, benchmarks/deploy.py: in front of MatMulNBits the online rotation (a Reshape +
-        # MatMul + Reshape per layer and token) bought a test ppl of 26.756 vs 26.755 (valid windows
-        # 32-47: 24.63 with it, 24.71 without) for og decode 105.1 vs 108.1, 96.2 vs 100.8 and 109.2
-        # vs 109.0 tok/s in three runs. The INT8 kernels keep it: it spreads the outliers of
-        # down_proj's input before its per-token int8 quantization
+        # MatMul + Reshape per layer and token) bought, at blocks of 32, a test ppl of 26.756 vs
+        # 26.755 (valid windows 32-47: 24.63 with it, 24.71 without) for og decode 105.1 vs 108.1,
+        # 96.2 vs 100.8 and 109.2 vs 109.0 tok/s in three runs; at the default 64, 26.81 vs 26.79
+        # for 97.4 vs 102.3 tok/s (perq-genai-R3). The INT8 kernels keep it: it spreads the
+        # outliers of down_proj's input before its per-token int8 quantization
         settings = settings.replace(block=OnlineRotation(None, False, given=False))
         _note(report, "genai: no online block rotation (R3) in front of MatMulNBits by default (it costs decode "
                       "for no measured gain); --block 16 keeps it")

@@ -556,7 +556,6 @@ def test_genai_keeps_the_online_rotation_only_for_the_int8_kernels(tiny_models, 
     an int8-prompt folder have it: they share the weights); --block 16 keeps it for MatMulNBits."""
     import onnx
     src = tiny_models("llama", past=True, tied=False)
-    layers = None
     for kernel, block, expected in (("nbits", None, False), ("nbits", 16, True), ("int8-prompt", None, True)):
         folder = tmp_path / f"{kernel}-{block}"
         pipeline.optimize(src, folder / "model.onnx", Settings.parse(target="genai", calib_samples=4, seq_len=32,
